@@ -1,0 +1,5 @@
+"""``python -m infercache`` is the ``infercache`` command."""
+
+from infercache.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Exception classes shared by every layer.
+
+Each failure a caller may want to handle differently gets its own class, and each class carries a
+stable ``code`` that the server puts in its JSON error body (``{"error": {"code", "message"}}``)
+together with the HTTP status it maps to. Lower layers raise these; only the server translates them.
+"""
+
+from __future__ import annotations
+
+
+class InfercacheError(Exception):
+    """Base class: catching it catches every error infercache raises on purpose."""
+
+    code: str = "internal_error"
+    http_status: int = 500
+
+
+class ConfigError(InfercacheError, ValueError):
+    """A setting is invalid; the message names the setting and what was expected."""
+
+    code = "invalid_config"
+    http_status = 500
+
+
+class DecodeError(InfercacheError, ValueError):
+    """Bytes from a cache tier or the network are truncated, corrupted, foreign or unsigned."""
+
+    code = "decode_error"
+    http_status = 400
+
+
+class EncodeError(InfercacheError, TypeError):
+    """A value cannot be encoded by the safe codec (an unsupported type, say)."""
+
+    code = "encode_error"
+    http_status = 500
+
+
+class InputError(InfercacheError, ValueError):
+    """A model input breaks its spec (shape, dtype, limits, NaN, batch size)."""
+
+    code = "invalid_input"
+    http_status = 422
+
+
+class ModelNotFound(InfercacheError, KeyError):
+    """No model is registered under the requested name."""
+
+    code = "model_not_found"
+    http_status = 404
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else "model not found"
+
+
+class ModelError(InfercacheError):
+    """The model itself raised while computing a batch or an item."""
+
+    code = "model_error"
+    http_status = 500
+
+
+class Overloaded(InfercacheError):
+    """A bounded queue is full; the caller should retry later (HTTP 503 + Retry-After)."""
+
+    code = "overloaded"
+    http_status = 503
+
+    def __init__(self, message: str = "server overloaded", *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(InfercacheError, TimeoutError):
+    """An item's deadline passed before it could be computed."""
+
+    code = "deadline_exceeded"
+    http_status = 504
+
+
+class TierError(InfercacheError):
+    """A cache tier failed an operation (network error, server error)."""
+
+    code = "tier_error"
+    http_status = 503
+
+
+class TierUnavailable(TierError):
+    """A tier's circuit breaker is open: the call failed fast without touching the network."""
+
+    code = "tier_unavailable"
+    http_status = 503
+
+
+class Unauthorized(InfercacheError):
+    """A request lacks the bearer token an endpoint requires, or carries a wrong one."""
+
+    code = "unauthorized"
+    http_status = 401
