@@ -1,0 +1,365 @@
+"""Settings for ``infercache serve``: flags, ``INFERCACHE_*`` environment variables, a TOML file.
+
+Precedence is flags > environment > file > defaults, the order an operator expects: a file holds the
+deployment's baseline, the environment overrides it per container, and a flag overrides both for a
+one-off run. Every value is validated once, here, at start-up: a bad setting stops the server with a
+:class:`~infercache.errors.ConfigError` that names the setting, instead of surfacing as a confusing
+failure on the first request.
+
+The file is TOML; its keys are the setting names below, either at top level or inside an
+``[infercache]`` table. Environment variables are the upper-cased names with an ``INFERCACHE_``
+prefix (``INFERCACHE_MAX_BATCH_SIZE=64``); list settings (``models``) take comma-separated values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infercache.errors import ConfigError
+
+ENV_PREFIX = "INFERCACHE_"
+CONFIG_ENV = "INFERCACHE_CONFIG"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_NONE = {"", "none", "null", "off"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs; immutable so that workers and handlers can share one copy."""
+
+    # -- network
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    log_level: str = "info"
+    # -- models: "name=spec" or "spec"; spec is "module:factory", a TorchScript .pt or .onnx file.
+    # Empty means the demo MLP, so that `infercache serve` with no arguments serves something.
+    models: tuple[str, ...] = ()
+    # -- cache tiers
+    redis_url: str | None = None
+    sql_url: str | None = "sqlite:///infercache.db"
+    l1_size: int = 10_000
+    l1_policy: str = "tinylfu"
+    cache_ttl: float | None = None
+    write_policy: str = "through"
+    # -- batching
+    max_batch_size: int = 32
+    max_wait_ms: float = 0.0
+    max_queue: int = 2048
+    # -- request limits
+    max_body_bytes: int = 1_048_576
+    max_inputs: int = 256
+    request_timeout_s: float = 30.0
+    # -- auth
+    admin_token: str | None = None
+    api_token: str | None = None
+    # -- WebSocket
+    ws_max_inflight: int = 64
+    ws_send_queue: int = 256
+    ws_slow_consumer: str = "drop_oldest"
+    # -- runtime
+    torch_threads: int = 1
+    warmup: bool = True
+    gc_freeze: bool = True
+    require_tiers: bool = True
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied and validated."""
+        return build_settings(changes, base=self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists); tokens are left in: callers must redact."""
+        out = dataclasses.asdict(self)
+        out["models"] = list(self.models)
+        return out
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings safe to print or expose: secrets replaced by ``"***"``."""
+        out = self.to_dict()
+        for name in ("admin_token", "api_token"):
+            if out[name]:
+                out[name] = "***"
+        for name in ("redis_url", "sql_url"):
+            out[name] = _redact_url(out[name])
+        return out
+
+
+def _redact_url(url: str | None) -> str | None:
+    """Hide a password in ``scheme://user:password@host`` so that logs never carry it."""
+    if not url or "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    if ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return f"{scheme}://{creds}@{host}"
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+# --------------------------------------------------------------------------- parsing of one value
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"setting {name!r}: expected true/false, got {value!r}")
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"setting {name!r}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip().replace("_", ""))
+        except ValueError:
+            pass
+    raise ConfigError(f"setting {name!r}: expected an integer, got {value!r}")
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"setting {name!r}: expected a number, got {value!r}")
+    if isinstance(value, int | float):
+        out = float(value)
+    elif isinstance(value, str):
+        try:
+            out = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"setting {name!r}: expected a number, got {value!r}") from None
+    else:
+        raise ConfigError(f"setting {name!r}: expected a number, got {value!r}")
+    if out != out or out in (float("inf"), float("-inf")):
+        raise ConfigError(f"setting {name!r}: expected a finite number, got {value!r}")
+    return out
+
+
+def _as_str(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"setting {name!r}: expected a string, got {value!r}")
+
+
+def _as_models(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, list | tuple):
+        items = [_as_str(name, v).strip() for v in value]
+    else:
+        raise ConfigError(f"setting {name!r}: expected a list of model specs, got {value!r}")
+    items = [v for v in items if v]
+    for spec in items:
+        parse_model_spec(spec)  # raises ConfigError on a malformed spec
+    return tuple(items)
+
+
+def _parser_for(f: dataclasses.Field[Any]) -> tuple[Callable[[str, Any], Any], bool]:
+    """(parser, optional) for a field, from its annotation string."""
+    ann = str(f.type).replace(" ", "")
+    optional = ann.endswith("|None")
+    base = ann.removesuffix("|None")
+    parsers: dict[str, Callable[[str, Any], Any]] = {
+        "bool": _as_bool,
+        "int": _as_int,
+        "float": _as_float,
+        "str": _as_str,
+        "tuple[str,...]": _as_models,
+    }
+    return parsers[base], optional
+
+
+def _parse(name: str, value: Any) -> Any:
+    f = FIELDS.get(name)
+    if f is None:
+        raise ConfigError(f"unknown setting {name!r}")
+    parser, optional = _parser_for(f)
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+        return None
+    if value is None:
+        raise ConfigError(f"setting {name!r}: a value is required")
+    return parser(name, value)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "l1_policy": ("tinylfu", "lru", "lfu"),
+    "write_policy": ("through", "behind", "around"),
+    "ws_slow_consumer": ("drop_oldest", "disconnect"),
+    "log_level": ("critical", "error", "warning", "info", "debug", "trace"),
+}
+
+_MIN: dict[str, float] = {
+    "port": 0,
+    "workers": 1,
+    "l1_size": 1,
+    "max_batch_size": 1,
+    "max_wait_ms": 0,
+    "max_queue": 1,
+    "max_body_bytes": 64,
+    "max_inputs": 1,
+    "request_timeout_s": 0.001,
+    "ws_max_inflight": 1,
+    "ws_send_queue": 1,
+    "torch_threads": 1,
+    "cache_ttl": 0.001,
+}
+
+
+def _validate(s: Settings) -> None:
+    for name, choices in _CHOICES.items():
+        if getattr(s, name) not in choices:
+            raise ConfigError(
+                f"setting {name!r}: expected one of {', '.join(choices)}, got {getattr(s, name)!r}"
+            )
+    for name, low in _MIN.items():
+        value = getattr(s, name)
+        if value is not None and value < low:
+            raise ConfigError(f"setting {name!r}: must be >= {low:g}, got {value!r}")
+    if s.port > 65535:
+        raise ConfigError(f"setting 'port': must be <= 65535, got {s.port}")
+    if not s.host:
+        raise ConfigError("setting 'host': must not be empty")
+    if s.redis_url is not None and not s.redis_url.startswith(
+        ("redis://", "rediss://", "unix://", "redis+cluster://")
+    ):
+        raise ConfigError(
+            f"setting 'redis_url': expected redis://, rediss:// or unix:// URL, got {s.redis_url!r}"
+        )
+    if s.sql_url is not None and not s.sql_url.startswith(
+        ("sqlite://", "postgresql://", "postgres://", "postgresql+psycopg://")
+    ):
+        raise ConfigError(
+            f"setting 'sql_url': expected sqlite:///path or postgresql:// URL, got {s.sql_url!r}"
+        )
+    for name in ("admin_token", "api_token"):
+        token = getattr(s, name)
+        if token is not None and len(token) < 8:
+            raise ConfigError(f"setting {name!r}: a token must be at least 8 characters")
+    names = [parse_model_spec(spec)[0] for spec in s.models]
+    dupes = {n for n in names if n is not None and names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"setting 'models': duplicate model name(s) {sorted(dupes)}")
+
+
+def parse_model_spec(spec: str) -> tuple[str | None, str]:
+    """Split ``"name=spec"`` into (name, spec); (None, spec) when no name is given.
+
+    A spec is ``module:factory`` (a callable returning a ModelRunner, an ``nn.Module`` or a batch
+    callable), a TorchScript ``.pt``/``.pth`` file, an ``.onnx`` file, or ``demo`` (the demo MLP).
+    Only the shape is checked here; loading happens when the server starts.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError("setting 'models': empty model spec")
+    name: str | None = None
+    body = spec.strip()
+    if "=" in body:
+        name, body = (p.strip() for p in body.split("=", 1))
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError(
+                f"setting 'models': invalid model name {name!r} (letters, digits, - _ . only)"
+            )
+    if not body:
+        raise ConfigError(f"setting 'models': empty spec in {spec!r}")
+    lower = body.lower()
+    if lower == "demo" or lower.endswith((".pt", ".pth", ".onnx", ".ts")):
+        return name, body
+    module, sep, attr = body.partition(":")
+    if not sep or not module or not attr:
+        raise ConfigError(
+            f"setting 'models': {body!r} is not module:factory, a .pt/.onnx file or 'demo'"
+        )
+    return name, body
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Raw values from ``INFERCACHE_<NAME>`` variables (unparsed; unknown names are ignored).
+
+    Unknown ``INFERCACHE_*`` variables are ignored rather than rejected, because the same prefix is
+    used by tools around the server (``INFERCACHE_CONFIG``, test harnesses).
+    """
+    env = os.environ if env is None else env
+    out: dict[str, Any] = {}
+    for name in FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            out[name] = env[key]
+    return out
+
+
+def settings_from_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Raw values from a TOML file; unknown keys are an error (a typo must not pass silently)."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"setting 'config': file {str(p)!r} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"setting 'config': cannot read {str(p)!r}: {exc}") from None
+    table = data.get("infercache", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"setting 'config': [infercache] in {str(p)!r} must be a table")
+    for key in table:
+        if key not in FIELDS:
+            raise ConfigError(f"unknown setting {key!r} in config file {str(p)!r}")
+    return dict(table)
+
+
+def build_settings(values: Mapping[str, Any], *, base: Settings | None = None) -> Settings:
+    """Parse and validate ``values`` on top of ``base`` (defaults when None)."""
+    parsed = {name: _parse(name, value) for name, value in values.items()}
+    settings = dataclasses.replace(base or Settings(), **parsed)
+    _validate(settings)
+    return settings
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+) -> Settings:
+    """Merge the sources (flags > env > file > defaults) and validate the result.
+
+    ``flags`` holds only the settings given on the command line (``None`` values are skipped, so
+    argparse defaults of ``None`` do not mask lower sources). The file is ``config_file`` or else
+    ``$INFERCACHE_CONFIG``.
+    """
+    env_map = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    path = config_file if config_file is not None else env_map.get(CONFIG_ENV)
+    if path:
+        merged.update(settings_from_file(path))
+    merged.update(settings_from_env(env_map))
+    merged.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return build_settings(merged)
+
+
+__all__ = [
+    "CONFIG_ENV",
+    "ENV_PREFIX",
+    "Settings",
+    "build_settings",
+    "load_settings",
+    "parse_model_spec",
+    "settings_from_env",
+    "settings_from_file",
+]
