@@ -1,0 +1,202 @@
+"""Safe value encoding for the remote tiers (Redis, SQLite, PostgreSQL).
+
+The user's tutorial stores values with ``pickle`` and unpickles whatever Redis returns: anyone who
+can write to Redis can then run code in every server. This codec is msgpack with numpy arrays as an
+extension type, so decoding can only ever build plain data:
+
+* None, bool, int, float, str, bytes, lists (tuples come back as lists), dicts, numpy arrays of
+  every bool/integer/float/complex dtype (dtype, shape and bytes exact, float16 and bool included)
+  and numpy scalars;
+* every payload starts with a format byte; anything truncated, corrupted or foreign raises
+  ``DecodeError`` and nothing else;
+* pickle only when the codec is built with ``allow_pickle=True`` and a secret: pickled payloads
+  are HMAC-SHA256-signed, and an unsigned or tampered one raises ``DecodeError`` unread.
+
+Decoded arrays are read-only views over the payload (no copy): cached values are shared between
+callers, so nobody should mutate them in place anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import pickle
+import struct
+import sys
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from infercache.errors import ConfigError, DecodeError, EncodeError
+
+__all__ = ["Codec", "decode", "default_codec", "encode"]
+
+_FORMAT_MSGPACK = 0x01
+_FORMAT_PICKLE = 0x02
+_EXT_ARRAY = 1
+_EXT_SCALAR = 2
+_ARRAY_KINDS = frozenset("biufc")
+_MAC_SIZE = 32
+_MIN_SECRET = 16
+_hdr = struct.Struct("<B")
+
+
+def _pack_array(arr: np.ndarray) -> msgpack.ExtType:
+    if arr.dtype.kind not in _ARRAY_KINDS:
+        raise EncodeError(f"cannot encode a numpy array of dtype {arr.dtype}")
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    payload = msgpack.packb([arr.dtype.str, list(arr.shape), arr.data], use_bin_type=True)
+    return msgpack.ExtType(_EXT_ARRAY, payload)
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return _pack_array(obj)
+    if isinstance(obj, np.generic):
+        ext = _pack_array(np.asarray(obj))
+        return msgpack.ExtType(_EXT_SCALAR, ext.data)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return _pack_array(obj.detach().cpu().numpy())
+    t = type(obj)
+    raise EncodeError(
+        f"cannot encode a value of type {t.__module__}.{t.__qualname__}; supported: None, bool, "
+        "int, float, str, bytes, list, tuple, dict, numpy arrays and scalars"
+    )
+
+
+def _unpack_array(data: bytes) -> np.ndarray:
+    fields = msgpack.unpackb(data, raw=False, use_list=True)
+    if not (isinstance(fields, list) and len(fields) == 3):
+        raise DecodeError("malformed array payload")
+    dtype_str, shape, buf = fields
+    if not isinstance(dtype_str, str) or not isinstance(shape, list) or not isinstance(buf, bytes):
+        raise DecodeError("malformed array payload")
+    try:
+        dtype = np.dtype(dtype_str)
+    except TypeError as exc:
+        raise DecodeError(f"unknown array dtype {dtype_str!r}") from exc
+    if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise DecodeError(f"array dtype {dtype_str!r} is not allowed")
+    if not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 32:
+        raise DecodeError("malformed array shape")
+    count = 1
+    for d in shape:
+        count *= d
+    if count * dtype.itemsize != len(buf):
+        raise DecodeError("array payload size does not match its dtype and shape")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _EXT_ARRAY:
+        return _unpack_array(data)
+    if code == _EXT_SCALAR:
+        arr = _unpack_array(data)
+        if arr.shape != ():
+            raise DecodeError("malformed scalar payload")
+        return arr[()]
+    raise DecodeError(f"unknown extension type {code}")
+
+
+class Codec:
+    """Encodes values to bytes and back; safe by default (no pickle).
+
+    ``allow_pickle=True`` needs ``pickle_secret`` (at least 16 bytes): values msgpack cannot
+    represent are then pickled and signed with HMAC-SHA256 under that secret, and only payloads
+    whose signature verifies are ever unpickled. Processes sharing a cache need the same secret.
+    """
+
+    __slots__ = ("_allow_pickle", "_packer_default", "_secret")
+
+    def __init__(
+        self, *, allow_pickle: bool = False, pickle_secret: bytes | str | None = None
+    ) -> None:
+        if isinstance(pickle_secret, str):
+            pickle_secret = pickle_secret.encode("utf-8")
+        if allow_pickle and (pickle_secret is None or len(pickle_secret) < _MIN_SECRET):
+            raise ConfigError(
+                f"pickle_secret: allow_pickle=True needs a secret of at least {_MIN_SECRET} bytes, "
+                "so that only payloads signed by this deployment are ever unpickled"
+            )
+        self._allow_pickle = allow_pickle
+        self._secret = pickle_secret
+        self._packer_default = _default
+
+    @property
+    def allow_pickle(self) -> bool:
+        return self._allow_pickle
+
+    def encode(self, value: Any) -> bytes:
+        """Return the bytes of ``value``; raises ``EncodeError`` for a type the codec can't hold."""
+        try:
+            body = msgpack.packb(value, default=self._packer_default, use_bin_type=True)
+        except EncodeError:
+            if not self._allow_pickle:
+                raise
+            return self._sign_pickle(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            # msgpack: ints beyond 64 bits, dicts with unhashable/unsupported keys, nesting limits.
+            if not self._allow_pickle:
+                raise EncodeError(f"cannot encode value: {exc}") from exc
+            return self._sign_pickle(value)
+        return b"\x01" + body
+
+    def decode(self, data: bytes | bytearray | memoryview) -> Any:
+        """Return the value in ``data``; raises ``DecodeError`` (only) for anything malformed."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise DecodeError(f"expected bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if not data:
+            raise DecodeError("empty payload")
+        fmt = data[0]
+        if fmt == _FORMAT_MSGPACK:
+            try:
+                return msgpack.unpackb(
+                    data[1:], raw=False, ext_hook=_ext_hook, strict_map_key=False, use_list=True
+                )
+            except DecodeError:
+                raise
+            except Exception as exc:  # msgpack raises many types on hostile bytes
+                raise DecodeError(f"corrupted payload: {type(exc).__name__}: {exc}") from exc
+        if fmt == _FORMAT_PICKLE:
+            return self._verify_unpickle(data)
+        raise DecodeError(f"unknown payload format 0x{fmt:02x}")
+
+    def _sign_pickle(self, value: Any) -> bytes:
+        assert self._secret is not None
+        try:
+            body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise EncodeError(f"cannot pickle value of type {type(value).__name__}: {exc}") from exc
+        mac = hmac.new(self._secret, body, hashlib.sha256).digest()
+        return b"\x02" + mac + body
+
+    def _verify_unpickle(self, data: bytes) -> Any:
+        if not self._allow_pickle or self._secret is None:
+            raise DecodeError("pickle payload refused: this codec does not allow pickle")
+        if len(data) < 1 + _MAC_SIZE:
+            raise DecodeError("truncated pickle payload")
+        mac, body = data[1 : 1 + _MAC_SIZE], data[1 + _MAC_SIZE :]
+        expected = hmac.new(self._secret, body, hashlib.sha256).digest()
+        if not hmac.compare_digest(mac, expected):
+            raise DecodeError("pickle payload signature does not verify; refusing to unpickle")
+        try:
+            return pickle.loads(body)
+        except Exception as exc:  # signed by us, yet unreadable (e.g. a class that moved)
+            raise DecodeError(f"signed pickle payload failed to load: {exc}") from exc
+
+
+default_codec = Codec()
+
+
+def encode(value: Any) -> bytes:
+    """Encode with the safe default codec (no pickle)."""
+    return default_codec.encode(value)
+
+
+def decode(data: bytes | bytearray | memoryview) -> Any:
+    """Decode with the safe default codec (no pickle)."""
+    return default_codec.decode(data)
