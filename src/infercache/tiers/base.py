@@ -1,0 +1,182 @@
+"""The interface every remote cache tier implements, and the small helpers they share.
+
+MultiLevelCache talks to tiers only through :class:`AsyncTier`, so a tier can be swapped (Redis,
+SQLite, PostgreSQL, something new) without touching the policy code. Tiers that can also
+coordinate processes (locks, broadcast, shared counters: Redis) implement :class:`Coordinator`
+as well; MultiLevelCache finds one by its methods, so importing this module never imports redis.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, Protocol, runtime_checkable
+
+from infercache.errors import ConfigError
+
+__all__ = [
+    "MISSING",
+    "AsyncTier",
+    "Coordinator",
+    "LatencyWindow",
+    "escape_glob",
+    "validate_ttl",
+]
+
+
+class _Missing:
+    """Sentinel for "no value" where ``None`` could be ambiguous (``get(key, default)``)."""
+
+    _instance: _Missing | None = None
+
+    def __new__(cls) -> _Missing:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+MISSING: Final = _Missing()
+
+
+@runtime_checkable
+class AsyncTier(Protocol):
+    """A slower, shared cache tier (the contract in docs/architecture.md).
+
+    Misses are ``None``/absence; failures raise :class:`infercache.errors.TierError` (or
+    ``TierUnavailable`` when a circuit breaker is open); corrupt stored bytes are a miss.
+    """
+
+    name: str
+
+    async def get(self, key: str) -> Any | None: ...
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Any]: ...
+    async def get_many_with_ttl(
+        self, keys: Sequence[str]
+    ) -> dict[str, tuple[Any, float | None]]: ...
+    async def set(self, key: str, value: Any, ttl: float | None = None) -> None: ...
+    async def set_many(self, mapping: Mapping[str, Any], ttl: float | None = None) -> None: ...
+    async def delete(self, key: str) -> bool: ...
+    async def delete_many(self, keys: Sequence[str]) -> int: ...
+    async def exists(self, key: str) -> bool: ...
+    async def ttl(self, key: str) -> float | None: ...
+    async def expire(self, key: str, ttl: float) -> bool: ...
+    async def clear(self) -> int: ...
+    async def stats(self) -> dict[str, Any]: ...
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Coordinator(Protocol):
+    """What a tier offers to coordinate processes: short locks, broadcast, shared counters.
+
+    RedisCache implements it; MultiLevelCache uses the first tier that does for cross-process
+    single-flight, invalidation events and namespace generations.
+    """
+
+    namespace: str
+
+    async def acquire_lock(self, name: str, ttl: float) -> str | None: ...
+    async def release_lock(self, name: str, token: str) -> bool: ...
+    async def lock_held(self, name: str) -> bool: ...
+    async def publish(self, channel: str, message: bytes) -> int: ...
+    async def subscribe(
+        self,
+        channel: str,
+        on_message: Callable[[bytes], None],
+        on_reconnect: Callable[[], Awaitable[None] | None] | None = None,
+    ) -> Callable[[], Awaitable[None]]: ...
+    async def incr_counter(self, hash_name: str, field: str) -> int: ...
+    async def read_counters(self, hash_name: str) -> dict[str, int]: ...
+
+
+def validate_ttl(ttl: float | None, *, what: str = "ttl") -> float | None:
+    """Return ``ttl`` as a float, or raise ConfigError for values a tier cannot honour.
+
+    A TTL of 0 or below, NaN or infinity would mean "expire now" on one tier and "never" on
+    another (Redis rejects PX 0, SQLite would store it happily); rejecting it keeps tiers in step.
+    """
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise ConfigError(f"{what} must be a number of seconds or None, got {ttl!r}")
+    value = float(ttl)
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{what} must be a positive finite number of seconds, got {ttl!r}")
+    return value
+
+
+def ttl_ms(ttl: float) -> int:
+    """Seconds to whole milliseconds for Redis PX, never rounding a positive TTL down to 0."""
+    return max(1, math.ceil(ttl * 1000))
+
+
+def escape_glob(text: str) -> str:
+    """Escape Redis MATCH glob characters so a namespace like ``a*`` matches only itself."""
+    out = []
+    for ch in text:
+        if ch in "*?[]\\":
+            out.append("\\")
+        out.append(ch)
+    return "".join(out)
+
+
+class LatencyWindow:
+    """The last ``size`` latencies of one operation, for the percentiles in ``stats()``.
+
+    A bounded window instead of a histogram: constant memory, no dependency, and stats() is
+    rare enough that sorting a few thousand floats there costs nothing on the hot path.
+    """
+
+    __slots__ = ("_samples", "count")
+
+    def __init__(self, size: int = 2048) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+        self.count = 0
+
+    def record(self, seconds: float) -> None:
+        self._samples.append(seconds)
+        self.count += 1
+
+    def time(self) -> _Timer:
+        return _Timer(self)
+
+    def summary(self) -> dict[str, float | int]:
+        """Count and p50/p95/p99/max in milliseconds over the window (zeros when empty)."""
+        data = sorted(self._samples)
+        if not data:
+            return {"count": self.count, "p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+
+        def pct(p: float) -> float:
+            idx = min(len(data) - 1, max(0, math.ceil(p * len(data)) - 1))
+            return round(data[idx] * 1000, 4)
+
+        return {
+            "count": self.count,
+            "p50_ms": pct(0.50),
+            "p95_ms": pct(0.95),
+            "p99_ms": pct(0.99),
+            "max_ms": round(data[-1] * 1000, 4),
+        }
+
+
+class _Timer:
+    __slots__ = ("_start", "_window")
+
+    def __init__(self, window: LatencyWindow) -> None:
+        self._window = window
+        self._start = 0.0
+
+    def __enter__(self) -> _Timer:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._window.record(time.perf_counter() - self._start)

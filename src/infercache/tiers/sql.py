@@ -1,0 +1,687 @@
+"""SQLCache: the durable L3 tier, an SQLite file by default or PostgreSQL by URL.
+
+Why it looks the way it does:
+
+- One table for every namespace, ``(namespace, key)`` as primary key, the encoded value, an
+  absolute ``expires_at`` (epoch seconds, NULL for never) and ``created_at``. Absolute expiry works
+  across processes and restarts, unlike a monotonic clock.
+- Expired rows are never returned (every read filters on ``expires_at``) and are deleted by a
+  background purge in small batches, so a read never pays for cleaning up.
+- ``get_many`` is one query (``IN (...)`` / ``= ANY(%s)``), ``set_many`` one UPSERT statement
+  in one transaction, so the L3 costs one round trip per batch like the L2.
+- SQLite is synchronous, so all its work runs on one dedicated worker thread owning the one
+  connection (WAL mode: readers in other processes are not blocked by our writer). The event loop
+  never blocks on disk.
+- PostgreSQL goes through psycopg 3's AsyncConnectionPool with short timeouts and the same
+  circuit breaker as Redis, so a stopped server degrades MultiLevelCache instead of stalling it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
+
+from infercache.codec import Codec
+from infercache.errors import ConfigError, DecodeError, TierError, TierUnavailable
+from infercache.tiers.base import LatencyWindow, validate_ttl
+from infercache.tiers.breaker import CircuitBreaker
+
+__all__ = ["SQLCache"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Row = tuple[str, bytes, float | None]  # key, encoded value, expires_at (None: never)
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_SQLITE_CHUNK = 500  # stays far below SQLite's bound-parameter limit
+
+
+class _Backend(Protocol):
+    name: str
+
+    async def setup(self) -> None: ...
+    async def get_many(self, ns: str, keys: Sequence[str], now: float) -> list[Row]: ...
+    async def upsert(self, ns: str, rows: Sequence[Row], now: float) -> None: ...
+    async def delete(self, ns: str, keys: Sequence[str]) -> int: ...
+    async def clear(self, ns: str) -> int: ...
+    async def lookup_expiry(self, ns: str, key: str, now: float) -> tuple[bool, float | None]: ...
+    async def set_expiry(self, ns: str, key: str, expires_at: float, now: float) -> bool: ...
+    async def purge(self, now: float, limit: int) -> int: ...
+    async def count(self, ns: str, now: float) -> int: ...
+    async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- SQLite
+
+
+class _SQLiteBackend:
+    """All SQLite calls on one worker thread that owns the only connection."""
+
+    name = "sqlite"
+    failure_errors: tuple[type[BaseException], ...] = (sqlite3.OperationalError, OSError)
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+
+    def __init__(self, path: str, table: str, busy_timeout_ms: int = 5000) -> None:
+        self.path = path
+        self.table = table
+        self.busy_timeout_ms = busy_timeout_ms
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infercache-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            if self.path != ":memory:":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn = conn
+        return self._conn
+
+    def _setup(self) -> None:
+        t = self.table
+        db = self._db()
+        db.execute(
+            f"CREATE TABLE IF NOT EXISTS {t} ("
+            " namespace TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,"
+            " expires_at REAL, created_at REAL NOT NULL,"
+            " PRIMARY KEY (namespace, key)) WITHOUT ROWID"
+        )
+        db.execute(
+            f"CREATE INDEX IF NOT EXISTS {t}_expires ON {t}(expires_at)"
+            " WHERE expires_at IS NOT NULL"
+        )
+
+    async def setup(self) -> None:
+        await self._call(self._setup)
+
+    def _get_many(self, ns: str, keys: Sequence[str], now: float) -> list[Row]:
+        db = self._db()
+        out: list[Row] = []
+        for i in range(0, len(keys), _SQLITE_CHUNK):
+            chunk = list(keys[i : i + _SQLITE_CHUNK])
+            marks = ",".join("?" * len(chunk))
+            cur = db.execute(
+                f"SELECT key, value, expires_at FROM {self.table} WHERE namespace = ?"
+                f" AND key IN ({marks}) AND (expires_at IS NULL OR expires_at > ?)",
+                (ns, *chunk, now),
+            )
+            out.extend(cur.fetchall())
+        return out
+
+    async def get_many(self, ns: str, keys: Sequence[str], now: float) -> list[Row]:
+        return await self._call(self._get_many, ns, keys, now)
+
+    def _upsert(self, ns: str, rows: Sequence[Row], now: float) -> None:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                f"INSERT INTO {self.table} (namespace, key, value, expires_at, created_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(namespace, key) DO UPDATE SET"
+                " value = excluded.value, expires_at = excluded.expires_at,"
+                " created_at = excluded.created_at",
+                [(ns, k, v, e, now) for k, v, e in rows],
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    async def upsert(self, ns: str, rows: Sequence[Row], now: float) -> None:
+        await self._call(self._upsert, ns, rows, now)
+
+    def _delete(self, ns: str, keys: Sequence[str]) -> int:
+        db = self._db()
+        n = 0
+        for i in range(0, len(keys), _SQLITE_CHUNK):
+            chunk = list(keys[i : i + _SQLITE_CHUNK])
+            marks = ",".join("?" * len(chunk))
+            cur = db.execute(
+                f"DELETE FROM {self.table} WHERE namespace = ? AND key IN ({marks})", (ns, *chunk)
+            )
+            n += cur.rowcount
+        return n
+
+    async def delete(self, ns: str, keys: Sequence[str]) -> int:
+        return await self._call(self._delete, ns, keys)
+
+    def _clear(self, ns: str) -> int:
+        return self._db().execute(f"DELETE FROM {self.table} WHERE namespace = ?", (ns,)).rowcount
+
+    async def clear(self, ns: str) -> int:
+        return await self._call(self._clear, ns)
+
+    def _lookup_expiry(self, ns: str, key: str, now: float) -> tuple[bool, float | None]:
+        row = (
+            self._db()
+            .execute(
+                f"SELECT expires_at FROM {self.table} WHERE namespace = ? AND key = ?"
+                " AND (expires_at IS NULL OR expires_at > ?)",
+                (ns, key, now),
+            )
+            .fetchone()
+        )
+        return (False, None) if row is None else (True, row[0])
+
+    async def lookup_expiry(self, ns: str, key: str, now: float) -> tuple[bool, float | None]:
+        return await self._call(self._lookup_expiry, ns, key, now)
+
+    def _set_expiry(self, ns: str, key: str, expires_at: float, now: float) -> bool:
+        cur = self._db().execute(
+            f"UPDATE {self.table} SET expires_at = ? WHERE namespace = ? AND key = ?"
+            " AND (expires_at IS NULL OR expires_at > ?)",
+            (expires_at, ns, key, now),
+        )
+        return cur.rowcount > 0
+
+    async def set_expiry(self, ns: str, key: str, expires_at: float, now: float) -> bool:
+        return await self._call(self._set_expiry, ns, key, expires_at, now)
+
+    def _purge(self, now: float, limit: int) -> int:
+        cur = self._db().execute(
+            f"DELETE FROM {self.table} WHERE (namespace, key) IN (SELECT namespace, key"
+            f" FROM {self.table} WHERE expires_at <= ? LIMIT ?)",
+            (now, limit),
+        )
+        return cur.rowcount
+
+    async def purge(self, now: float, limit: int) -> int:
+        return await self._call(self._purge, now, limit)
+
+    def _count(self, ns: str, now: float) -> int:
+        row = (
+            self._db()
+            .execute(
+                f"SELECT count(*) FROM {self.table} WHERE namespace = ?"
+                " AND (expires_at IS NULL OR expires_at > ?)",
+                (ns, now),
+            )
+            .fetchone()
+        )
+        return int(row[0])
+
+    async def count(self, ns: str, now: float) -> int:
+        return await self._call(self._count, ns, now)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._call(self._close)
+        self._executor.shutdown(wait=False)
+
+    def raw_execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """Run a statement on the worker thread's connection (tests corrupt rows with it)."""
+        self._executor.submit(lambda: self._db().execute(sql, tuple(params))).result()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+class _PostgresBackend:
+    """psycopg 3 AsyncConnectionPool; each operation is one statement on a pooled connection."""
+
+    name = "postgres"
+
+    def __init__(
+        self, url: str, table: str, *, pool_min: int, pool_max: int, timeout: float
+    ) -> None:
+        try:
+            import psycopg
+            import psycopg_pool
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigError(
+                "PostgreSQL needs the postgres extra: pip install 'infercache[postgres]'"
+            ) from exc
+        self._psycopg = psycopg
+        self.table = table
+        self.failure_errors: tuple[type[BaseException], ...] = (
+            psycopg.OperationalError,
+            psycopg.InterfaceError,
+            psycopg_pool.PoolTimeout,
+            psycopg_pool.PoolClosed,
+            OSError,
+            asyncio.TimeoutError,
+        )
+        self.errors: tuple[type[BaseException], ...] = (psycopg.Error, psycopg_pool.PoolTimeout)
+        self._pool = psycopg_pool.AsyncConnectionPool(
+            conninfo=url,
+            min_size=pool_min,
+            max_size=pool_max,
+            open=False,
+            timeout=timeout,  # wait at most this long for a connection, then fail (breaker)
+            reconnect_timeout=3600.0,
+            kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout))},
+        )
+        self._opened = False
+        self._timeout = timeout
+
+    async def _open(self) -> None:
+        if not self._opened:
+            await self._pool.open(wait=False)
+            self._opened = True
+
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        await self._open()
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(sql, params)
+            return list(await cur.fetchall())
+
+    async def _exec(self, sql: str, params: Sequence[Any]) -> int:
+        await self._open()
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(sql, params)
+            return int(cur.rowcount)
+
+    async def setup(self) -> None:
+        t = self.table
+        await self._open()
+        async with self._pool.connection() as conn, conn.transaction():
+            # Two processes creating the table at once would race on the catalog: serialize.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"infercache:{t}",))
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {t} ("
+                " namespace TEXT NOT NULL, key TEXT NOT NULL, value BYTEA NOT NULL,"
+                " expires_at DOUBLE PRECISION, created_at DOUBLE PRECISION NOT NULL,"
+                " PRIMARY KEY (namespace, key))"
+            )
+            await conn.execute(
+                f"CREATE INDEX IF NOT EXISTS {t}_expires ON {t}(expires_at)"
+                " WHERE expires_at IS NOT NULL"
+            )
+
+    async def get_many(self, ns: str, keys: Sequence[str], now: float) -> list[Row]:
+        rows = await self._fetch(
+            f"SELECT key, value, expires_at FROM {self.table} WHERE namespace = %s"
+            " AND key = ANY(%s) AND (expires_at IS NULL OR expires_at > %s)",
+            (ns, list(keys), now),
+        )
+        return [(k, bytes(v), e) for k, v, e in rows]
+
+    async def upsert(self, ns: str, rows: Sequence[Row], now: float) -> None:
+        # One statement for the whole batch: unnest() turns three arrays into rows.
+        await self._exec(
+            f"INSERT INTO {self.table} (namespace, key, value, expires_at, created_at)"
+            " SELECT %s, u.k, u.v, u.e, %s"
+            " FROM unnest(%s::text[], %s::bytea[], %s::float8[]) AS u(k, v, e)"
+            " ON CONFLICT (namespace, key) DO UPDATE SET value = EXCLUDED.value,"
+            " expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at",
+            (ns, now, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
+        )
+
+    async def delete(self, ns: str, keys: Sequence[str]) -> int:
+        return await self._exec(
+            f"DELETE FROM {self.table} WHERE namespace = %s AND key = ANY(%s)", (ns, list(keys))
+        )
+
+    async def clear(self, ns: str) -> int:
+        return await self._exec(f"DELETE FROM {self.table} WHERE namespace = %s", (ns,))
+
+    async def lookup_expiry(self, ns: str, key: str, now: float) -> tuple[bool, float | None]:
+        rows = await self._fetch(
+            f"SELECT expires_at FROM {self.table} WHERE namespace = %s AND key = %s"
+            " AND (expires_at IS NULL OR expires_at > %s)",
+            (ns, key, now),
+        )
+        return (False, None) if not rows else (True, rows[0][0])
+
+    async def set_expiry(self, ns: str, key: str, expires_at: float, now: float) -> bool:
+        n = await self._exec(
+            f"UPDATE {self.table} SET expires_at = %s WHERE namespace = %s AND key = %s"
+            " AND (expires_at IS NULL OR expires_at > %s)",
+            (expires_at, ns, key, now),
+        )
+        return n > 0
+
+    async def purge(self, now: float, limit: int) -> int:
+        return await self._exec(
+            f"DELETE FROM {self.table} WHERE ctid IN (SELECT ctid FROM {self.table}"
+            " WHERE expires_at <= %s LIMIT %s)",
+            (now, limit),
+        )
+
+    async def count(self, ns: str, now: float) -> int:
+        rows = await self._fetch(
+            f"SELECT count(*) FROM {self.table} WHERE namespace = %s"
+            " AND (expires_at IS NULL OR expires_at > %s)",
+            (ns, now),
+        )
+        return int(rows[0][0])
+
+    async def close(self) -> None:
+        if self._opened:
+            with contextlib.suppress(Exception):
+                await self._pool.close(timeout=1.0)
+            self._opened = False
+
+
+# --------------------------------------------------------------------------- SQLCache
+
+
+def _sqlite_path(url: str) -> str:
+    """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs.db`` -> ``/abs.db``; ``sqlite://``
+    or ``sqlite:///:memory:`` -> in-memory."""
+    rest = url[len("sqlite://") :]
+    if rest in ("", "/", "/:memory:"):
+        return ":memory:"
+    if not rest.startswith("/"):
+        raise ConfigError(f"sqlite URL must look like sqlite:///path.db, got {url!r}")
+    return rest[1:]
+
+
+class SQLCache:
+    """Async L3 cache in SQL; see the module docstring for the design.
+
+    ``url``: ``sqlite:///infercache.db`` (relative), ``sqlite:////abs/path.db``,
+    ``sqlite:///:memory:``, or ``postgresql://user@host:port/db``. ``ttl`` is the default TTL
+    in seconds (None: no expiry). ``timer`` is wall-clock epoch seconds (expiry is stored as an
+    absolute time shared with other processes); tests inject a fake one to expire rows.
+    """
+
+    def __init__(
+        self,
+        url: str = "sqlite:///infercache.db",
+        *,
+        namespace: str = "infercache",
+        ttl: float | None = None,
+        codec: Codec | None = None,
+        table: str = "infercache_entries",
+        name: str | None = None,
+        pool_size: int = 8,
+        timeout: float = 1.0,
+        purge_interval: float | None = 60.0,
+        purge_batch: int = 1000,
+        failure_threshold: int = 3,
+        recovery_time: float = 1.0,
+        timer: Callable[[], float] = time.time,
+    ) -> None:
+        if not namespace:
+            raise ConfigError("namespace must be non-empty")
+        if not _IDENT.match(table):
+            raise ConfigError(f"table must be a plain SQL identifier, got {table!r}")
+        scheme = urlsplit(url).scheme.lower()
+        self.backend: _SQLiteBackend | _PostgresBackend
+        if scheme == "sqlite":
+            self.backend = _SQLiteBackend(_sqlite_path(url), table)
+        elif scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
+            pg_url = "postgresql" + url[len(scheme) :] if "+" in scheme else url
+            self.backend = _PostgresBackend(
+                pg_url, table, pool_min=1, pool_max=pool_size, timeout=timeout
+            )
+        else:
+            raise ConfigError(f"SQLCache url must be sqlite:/// or postgresql://, got {url!r}")
+        self.url = url
+        self.namespace = namespace
+        self.name = name or self.backend.name
+        self.default_ttl = validate_ttl(ttl)
+        self.codec = codec or Codec()
+        self.table = table
+        self.purge_interval = purge_interval
+        self.purge_batch = purge_batch
+        self._timer = timer
+        self.breaker = CircuitBreaker(
+            f"sql {self.name}",
+            failure_threshold=failure_threshold,
+            recovery_time=recovery_time,
+        )
+        self._ready = False
+        self._setup_lock: asyncio.Lock | None = None
+        self._purger: asyncio.Task[None] | None = None
+        self._closed = False
+        self._hits = 0
+        self._misses = 0
+        self._errors = 0
+        self._corrupt = 0
+        self._sets = 0
+        self._deletes = 0
+        self._purged = 0
+        self._lat = LatencyWindow()
+
+    # ----------------------------------------------------------------- plumbing
+
+    async def _guarded(self, op: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` (a coroutine factory) through the breaker; map errors to TierError."""
+        if self._closed:
+            raise TierError(f"{self.name} cache is closed")
+        try:
+            self.breaker.before_call()
+        except TierUnavailable:
+            self._errors += 1
+            raise
+        start = time.perf_counter()
+        try:
+            if not self._ready:
+                await self._setup()
+            result = await fn()
+        except self.backend.failure_errors as exc:
+            self.breaker.record_failure()
+            self._errors += 1
+            raise TierError(f"{self.name} {op} failed: {type(exc).__name__}: {exc}") from exc
+        except self.backend.errors as exc:
+            self.breaker.record_success()
+            self._errors += 1
+            raise TierError(f"{self.name} {op} failed: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            self.breaker.release_probe()
+            raise
+        self.breaker.record_success()
+        self._lat.record(time.perf_counter() - start)
+        return result
+
+    async def _setup(self) -> None:
+        if self._setup_lock is None:
+            self._setup_lock = asyncio.Lock()
+        async with self._setup_lock:
+            if self._ready:
+                return
+            await self.backend.setup()
+            self._ready = True
+            if self.purge_interval is not None and self._purger is None:
+                self._purger = asyncio.create_task(
+                    self._purge_loop(), name=f"infercache-purge-{self.name}"
+                )
+
+    async def _purge_loop(self) -> None:
+        assert self.purge_interval is not None
+        while True:
+            await asyncio.sleep(self.purge_interval)
+            try:
+                await self.purge_expired()
+            except TierError as exc:
+                log.info("%s: background purge skipped: %s", self.name, exc)
+            except Exception:  # never let the purger die silently
+                log.exception("%s: background purge failed", self.name)
+
+    def _expires_at(self, ttl: float | None, now: float) -> float | None:
+        eff = self.default_ttl if ttl is None else validate_ttl(ttl)
+        return None if eff is None else now + eff
+
+    def _decode_rows(
+        self, rows: list[Row]
+    ) -> tuple[dict[str, tuple[Any, float | None]], list[str]]:
+        out: dict[str, tuple[Any, float | None]] = {}
+        corrupt: list[str] = []
+        for key, raw, exp in rows:
+            try:
+                value = self.codec.decode(raw)
+            except DecodeError as exc:
+                self._corrupt += 1
+                corrupt.append(key)
+                log.warning("%s: dropping undecodable value for %r: %s", self.name, key, exc)
+                continue
+            out[key] = (value, exp)
+        return out, corrupt
+
+    # ----------------------------------------------------------------- reads
+
+    async def get(self, key: str) -> Any | None:
+        hit = await self.get_many_with_ttl([key])
+        entry = hit.get(key)
+        return None if entry is None else entry[0]
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        return {k: v for k, (v, _) in (await self.get_many_with_ttl(keys)).items()}
+
+    async def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
+        """Unexpired hits with their remaining TTL, in one query."""
+        uniq = list(dict.fromkeys(keys))
+        if not uniq:
+            return {}
+        now = self._timer()
+        rows = await self._guarded(
+            "select", lambda: self.backend.get_many(self.namespace, uniq, now)
+        )
+        found, corrupt = self._decode_rows(rows)
+        if corrupt:
+            with contextlib.suppress(TierError):
+                await self.delete_many(corrupt)
+        self._hits += len(found)
+        self._misses += len(uniq) - len(found)
+        return {
+            k: (v, None if exp is None else max(exp - now, 0.0)) for k, (v, exp) in found.items()
+        }
+
+    async def exists(self, key: str) -> bool:
+        now = self._timer()
+        found, _ = await self._guarded(
+            "exists", lambda: self.backend.lookup_expiry(self.namespace, key, now)
+        )
+        return bool(found)
+
+    async def ttl(self, key: str) -> float | None:
+        """Remaining seconds; None when the key never expires; KeyError when it is absent."""
+        now = self._timer()
+        found, exp = await self._guarded(
+            "ttl", lambda: self.backend.lookup_expiry(self.namespace, key, now)
+        )
+        if not found:
+            raise KeyError(key)
+        return None if exp is None else max(exp - now, 0.0)
+
+    # ----------------------------------------------------------------- writes
+
+    async def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        await self.set_many({key: value}, ttl)
+
+    async def set_many(self, mapping: Mapping[str, Any], ttl: float | None = None) -> None:
+        """UPSERT every pair in one transaction (None values are skipped: None means miss)."""
+        eff = self.default_ttl if ttl is None else validate_ttl(ttl)
+        await self.set_many_with_ttl({k: (v, eff) for k, v in mapping.items()})
+
+    async def set_many_with_ttl(self, items: Mapping[str, tuple[Any, float | None]]) -> None:
+        """UPSERT pairs that carry their own TTL (None: no expiry) in one transaction."""
+        now = self._timer()
+        rows: list[Row] = []
+        for k, (v, t) in items.items():
+            if v is None:
+                continue
+            t = validate_ttl(t)
+            rows.append((k, self.codec.encode(v), None if t is None else now + t))
+        if not rows:
+            return
+        await self._guarded("upsert", lambda: self.backend.upsert(self.namespace, rows, now))
+        self._sets += len(rows)
+
+    async def delete(self, key: str) -> bool:
+        return bool(await self.delete_many([key]))
+
+    async def delete_many(self, keys: Sequence[str]) -> int:
+        uniq = list(dict.fromkeys(keys))
+        if not uniq:
+            return 0
+        n = await self._guarded("delete", lambda: self.backend.delete(self.namespace, uniq))
+        self._deletes += len(uniq)
+        return int(n)
+
+    async def expire(self, key: str, ttl: float) -> bool:
+        t = validate_ttl(ttl)
+        assert t is not None
+        now = self._timer()
+        return bool(
+            await self._guarded(
+                "expire", lambda: self.backend.set_expiry(self.namespace, key, now + t, now)
+            )
+        )
+
+    async def clear(self) -> int:
+        """Delete this namespace's rows only."""
+        return int(await self._guarded("clear", lambda: self.backend.clear(self.namespace)))
+
+    async def purge_expired(self) -> int:
+        """Delete expired rows (every namespace) in batches; returns how many were removed."""
+        total = 0
+        while True:
+            now = self._timer()
+            batch = functools.partial(self.backend.purge, now, self.purge_batch)
+            n = int(await self._guarded("purge", batch))
+            total += n
+            if n < self.purge_batch:
+                break
+            await asyncio.sleep(0)  # let other work run between batches
+        self._purged += total
+        return total
+
+    # ----------------------------------------------------------------- introspection
+
+    async def stats(self) -> dict[str, Any]:
+        total = self._hits + self._misses
+        out: dict[str, Any] = {
+            "name": self.name,
+            "backend": self.backend.name,
+            "namespace": self.namespace,
+            "hits": self._hits,
+            "misses": self._misses,
+            "hit_ratio": self._hits / total if total else 0.0,
+            "sets": self._sets,
+            "deletes": self._deletes,
+            "errors": self._errors,
+            "corrupt": self._corrupt,
+            "purged": self._purged,
+            "latency": self._lat.summary(),
+            "breaker": self.breaker.snapshot(),
+        }
+        try:
+            now = self._timer()
+            out["entries"] = await self._guarded(
+                "count", lambda: self.backend.count(self.namespace, now)
+            )
+        except TierError as exc:
+            out["entries_error"] = str(exc)
+        return out
+
+    async def close(self) -> None:
+        """Stop the purger and close the connection / pool (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._purger is not None:
+            self._purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._purger
+            self._purger = None
+        await self.backend.close()
+
+    async def __aenter__(self) -> SQLCache:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
