@@ -1,0 +1,422 @@
+"""Eviction policies for :class:`infercache.tiers.memory.MemoryCache` (private).
+
+A policy decides *which* key leaves; the cache owns the values, TTLs, weights, lock and statistics.
+The split keeps every policy small and lets the cache's hit path stay the same for all of them.
+
+Every stored entry is a ``list`` (a list literal is the cheapest mutable record CPython builds, and
+``e[4] += 1`` on it is a specialised bytecode). Its slots:
+
+====  =========  ==================================================================================
+ 0    value      the cached value
+ 1    expire     absolute expiry time on the cache's timer, or ``None`` (never expires)
+ 2    ttl        the TTL class the entry is queued under for amortised cleanup, or ``None``
+ 3    weight     its size in bytes per the weigher
+ 4    hits       bumped by the cache on every hit: the policy's reference bit / frequency source
+ 5    slot       policy-owned (segment id for tinylfu, frequency for lfu)
+ 6    mark       policy-owned (the value of ``hits`` when the policy last looked at the entry)
+====  =========  ==================================================================================
+
+Contract with the cache (all calls happen under the cache's lock):
+
+- ``insert(key, entry)`` is called for a new key right after ``data[key] = entry``.
+  It returns the key the policy evicted to stay within ``max_size`` entries (already removed from
+  the policy's own structures) or :data:`NO_KEY`. The returned key may be the new key itself: an
+  admission policy can refuse it. The cache then drops that key from ``data``.
+- ``update(key, entry)``: an existing key was overwritten; counts as an access.
+- ``remove(key, entry)``: the cache dropped the key (delete, expiry); forget it.
+- ``evict()``: choose, forget and return one victim (the cache uses it under byte pressure). Only
+  called while the policy holds at least one key.
+- ``touch``: ``None`` or a callable run with the key on every hit, *after* ``entry[4] += 1``. LRU
+  passes ``OrderedDict.move_to_end`` itself, so its hit costs one C call.
+- ``maintain``: ``None`` or a callable the cache runs every 512 hits (buffer draining).
+
+No method looks at more than a bounded or amortised-O(1) number of entries.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, Final
+
+Entry = list[Any]
+
+#: Returned by :meth:`insert` when nothing had to leave.
+NO_KEY: Final = object()
+
+# Entry slots (see the module docstring). The hot paths in memory.py use the literals.
+VALUE, EXPIRE, TTLQ, WEIGHT, HITS, SLOT, MARK = range(7)
+
+# tinylfu segments
+_WINDOW, _PROBATION, _PROTECTED = 0, 1, 2
+
+
+class LRUPolicy:
+    """Least recently used: one ``OrderedDict`` whose order is recency (oldest first)."""
+
+    name = "lru"
+
+    def __init__(self, data: dict[Hashable, Entry], max_size: int) -> None:
+        self._cap = max_size
+        self._order: OrderedDict[Hashable, None] = OrderedDict()
+        self.touch: Callable[[Hashable], None] | None = self._order.move_to_end
+        self.maintain: Callable[[], None] | None = None
+
+    def insert(self, key: Hashable, entry: Entry) -> object:
+        order = self._order
+        order[key] = None
+        if len(order) > self._cap:
+            return order.popitem(last=False)[0]
+        return NO_KEY
+
+    def update(self, key: Hashable, entry: Entry) -> None:
+        self._order.move_to_end(key)
+
+    def remove(self, key: Hashable, entry: Entry) -> None:
+        del self._order[key]
+
+    def evict(self) -> Hashable:
+        return self._order.popitem(last=False)[0]
+
+    def clear(self) -> None:
+        self._order.clear()
+
+
+class LFUPolicy:
+    """Least frequently used, ties broken by recency, O(1) per operation.
+
+    Keys sit in one ``OrderedDict`` per use count, and the counts in use form a doubly linked list
+    (``_nxt``/``_prv`` dicts with the sentinel ``0``), the classic O(1) LFU: a key moving from
+    count f to f+1 lands in the bucket right after f, and the victim is the oldest key of the first
+    bucket, with no search. Counts live in ``entry[5]`` and are forgotten when a key leaves
+    (in-cache LFU, as textbook and libCacheSim ``LFU``). A new key evicts *before* it is added,
+    otherwise it would always be its own victim (count 1 is the minimum).
+    """
+
+    name = "lfu"
+
+    def __init__(self, data: dict[Hashable, Entry], max_size: int) -> None:
+        self._data = data
+        self._cap = max_size
+        self._size = 0
+        self._buckets: dict[int, OrderedDict[Hashable, None]] = {}
+        self._nxt: dict[int, int] = {0: 0}
+        self._prv: dict[int, int] = {0: 0}
+        self.touch: Callable[[Hashable], None] | None = self._touch
+        self.maintain: Callable[[], None] | None = None
+
+    def _link_after(self, freq: int, new: int) -> OrderedDict[Hashable, None]:
+        nxt = self._nxt
+        after = nxt[freq]
+        nxt[freq] = new
+        nxt[new] = after
+        self._prv[new] = freq
+        self._prv[after] = new
+        bucket: OrderedDict[Hashable, None] = OrderedDict()
+        self._buckets[new] = bucket
+        return bucket
+
+    def _unlink(self, freq: int) -> None:
+        prev = self._prv.pop(freq)
+        after = self._nxt.pop(freq)
+        self._nxt[prev] = after
+        self._prv[after] = prev
+        del self._buckets[freq]
+
+    def _touch(self, key: Hashable) -> None:
+        entry = self._data[key]
+        freq = entry[5]
+        buckets = self._buckets
+        bucket = buckets[freq]
+        del bucket[key]
+        new = freq + 1
+        entry[5] = new
+        nxt = buckets.get(new)
+        if nxt is None:
+            nxt = self._link_after(freq, new)
+        nxt[key] = None
+        if not bucket:
+            self._unlink(freq)
+
+    def insert(self, key: Hashable, entry: Entry) -> object:
+        victim: object = NO_KEY
+        if self._size >= self._cap:
+            victim = self.evict()
+        entry[5] = 1
+        bucket = self._buckets.get(1)
+        if bucket is None:
+            bucket = self._link_after(0, 1)
+        bucket[key] = None
+        self._size += 1
+        return victim
+
+    def update(self, key: Hashable, entry: Entry) -> None:
+        self._touch(key)
+
+    def remove(self, key: Hashable, entry: Entry) -> None:
+        freq = entry[5]
+        bucket = self._buckets[freq]
+        del bucket[key]
+        self._size -= 1
+        if not bucket:
+            self._unlink(freq)
+
+    def evict(self) -> Hashable:
+        freq = self._nxt[0]
+        bucket = self._buckets[freq]
+        key = bucket.popitem(last=False)[0]
+        self._size -= 1
+        if not bucket:
+            self._unlink(freq)
+        return key
+
+    def clear(self) -> None:
+        self._buckets.clear()
+        self._nxt = {0: 0}
+        self._prv = {0: 0}
+        self._size = 0
+
+
+# bytes.translate table that halves every counter: the sketch's aging step, at C speed.
+_HALVE: Final = bytes(i >> 1 for i in range(256))
+
+
+class FrequencySketch:
+    """A count-min sketch of 4-bit counters (4 rows) with periodic halving: TinyLFU's history.
+
+    It estimates how often a key was accessed recently, including keys no longer cached, in
+    ``4 * width`` bytes. Rows are one ``bytearray`` each slice indexed by a different bit window
+    of ``hash(key)`` (str hashes are SipHash, salted per process, so callers cannot aim collisions).
+    After ``sample_size`` increments (10 x capacity, as Caffeine) every counter is halved, so old
+    popularity fades and the estimate follows drifting workloads.
+    """
+
+    __slots__ = ("_mask", "_samples", "_shift", "_table", "_width", "sample_size")
+
+    def __init__(self, capacity: int, width_factor: int = 4) -> None:
+        width = 1 << max(4, (max(1, capacity) * width_factor - 1).bit_length())
+        bits = width.bit_length() - 1
+        self._width = width
+        self._mask = width - 1
+        self._shift = max(1, (64 - bits) // 3)
+        self._table = bytearray(4 * width)
+        self._samples = 0
+        self.sample_size = 10 * max(1, capacity)
+
+    def add_all(self, keys: list[Hashable]) -> None:
+        """Count one access for each key (the order does not matter)."""
+        t = self._table
+        m = self._mask
+        w = self._width
+        s = self._shift
+        s2 = s + s
+        s3 = s2 + s
+        for key in keys:
+            h = hash(key)
+            i = h & m
+            if t[i] < 15:
+                t[i] += 1
+            i = w + ((h >> s) & m)
+            if t[i] < 15:
+                t[i] += 1
+            i = 2 * w + ((h >> s2) & m)
+            if t[i] < 15:
+                t[i] += 1
+            i = 3 * w + ((h >> s3) & m)
+            if t[i] < 15:
+                t[i] += 1
+        self._samples += len(keys)
+        if self._samples >= self.sample_size:
+            self._table = self._table.translate(_HALVE)
+            self._samples //= 2
+
+    def estimate(self, key: Hashable) -> int:
+        """Accesses of ``key`` counted (upper bound, 0..15), after aging."""
+        t = self._table
+        m = self._mask
+        w = self._width
+        s = self._shift
+        h = hash(key)
+        return min(
+            t[h & m],
+            t[w + ((h >> s) & m)],
+            t[2 * w + ((h >> (s + s)) & m)],
+            t[3 * w + ((h >> (3 * s)) & m)],
+        )
+
+    def clear(self) -> None:
+        self._table = bytearray(len(self._table))
+        self._samples = 0
+
+
+class TinyLFUPolicy:
+    """W-TinyLFU with CLOCK segments: scan resistant, and a hit costs the cache no policy call.
+
+    Layout as in Caffeine: a small admission *window* (1 % of ``max_size``) in front of a main
+    area split into *probation* (20 %) and *protected* (80 %). New keys enter the window; when it
+    overflows, its victim is a *candidate* for the main area, admitted only if the frequency
+    sketch says it was accessed more often than the main area's victim. A one-time scan therefore
+    flows through the window and is refused, while popular keys stay.
+
+    Differences from Caffeine, each for the hit path's sake (pure Python):
+
+    - The three segments are CLOCK queues (``OrderedDict`` in insertion order plus the entry's hit
+      counter as reference bit) instead of LRU lists: a hit only does ``entry[4] += 1`` in the
+      cache; promotion (probation -> protected) and second chances happen when an eviction looks
+      at the queue head.
+    - Hits reach the sketch through a buffer (``touch`` is ``list.append``), drained before every
+      admission decision and every 512 hits, so decisions use exact, current counts.
+    """
+
+    name = "tinylfu"
+
+    def __init__(
+        self,
+        data: dict[Hashable, Entry],
+        max_size: int,
+        *,
+        window: float = 0.01,
+        protected: float = 0.8,
+    ) -> None:
+        self._data = data
+        self._cap = max_size
+        self._wcap = max(1, round(max_size * window))
+        main = max_size - self._wcap
+        self._pcap = max(0, int(main * protected))
+        self._size = 0
+        self._window: OrderedDict[Hashable, None] = OrderedDict()
+        self._probation: OrderedDict[Hashable, None] = OrderedDict()
+        self._protected: OrderedDict[Hashable, None] = OrderedDict()
+        self._segments = (self._window, self._probation, self._protected)
+        self.sketch = FrequencySketch(max_size)
+        self._buf: list[Hashable] = []
+        self.touch: Callable[[Hashable], None] | None = self._buf.append
+        self.maintain: Callable[[], None] | None = self._drain
+
+    def _drain(self) -> None:
+        buf = self._buf
+        if buf:
+            self.sketch.add_all(buf)
+            buf.clear()
+
+    # -- queue heads ------------------------------------------------------------------------
+
+    def _pop_window(self) -> Hashable:
+        """Remove and return the window's CLOCK victim (referenced keys get a second chance)."""
+        window = self._window
+        data = self._data
+        while True:
+            key = next(iter(window))
+            entry = data[key]
+            if entry[4] != entry[6]:
+                entry[6] = entry[4]
+                window.move_to_end(key)
+                continue
+            del window[key]
+            return key
+
+    def _demote(self) -> None:
+        """Move protected's CLOCK victim to probation's tail."""
+        protected = self._protected
+        data = self._data
+        while True:
+            key = next(iter(protected))
+            entry = data[key]
+            if entry[4] != entry[6]:
+                entry[6] = entry[4]
+                protected.move_to_end(key)
+                continue
+            del protected[key]
+            self._probation[key] = None
+            entry[5] = _PROBATION
+            return
+
+    def _main_victim(self) -> object:
+        """The main area's victim, still in place: probation's head after promoting referenced
+        heads to protected; protected's CLOCK victim if probation is empty; NO_KEY if both are."""
+        probation = self._probation
+        protected = self._protected
+        data = self._data
+        while probation:
+            key = next(iter(probation))
+            entry = data[key]
+            if entry[4] == entry[6]:
+                return key
+            entry[6] = entry[4]
+            del probation[key]
+            protected[key] = None
+            entry[5] = _PROTECTED
+            if len(protected) > self._pcap:
+                self._demote()
+        if protected:
+            self._demote()
+            return next(iter(probation))
+        return NO_KEY
+
+    # -- policy interface -------------------------------------------------------------------
+
+    def insert(self, key: Hashable, entry: Entry) -> object:
+        buf = self._buf
+        buf.append(key)
+        self.sketch.add_all(buf)
+        buf.clear()
+        entry[5] = _WINDOW
+        entry[6] = entry[4]
+        window = self._window
+        window[key] = None
+        self._size += 1
+        if len(window) <= self._wcap:
+            if self._size <= self._cap:
+                return NO_KEY
+            return self.evict()  # window under quota after deletes; the main area pays
+        candidate = self._pop_window()
+        cand_entry = self._data[candidate]
+        if self._size <= self._cap:
+            self._probation[candidate] = None
+            cand_entry[5] = _PROBATION
+            cand_entry[6] = cand_entry[4]
+            return NO_KEY
+        victim = self._main_victim()
+        self._size -= 1
+        if victim is NO_KEY:
+            return candidate
+        sketch = self.sketch
+        if sketch.estimate(candidate) > sketch.estimate(victim):
+            vseg = self._data[victim][5]
+            del self._segments[vseg][victim]
+            self._probation[candidate] = None
+            cand_entry[5] = _PROBATION
+            cand_entry[6] = cand_entry[4]
+            return victim
+        return candidate
+
+    def update(self, key: Hashable, entry: Entry) -> None:
+        entry[4] += 1
+        self._buf.append(key)
+
+    def remove(self, key: Hashable, entry: Entry) -> None:
+        del self._segments[entry[5]][key]
+        self._size -= 1
+
+    def evict(self) -> Hashable:
+        victim = self._main_victim()
+        if victim is NO_KEY:
+            victim = self._pop_window()
+        else:
+            del self._segments[self._data[victim][5]][victim]
+        self._size -= 1
+        return victim
+
+    def clear(self) -> None:
+        for segment in self._segments:
+            segment.clear()
+        self._buf.clear()
+        self.sketch.clear()
+        self._size = 0
+
+
+POLICIES: Final[dict[str, Callable[[dict[Hashable, Entry], int], Any]]] = {
+    "lru": LRUPolicy,
+    "lfu": LFUPolicy,
+    "tinylfu": TinyLFUPolicy,
+}
