@@ -18,9 +18,6 @@ from infercache import __version__
 from infercache.config import FIELDS, Settings, load_settings
 from infercache.errors import ConfigError, InfercacheError
 
-#: Environment variable through which ``serve`` hands the validated settings to uvicorn workers.
-SETTINGS_ENV = "INFERCACHE_SERVE_SETTINGS_JSON"
-
 # setting name -> (flag, help); the type and default come from config.Settings.
 _SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "host": ("--host", "interface to bind (default 127.0.0.1)"),

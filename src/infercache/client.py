@@ -1,0 +1,281 @@
+"""Async Python client for an infercache server: HTTP and WebSocket predictions, models, admin.
+
+::
+
+    async with InfercacheClient("http://127.0.0.1:8000") as client:
+        result = await client.predict("mlp", [0.0] * 784)            # over HTTP
+        result = await client.predict("mlp", [0.0] * 784, transport="ws")
+        results = await asyncio.gather(*(client.predict("mlp", x, transport="ws") for x in xs))
+
+Over WebSocket the client keeps one connection, gives every request an id and matches answers by
+id as they arrive, so many requests share the connection without waiting for each other (the
+user's ``RealTimeAIClient`` sent one request and waited for its answer before the next). Server
+errors come back as :class:`ServerError` carrying the stable ``code``, whatever the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from infercache.errors import InfercacheError
+
+
+class ServerError(InfercacheError):
+    """The server answered with an error: ``code`` (stable), ``status`` (HTTP, or None for WS)."""
+
+    def __init__(self, code: str, message: str, status: int | None = None,
+                 retry_after: float | None = None) -> None:  # fmt: skip
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        if status is not None:
+            self.http_status = status
+
+
+def _dumps(obj: Any) -> bytes:
+    def default(o: Any) -> Any:
+        tolist = getattr(o, "tolist", None)
+        if callable(tolist):
+            return tolist()
+        raise TypeError(f"cannot encode {type(o).__name__}")
+
+    return orjson.dumps(obj, default=default, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class WSConnection:
+    """One WebSocket to ``/v1/ws`` with id-matched requests and topic subscriptions."""
+
+    def __init__(self, ws: Any, *, event_queue: int = 1024) -> None:
+        self._ws = ws
+        self._ids = itertools.count(1)
+        self._pending: dict[Any, asyncio.Future[dict[str, Any]]] = {}
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(event_queue)
+        self._reader = asyncio.create_task(self._read(), name="infercache-client-ws")
+        self.dropped = 0  # events the server reported dropped for this (slow) connection
+        self.closed_reason: str | None = None
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self._ws:
+                msg = orjson.loads(raw)
+                kind = msg.get("type")
+                if kind in ("event", "dropped"):
+                    if kind == "dropped":
+                        self.dropped += int(msg.get("count", 0))
+                    with contextlib.suppress(asyncio.QueueFull):
+                        self._events.put_nowait(msg)
+                    continue
+                fut = self._pending.pop(msg.get("id"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+        except Exception as exc:  # connection closed: fail everyone still waiting
+            self.closed_reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError(self.closed_reason or "websocket closed"))
+            self._pending.clear()
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send ``message`` with a fresh id and return the answer with that id (raw dict)."""
+        msg_id = next(self._ids)
+        message = {**message, "id": msg_id}
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = fut
+        try:
+            await self._ws.send(_dumps(message).decode())
+            return await fut
+        finally:
+            self._pending.pop(msg_id, None)
+
+    async def predict(self, model: str, input: Any, *, use_cache: bool = True) -> dict[str, Any]:
+        """One prediction; raises :class:`ServerError` on an error answer."""
+        msg: dict[str, Any] = {"type": "predict", "model": model, "input": input}
+        if not use_cache:
+            msg["use_cache"] = False
+        answer = await self.request(msg)
+        if answer.get("type") == "error":
+            raise ServerError(answer.get("code", "error"), answer.get("message", ""))
+        return answer
+
+    async def ping(self) -> dict[str, Any]:
+        return await self.request({"type": "ping"})
+
+    async def subscribe(self, topic: str) -> dict[str, Any]:
+        return await self.request({"type": "subscribe", "topic": topic})
+
+    async def unsubscribe(self, topic: str) -> dict[str, Any]:
+        return await self.request({"type": "unsubscribe", "topic": topic})
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Broadcast events (and ``dropped`` notices) as they arrive, until the socket closes."""
+        while True:
+            if self._reader.done() and self._events.empty():
+                return
+            get = asyncio.create_task(self._events.get())
+            done, _ = await asyncio.wait({get, self._reader}, return_when=asyncio.FIRST_COMPLETED)
+            if get in done:
+                yield get.result()
+            else:
+                get.cancel()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(BaseException):
+            await self._reader
+
+
+class InfercacheClient:
+    """Async client. ``token`` is sent as a bearer token on prediction requests (``--api-token``);
+    admin calls take their own token."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, token: str | None = None,
+                 timeout: float = 30.0, max_connections: int = 100) -> None:  # fmt: skip
+        import httpx
+
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=timeout,
+            headers=headers,
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+        )  # fmt: skip
+        self._ws: WSConnection | None = None
+        self._ws_lock = asyncio.Lock()
+
+    async def __aenter__(self) -> InfercacheClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+            self._ws = None
+        await self._http.aclose()
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    async def _request(self, method: str, path: str, *, body: Any = None,
+                       token: str | None = None) -> Any:  # fmt: skip
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        content = None if body is None else _dumps(body)
+        resp = await self._http.request(method, path, content=content, headers=headers)
+        data = orjson.loads(resp.content) if resp.content else None
+        if resp.status_code >= 400:
+            err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
+            retry = resp.headers.get("retry-after")
+            raise ServerError(
+                err.get("code", "http_error"),
+                err.get("message", resp.reason_phrase),
+                resp.status_code,
+                float(retry) if retry else None,
+            )
+        return data
+
+    async def predict(self, model: str, input: Any, *, transport: str = "http",
+                      use_cache: bool = True) -> dict[str, Any]:  # fmt: skip
+        """One prediction: ``{"output", "cached", "tier", "model_version", ...}``."""
+        if transport == "ws":
+            ws = await self.ws()
+            return await ws.predict(model, input, use_cache=use_cache)
+        if transport != "http":
+            raise ValueError("transport must be 'http' or 'ws'")
+        body: dict[str, Any] = {"input": input}
+        if not use_cache:
+            body["use_cache"] = False
+        result: dict[str, Any] = await self._request(
+            "POST", f"/v1/models/{model}/predict", body=body
+        )
+        return result
+
+    async def predict_many(self, model: str, inputs: list[Any], *,
+                           use_cache: bool = True) -> dict[str, Any]:  # fmt: skip
+        """Several inputs in one HTTP request: ``{"outputs", "cached", "tier", ...}``."""
+        body: dict[str, Any] = {"inputs": inputs}
+        if not use_cache:
+            body["use_cache"] = False
+        result: dict[str, Any] = await self._request(
+            "POST", f"/v1/models/{model}/predict", body=body
+        )
+        return result
+
+    async def models(self) -> list[dict[str, Any]]:
+        data = await self._request("GET", "/v1/models")
+        models: list[dict[str, Any]] = data["models"]
+        return models
+
+    async def health(self) -> bool:
+        try:
+            await self._request("GET", "/healthz")
+        except (ServerError, OSError):
+            return False
+        return True
+
+    async def ready(self) -> bool:
+        try:
+            await self._request("GET", "/readyz")
+        except ServerError:
+            return False
+        return True
+
+    async def stats(self, token: str | None = None) -> dict[str, Any]:
+        """Admin: cache, batcher and latency statistics."""
+        result: dict[str, Any] = await self._request("GET", "/v1/cache/stats", token=token)
+        return result
+
+    async def invalidate(self, *, token: str | None = None, all: bool = False,
+                         model: str | None = None, version: str | None = None,
+                         key: str | None = None, input: Any = None,
+                         has_input: bool | None = None) -> dict[str, Any]:  # fmt: skip
+        """Admin: invalidate ``all``, one ``key``, a ``model`` (one ``version``), or one ``input``
+        of a model (``has_input`` lets you invalidate the input ``None`` itself)."""
+        body: dict[str, Any] = {}
+        if all:
+            body["all"] = True
+        if model is not None:
+            body["model"] = model
+        if version is not None:
+            body["version"] = version
+        if key is not None:
+            body["key"] = key
+        if has_input or (has_input is None and input is not None):
+            body["input"] = input
+        result: dict[str, Any] = await self._request(
+            "POST", "/v1/cache/invalidate", body=body, token=token
+        )
+        return result
+
+    # -- WebSocket ---------------------------------------------------------------------------
+
+    async def ws(self) -> WSConnection:
+        """The shared WebSocket connection (opened on first use)."""
+        async with self._ws_lock:
+            if self._ws is None or self._ws._reader.done():
+                self._ws = await self.connect_ws()
+            return self._ws
+
+    async def connect_ws(self) -> WSConnection:
+        """A new, separate WebSocket connection (the caller closes it)."""
+        import websockets
+
+        url = "ws" + self.base_url[len("http") :] + "/v1/ws"
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        ws = await websockets.connect(url, additional_headers=headers, max_size=2**24)
+        return WSConnection(ws)

@@ -1,0 +1,185 @@
+"""``create_app``: the FastAPI application, and :func:`run` behind ``infercache serve``.
+
+``create_app`` takes either ready-made Predictors (embedding, tests) or
+:class:`~infercache.config.Settings` (the CLI), in which case the models and cache tiers are built
+when the app starts. Start-up then warms each model up in the background: ``/healthz`` answers at
+once, ``/readyz`` only after the warm-up (and ``gc.freeze()``) finished and the tiers answer, which
+is what a load balancer should wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from infercache import __version__
+from infercache.config import Settings, build_settings
+from infercache.server.errors import install_error_handlers
+from infercache.server.routes import router
+from infercache.server.service import Service, build_service, service_from_predictors
+from infercache.server.ws import websocket_endpoint
+
+log = logging.getLogger("infercache.server")
+
+#: Environment variable carrying the validated settings to uvicorn worker processes.
+SETTINGS_ENV = "INFERCACHE_SERVE_SETTINGS_JSON"
+
+
+class _MetricsMiddleware:
+    """Pure ASGI middleware (no BaseHTTPMiddleware task hop): counts requests by route template
+    and status and observes their latency. Labels use the route template
+    (``/v1/models/{name}/predict``), never the raw path, so clients cannot blow up cardinality."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            app = scope.get("app")
+            service = getattr(getattr(app, "state", None), "service", None)
+            if service is not None:
+                service.metrics.observe_request(path, status, time.perf_counter() - start)
+                if status >= 400:
+                    service.metrics.errors.labels(str(status)).inc()
+
+
+def create_app(
+    predictors: Mapping[str, Any] | Sequence[Any] | Settings | None = None,
+    *,
+    settings: Settings | None = None,
+    cache: Any = None,
+    monitor: Any = None,
+    banner: bool = False,
+) -> FastAPI:
+    """The infercache FastAPI app.
+
+    Args:
+        predictors: a mapping name -> :class:`~infercache.predictor.Predictor`, a sequence of them
+            (named after their runners), or Settings (models and tiers built at start-up). None
+            means default Settings: the demo MLP over L1 + SQLite.
+        settings: limits, auth and WebSocket policy when ``predictors`` are given.
+        cache: the cache behind the predictors, for stats, invalidation and readiness (defaults to
+            the first predictor's ``cache``).
+        monitor: a LatencyMonitor to report in stats.
+        banner: print where the server listens and what it serves once started.
+    """
+    if isinstance(predictors, Settings):
+        settings, predictors = predictors, None
+    settings = settings or Settings()
+    given = predictors
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if given is None:
+            service = await build_service(settings)
+        else:
+            service = service_from_predictors(given, settings, cache=cache, monitor=monitor)
+        app.state.service = service
+        warm = asyncio.create_task(service.warm_up(), name="infercache-warmup")
+        if banner:
+            _print_banner(service)
+        try:
+            yield
+        finally:
+            warm.cancel()
+            with contextlib.suppress(BaseException):
+                await warm
+            await service.close()
+
+    app = FastAPI(
+        title="infercache",
+        version=__version__,
+        description="Cached, batched model predictions over HTTP and WebSocket.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_api_websocket_route("/v1/ws", websocket_endpoint)
+    app.add_middleware(_MetricsMiddleware)
+    return app
+
+
+def _print_banner(service: Service) -> None:
+    s = service.settings
+    models = ", ".join(f"{n} (version {e.version or '?'})" for n, e in service.models.items())
+    tiers = [type(t).__name__ for t in (getattr(service.cache, "tiers", None) or [])]
+    lines = [
+        f"infercache {__version__} (pid {os.getpid()}): serving {models}",
+        f"  cache tiers: {' -> '.join(tiers) or 'none'}"
+        + (f"; L3 {s.redacted()['sql_url']}" if s.sql_url else ""),
+        f"  predict: POST http://{s.host}:{s.port}/v1/models/<name>/predict  "
+        f"websocket: ws://{s.host}:{s.port}/v1/ws",
+        f"  docs: http://{s.host}:{s.port}/docs  dashboard: /dashboard  metrics: /metrics",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for ``infercache serve``: settings come from :data:`SETTINGS_ENV`.
+
+    With ``--workers N`` uvicorn imports the app in each worker process by name, so the validated
+    settings travel through the environment rather than being re-parsed from flags.
+    """
+    raw = os.environ.get(SETTINGS_ENV)
+    settings = build_settings(json.loads(raw)) if raw else Settings()
+    return create_app(settings, banner=True)
+
+
+def run(settings: Settings) -> None:
+    """Run uvicorn with ``settings`` (blocking). uvloop and httptools are used when installed."""
+    import uvicorn
+
+    os.environ[SETTINGS_ENV] = json.dumps(settings.to_dict())
+    loop = "uvloop" if _has("uvloop") else "asyncio"
+    http = "httptools" if _has("httptools") else "h11"
+    print(
+        f"infercache {__version__}: listening on http://{settings.host}:{settings.port} "
+        f"({settings.workers} worker{'s' if settings.workers > 1 else ''}, loop={loop}, "
+        f"http={http})",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        "infercache.server.app:app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop=loop,
+        http=http,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

@@ -1,0 +1,181 @@
+"""Prometheus metrics for the server (``GET /metrics``).
+
+Each app owns its own :class:`~prometheus_client.CollectorRegistry`, so that several apps in one
+process (tests, embedding) never share or collide on counters. Per-request metrics are updated on
+the hot path through pre-bound label children (a dict lookup, not ``labels()`` every time). Gauges
+that already live elsewhere -- batch-size histograms and queue depth in each DynamicBatcher, the L1
+cache's counters -- are read at scrape time by a custom collector instead of being mirrored on every
+request, which would double the bookkeeping for numbers nobody reads between scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Sub-millisecond resolution: cached answers take tens of microseconds, computed ones milliseconds.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+_BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class _RuntimeCollector(Collector):
+    """Reads batcher and L1 statistics when Prometheus scrapes."""
+
+    def __init__(self, sources: Callable[[], Mapping[str, Any]]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterable[Metric]:
+        sources = self._sources()
+        batchers: Mapping[str, Any] = sources.get("batchers", {})
+        queue = GaugeMetricFamily(
+            "infercache_queue_depth", "Items waiting in the model batcher", labels=["model"]
+        )
+        busy = GaugeMetricFamily(
+            "infercache_batcher_busy_workers", "Batcher workers computing now", labels=["model"]
+        )
+        rejected = CounterMetricFamily(
+            "infercache_batcher_rejected", "Items refused because the queue was full",
+            labels=["model"],
+        )  # fmt: skip
+        sizes = HistogramMetricFamily(
+            "infercache_batch_size", "Items per model batch", labels=["model"]
+        )
+        for model, batcher in batchers.items():
+            if batcher is None:
+                continue
+            try:
+                stats = batcher.stats()
+            except Exception:  # a metrics scrape must never fail because of one source
+                continue
+            queue.add_metric([model], float(stats.get("queued", 0)))
+            busy.add_metric([model], float(stats.get("busy_workers", 0)))
+            rejected.add_metric([model], float(stats.get("rejected", 0)))
+            hist: Mapping[int, int] = stats.get("batch_sizes", {})
+            buckets: list[tuple[str, float]] = []
+            total_sum = 0.0
+            for bound in _BATCH_BUCKETS:
+                buckets.append((str(bound), float(sum(n for s, n in hist.items() if s <= bound))))
+            count = float(sum(hist.values()))
+            buckets.append(("+Inf", count))
+            total_sum = float(sum(s * n for s, n in hist.items()))
+            sizes.add_metric([model], buckets, total_sum)
+        yield queue
+        yield busy
+        yield rejected
+        yield sizes
+
+        l1 = sources.get("l1")
+        if l1 is not None:
+            try:
+                stats = l1.stats()
+            except Exception:
+                stats = {}
+            for key in ("hits", "misses", "evictions", "expirations"):
+                if key in stats:
+                    c = CounterMetricFamily(f"infercache_l1_{key}", f"L1 cache {key}")
+                    c.add_metric([], float(stats[key]))
+                    yield c
+            for key in ("size", "bytes"):
+                if key in stats and stats[key] is not None:
+                    g = GaugeMetricFamily(f"infercache_l1_{key}", f"L1 cache {key}")
+                    g.add_metric([], float(stats[key]))
+                    yield g
+
+
+class ServerMetrics:
+    """The server's metrics, with cheap hot-path helpers."""
+
+    def __init__(self, sources: Callable[[], Mapping[str, Any]] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "infercache_http_requests", "HTTP requests by route and status",
+            ["route", "status"], registry=r,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "infercache_http_request_duration_seconds", "HTTP request latency by route",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.stage_seconds = Histogram(
+            "infercache_stage_duration_seconds", "Hot-path stage durations (decode, key, cache, "
+            "queue, compute, write)", ["stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.predictions = Counter(
+            "infercache_predictions", "Predictions by model and serving tier "
+            "(l1, redis, sqlite, ..., coalesced, computed)", ["model", "tier"], registry=r,
+        )  # fmt: skip
+        self.errors = Counter("infercache_errors", "Error responses by code", ["code"], registry=r)
+        self.ws_connections = Gauge(
+            "infercache_ws_connections", "Open WebSocket connections", registry=r
+        )
+        self.ws_messages = Counter(
+            "infercache_ws_messages", "WebSocket messages received by type", ["type"], registry=r
+        )
+        self.ws_dropped = Counter(
+            "infercache_ws_dropped", "Broadcast messages dropped for slow subscribers", registry=r
+        )
+        self.ws_disconnected = Counter(
+            "infercache_ws_slow_disconnects", "Subscribers disconnected for being slow", registry=r
+        )
+        if sources is not None:
+            r.register(_RuntimeCollector(sources))
+        self._req_children: dict[tuple[str, int], Any] = {}
+        self._lat_children: dict[str, Any] = {}
+        self._stage_children: dict[str, Any] = {}
+        self._pred_children: dict[tuple[str, str], Any] = {}
+        #: Plain counters mirrored for the dashboard (reading prometheus values needs private API).
+        self.prediction_counts: dict[tuple[str, str], int] = {}
+        self.status_counts: dict[int, int] = {}
+        self.ws_open = 0
+
+    def ws_opened(self) -> None:
+        self.ws_open += 1
+        self.ws_connections.inc()
+
+    def ws_closed(self) -> None:
+        self.ws_open -= 1
+        self.ws_connections.dec()
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        child = self._req_children.get(key)
+        if child is None:
+            child = self._req_children[key] = self.requests.labels(route, str(status))
+        child.inc()
+        self.status_counts[status] = self.status_counts.get(status, 0) + 1
+        lat = self._lat_children.get(route)
+        if lat is None:
+            lat = self._lat_children[route] = self.request_seconds.labels(route)
+        lat.observe(seconds)
+
+    def observe_prediction(
+        self, model: str, tier: str | None, timings: Mapping[str, float]
+    ) -> None:
+        key = (model, tier or "computed")
+        child = self._pred_children.get(key)
+        if child is None:
+            child = self._pred_children[key] = self.predictions.labels(*key)
+        child.inc()
+        self.prediction_counts[key] = self.prediction_counts.get(key, 0) + 1
+        for stage, seconds in timings.items():
+            st = self._stage_children.get(stage)
+            if st is None:
+                st = self._stage_children[stage] = self.stage_seconds.labels(stage)
+            st.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
