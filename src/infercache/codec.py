@@ -42,21 +42,40 @@ _MIN_SECRET = 16
 _hdr = struct.Struct("<B")
 
 
-def _pack_array(arr: np.ndarray) -> msgpack.ExtType:
-    if arr.dtype.kind not in _ARRAY_KINDS:
-        raise EncodeError(f"cannot encode a numpy array of dtype {arr.dtype}")
+def _array_payload(arr: np.ndarray) -> bytes:
+    """dtype string, shape and raw bytes in one flat buffer (one copy, nothing nested to parse)."""
+    dtype = arr.dtype
+    if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None:
+        raise EncodeError(f"cannot encode a numpy array of dtype {dtype}")
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
-    payload = msgpack.packb([arr.dtype.str, list(arr.shape), arr.data], use_bin_type=True)
-    return msgpack.ExtType(_EXT_ARRAY, payload)
+    dstr = dtype.str.encode("ascii")
+    shape = arr.shape
+    header = struct.pack(f"<B{len(dstr)}sB{len(shape)}Q", len(dstr), dstr, len(shape), *shape)
+    return header + arr.tobytes()
+
+
+def _pack_array(arr: np.ndarray) -> msgpack.ExtType:
+    return msgpack.ExtType(_EXT_ARRAY, _array_payload(arr))
+
+
+def _ext_frame(code: int, payload: bytes) -> bytes:
+    """msgpack's ext framing written directly, so a top-level array is encoded in one join."""
+    n = len(payload)
+    if n < 0x100:
+        head = struct.pack("<BBb", 0xC7, n, code)
+    elif n < 0x10000:
+        head = struct.pack(">BHb", 0xC8, n, code)
+    else:
+        head = struct.pack(">BIb", 0xC9, n, code)
+    return b"\x01" + head + payload
 
 
 def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return _pack_array(obj)
     if isinstance(obj, np.generic):
-        ext = _pack_array(np.asarray(obj))
-        return msgpack.ExtType(_EXT_SCALAR, ext.data)
+        return msgpack.ExtType(_EXT_SCALAR, _array_payload(np.asarray(obj)))
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
         return _pack_array(obj.detach().cpu().numpy())
@@ -67,27 +86,29 @@ def _default(obj: Any) -> Any:
     )
 
 
-def _unpack_array(data: bytes) -> np.ndarray:
-    fields = msgpack.unpackb(data, raw=False, use_list=True)
-    if not (isinstance(fields, list) and len(fields) == 3):
-        raise DecodeError("malformed array payload")
-    dtype_str, shape, buf = fields
-    if not isinstance(dtype_str, str) or not isinstance(shape, list) or not isinstance(buf, bytes):
-        raise DecodeError("malformed array payload")
+def _unpack_array(data: bytes | memoryview) -> np.ndarray:
     try:
-        dtype = np.dtype(dtype_str)
+        dlen = data[0]
+        dstr = bytes(data[1 : 1 + dlen]).decode("ascii")
+        ndim = data[1 + dlen]
+        offset = 2 + dlen + 8 * ndim
+        shape = struct.unpack_from(f"<{ndim}Q", data, 2 + dlen)
+    except (IndexError, UnicodeDecodeError, struct.error) as exc:
+        raise DecodeError("malformed array payload") from exc
+    try:
+        dtype = np.dtype(dstr)
     except TypeError as exc:
-        raise DecodeError(f"unknown array dtype {dtype_str!r}") from exc
+        raise DecodeError(f"unknown array dtype {dstr!r}") from exc
     if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-        raise DecodeError(f"array dtype {dtype_str!r} is not allowed")
-    if not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 32:
+        raise DecodeError(f"array dtype {dstr!r} is not allowed")
+    if ndim > 32:
         raise DecodeError("malformed array shape")
     count = 1
     for d in shape:
         count *= d
-    if count * dtype.itemsize != len(buf):
+    if count * dtype.itemsize != len(data) - offset:
         raise DecodeError("array payload size does not match its dtype and shape")
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
@@ -131,6 +152,8 @@ class Codec:
 
     def encode(self, value: Any) -> bytes:
         """Return the bytes of ``value``; raises ``EncodeError`` for a type the codec can't hold."""
+        if type(value) is np.ndarray:  # the common prediction: one array, framed by hand
+            return _ext_frame(_EXT_ARRAY, _array_payload(value))
         try:
             body = msgpack.packb(value, default=self._packer_default, use_bin_type=True)
         except EncodeError:
@@ -153,6 +176,12 @@ class Codec:
             raise DecodeError("empty payload")
         fmt = data[0]
         if fmt == _FORMAT_MSGPACK:
+            if len(data) > 6 and data[1] == 0xC9 and data[6] == _EXT_ARRAY:
+                # A big top-level array: read it in place, without msgpack copying the payload.
+                (size,) = struct.unpack_from(">I", data, 2)
+                if size != len(data) - 7:
+                    raise DecodeError("truncated or padded array payload")
+                return _unpack_array(memoryview(data)[7:])
             try:
                 return msgpack.unpackb(
                     data[1:], raw=False, ext_hook=_ext_hook, strict_map_key=False, use_list=True
