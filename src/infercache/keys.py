@@ -94,7 +94,7 @@ def fingerprint(obj: Any, *, namespace: str = "", algorithm: str = DEFAULT_ALGOR
         arr, header = _array_parts(obj)
         if algorithm == "blake3" and arr.nbytes >= _PARALLEL_BYTES:
             # BLAKE3's tree hashing splits big buffers (images) over cores.
-            hasher = blake3.blake3(prefix + header, max_threads=blake3.blake3.AUTO)
+            hasher: _Hasher = blake3.blake3(prefix + header, max_threads=blake3.blake3.AUTO)
         else:
             hasher = new_hasher(prefix + header)
         if arr.size:
