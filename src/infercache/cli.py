@@ -161,7 +161,10 @@ async def _cache_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``infercache`` command; returns the process exit code."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: return the code, don't exit
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
         if args.command == "serve":
             return _serve(args)
@@ -171,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_from_args(args)
         if args.command == "cache":
             if not args.cache_command:
-                parser.parse_args(["cache", "--help"])
+                print("infercache cache: give an action: stats or invalidate", file=sys.stderr)
+                return 2
             return asyncio.run(_cache_command(args))
     except ConfigError as exc:
         print(f"infercache: invalid configuration: {exc}", file=sys.stderr)

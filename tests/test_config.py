@@ -1,0 +1,129 @@
+"""Settings: precedence (flags > env > file > defaults), parsing and validation messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infercache.config import Settings, load_settings, parse_model_spec
+from infercache.errors import ConfigError
+
+
+def _toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "infercache.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_serve_the_embedded_setup() -> None:
+    s = load_settings(env={})
+    assert s == Settings()
+    assert (s.host, s.port, s.redis_url) == ("127.0.0.1", 8000, None)
+    assert s.sql_url == "sqlite:///infercache.db"
+    assert s.models == ()
+
+
+def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "port = 7000\nmax_batch_size = 8\nl1_size = 5\nhost = '0.0.0.0'\n")
+    env = {"INFERCACHE_PORT": "7100", "INFERCACHE_MAX_BATCH_SIZE": "16"}
+    s = load_settings({"port": 7200, "host": None}, env=env, config_file=path)
+    assert s.port == 7200  # flag
+    assert s.max_batch_size == 16  # env over file
+    assert s.l1_size == 5  # file over default
+    assert s.host == "0.0.0.0"  # a None flag does not mask the file
+    assert s.max_queue == Settings().max_queue  # default
+
+
+def test_config_file_from_env_and_infercache_table(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "[infercache]\nmodels = ['a=demo', 'b=pkg.mod:make']\nwarmup = false\n")
+    s = load_settings(env={"INFERCACHE_CONFIG": str(path)})
+    assert s.models == ("a=demo", "b=pkg.mod:make")
+    assert s.warmup is False
+
+
+def test_env_parsing_of_types() -> None:
+    env = {
+        "INFERCACHE_MODELS": "x=demo, y=model.onnx",
+        "INFERCACHE_CACHE_TTL": "2.5",
+        "INFERCACHE_GC_FREEZE": "no",
+        "INFERCACHE_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "INFERCACHE_SQL_URL": "none",
+        "INFERCACHE_UNRELATED": "ignored",
+    }
+    s = load_settings(env=env)
+    assert s.models == ("x=demo", "y=model.onnx")
+    assert s.cache_ttl == 2.5
+    assert s.gc_freeze is False
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.sql_url is None
+
+
+@pytest.mark.parametrize(
+    ("source", "setting"),
+    [
+        ({"port": "http"}, "port"),
+        ({"port": 70000}, "port"),
+        ({"workers": 0}, "workers"),
+        ({"max_batch_size": -1}, "max_batch_size"),
+        ({"max_wait_ms": "soon"}, "max_wait_ms"),
+        ({"cache_ttl": "nan"}, "cache_ttl"),
+        ({"l1_policy": "random"}, "l1_policy"),
+        ({"write_policy": "sideways"}, "write_policy"),
+        ({"ws_slow_consumer": "block"}, "ws_slow_consumer"),
+        ({"redis_url": "http://x"}, "redis_url"),
+        ({"sql_url": "mysql://x"}, "sql_url"),
+        ({"admin_token": "short"}, "admin_token"),
+        ({"models": ["nocolon"]}, "models"),
+        ({"models": ["a=demo", "a=demo"]}, "models"),
+        ({"models": ["bad name=demo"]}, "models"),
+        ({"warmup": "maybe"}, "warmup"),
+        ({"max_body_bytes": True}, "max_body_bytes"),
+    ],
+)
+def test_invalid_settings_name_the_setting(source: dict[str, object], setting: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{setting}'"):
+        load_settings(source, env={})
+
+
+def test_invalid_env_value_names_the_setting() -> None:
+    with pytest.raises(ConfigError, match="'max_queue'"):
+        load_settings(env={"INFERCACHE_MAX_QUEUE": "lots"})
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown setting 'prot'"):
+        load_settings(env={}, config_file=_toml(tmp_path, "prot = 1\n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(env={}, config_file=_toml(tmp_path, "port = \n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(env={}, config_file=tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="'port'"):
+        load_settings(env={}, config_file=_toml(tmp_path, "port = 'eighty'\n"))
+
+
+def test_model_specs() -> None:
+    assert parse_model_spec("demo") == (None, "demo")
+    assert parse_model_spec("m=pkg.mod:factory") == ("m", "pkg.mod:factory")
+    assert parse_model_spec("net=/models/net.onnx") == ("net", "/models/net.onnx")
+    assert parse_model_spec("/models/script.pt") == (None, "/models/script.pt")
+    for bad in ("", "=demo", "m=", "pkg.mod", "m=pkg:"):
+        with pytest.raises(ConfigError):
+            parse_model_spec(bad)
+
+
+def test_redacted_hides_secrets() -> None:
+    s = load_settings(
+        {
+            "admin_token": "s3cret-token",
+            "redis_url": "redis://user:pw@127.0.0.1:6379/0",
+            "sql_url": "postgresql://app:hunter2@db/x",
+        },
+        env={},
+    )
+    shown = s.redacted()
+    assert shown["admin_token"] == "***"
+    assert "pw" not in shown["redis_url"] and "hunter2" not in shown["sql_url"]
+    assert s.replace(port=9000).port == 9000
+    with pytest.raises(ConfigError):
+        s.replace(port=-1)
