@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "BinaryMissing",
@@ -434,3 +435,25 @@ class PostgresServer:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+async def wait_until(cond: Any, limit: float = 10.0) -> None:
+    """Poll a condition (sync or async callable) until it holds.
+
+    Tests wait for effects that happen in the background (a pub/sub message, a flush, a server
+    coming back) this way; ``limit`` only turns a hang into a failure, it asserts no timing.
+    """
+    import asyncio
+    import inspect
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while True:
+        res = cond()
+        if inspect.isawaitable(res):
+            res = await res
+        if res:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"condition {cond!r} not reached within {limit} s")
+        await asyncio.sleep(0.005)

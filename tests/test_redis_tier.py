@@ -1,0 +1,306 @@
+"""RedisCache against a real redis-server (standalone and a 3-master cluster)."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from infercache.errors import ConfigError, TierError, TierUnavailable
+from infercache.tiers.base import AsyncTier, Coordinator
+from infercache.tiers.redis import RedisCache
+
+try:
+    from servers import wait_until
+except ImportError:  # pragma: no cover
+    from tests.servers import wait_until  # type: ignore[no-redef]
+
+
+@pytest.fixture
+async def cache(redis_url: str) -> AsyncIterator[RedisCache]:
+    c = RedisCache(redis_url, namespace="t")
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    r = aioredis.Redis.from_url(redis_url)
+    yield r
+    await r.aclose()
+
+
+async def test_implements_protocols(cache: RedisCache) -> None:
+    assert isinstance(cache, AsyncTier)
+    assert isinstance(cache, Coordinator)
+
+
+async def test_set_get_delete_roundtrip(cache: RedisCache, raw: aioredis.Redis) -> None:
+    arr = np.arange(6, dtype=np.int32).reshape(2, 3)
+    value = {"label": "cat", "scores": [0.9, 0.1], "arr": arr}
+    await cache.set("k", value)
+    got = await cache.get("k")
+    assert got["label"] == "cat" and got["scores"] == [0.9, 0.1]
+    assert got["arr"].dtype == np.int32 and got["arr"].shape == (2, 3)
+    assert await raw.exists("t:k") == 1  # stored under the namespace
+    assert await cache.exists("k")
+    assert await cache.delete("k") is True
+    assert await cache.delete("k") is False
+    assert await cache.get("k") is None
+    assert not await cache.exists("k")
+
+
+async def test_none_is_never_stored(cache: RedisCache) -> None:
+    await cache.set("n", None)
+    assert not await cache.exists("n")
+
+
+async def test_get_many_and_set_many(cache: RedisCache) -> None:
+    await cache.set_many({f"k{i}": i for i in range(40)})
+    got = await cache.get_many([f"k{i}" for i in range(50)] + ["k1"])
+    assert got == {f"k{i}": i for i in range(40)}
+    assert await cache.get_many([]) == {}
+    assert await cache.delete_many([f"k{i}" for i in range(10)]) == 10
+    assert len(await cache.get_many([f"k{i}" for i in range(40)])) == 30
+
+
+async def test_ttl_default_explicit_and_expire(redis_url: str) -> None:
+    c = RedisCache(redis_url, namespace="t", ttl=100)
+    try:
+        await c.set("d", 1)
+        await c.set("e", 2, ttl=5)
+        rem_d, rem_e = await c.ttl("d"), await c.ttl("e")
+        assert rem_d is not None and 5 < rem_d <= 100
+        assert rem_e is not None and 0 < rem_e <= 5
+        with pytest.raises(KeyError):
+            await c.ttl("absent")
+        assert await c.expire("d", 1000)
+        rem = await c.ttl("d")
+        assert rem is not None and rem > 100
+        assert not await c.expire("absent", 10)
+        with_ttl = await c.get_many_with_ttl(["d", "e", "absent"])
+        assert set(with_ttl) == {"d", "e"}
+        assert with_ttl["e"][0] == 2 and 0 < (with_ttl["e"][1] or 0) <= 5
+        with pytest.raises(ConfigError):
+            await c.set("x", 1, ttl=0)
+        with pytest.raises(ConfigError):
+            await c.set("x", 1, ttl=float("nan"))
+    finally:
+        await c.close()
+
+
+async def test_no_ttl_means_no_expiry(cache: RedisCache) -> None:
+    await cache.set("p", "v")
+    assert await cache.ttl("p") is None
+    assert (await cache.get_many_with_ttl(["p"]))["p"] == ("v", None)
+
+
+async def test_entries_expire(cache: RedisCache) -> None:
+    await cache.set("short", 1, ttl=0.02)
+
+    async def gone() -> bool:
+        return await cache.get("short") is None
+
+    await wait_until(gone)
+
+
+async def test_clear_removes_only_its_namespace(redis_url: str, raw: aioredis.Redis) -> None:
+    a = RedisCache(redis_url, namespace="a")
+    b = RedisCache(redis_url, namespace="b")
+    star = RedisCache(redis_url, namespace="a*")  # glob characters must be escaped
+    try:
+        await a.set_many({f"k{i}": i for i in range(1200)})  # more than one SCAN batch
+        await b.set("k", "b")
+        await star.set("k", "star")
+        await raw.set("a-foreign", b"x")
+        await raw.set("other", b"y")
+        assert await star.clear() == 1
+        assert await a.get("k1") == 1
+        assert await a.clear() == 1200
+        assert await a.get_many([f"k{i}" for i in range(1200)]) == {}
+        assert await b.get("k") == "b"
+        assert await raw.get("a-foreign") == b"x" and await raw.get("other") == b"y"
+    finally:
+        for c in (a, b, star):
+            await c.close()
+
+
+async def test_corrupt_bytes_are_a_miss_and_deleted(
+    cache: RedisCache, raw: aioredis.Redis, tmp_path: Path
+) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> Any:
+            return (marker.write_text, ("unpickled!",))
+
+    await raw.set("t:garbage", b"\x01\xc1\xc1 not msgpack")
+    await raw.set("t:pickle", pickle.dumps(Evil()))
+    await raw.set("t:empty", b"")
+    await cache.set("good", 1)
+    assert await cache.get("garbage") is None
+    assert await cache.get_many(["pickle", "empty", "good"]) == {"good": 1}
+    assert await cache.get_many_with_ttl(["garbage", "good"]) == {"good": (1, None)}
+    assert not marker.exists()
+    assert await raw.exists("t:garbage", "t:pickle", "t:empty") == 0
+    stats = await cache.stats()
+    assert stats["corrupt"] >= 3
+
+
+async def test_namespace_validation(redis_url: str) -> None:
+    with pytest.raises(ConfigError):
+        RedisCache(redis_url, namespace="a:b")
+    with pytest.raises(ConfigError):
+        RedisCache(redis_url, namespace="")
+
+
+async def test_stats_have_counters_latency_and_server_info(cache: RedisCache) -> None:
+    await cache.set("a", 1)
+    await cache.get("a")
+    await cache.get("b")
+    s = await cache.stats()
+    assert s["hits"] == 1 and s["misses"] == 1 and s["hit_ratio"] == 0.5
+    assert s["latency"]["count"] >= 3 and s["latency"]["p99_ms"] >= s["latency"]["p50_ms"]
+    assert s["breaker"]["state"] == "closed"
+    assert s["server"]["used_memory"] > 0
+    assert "keyspace" in s["server"]
+
+
+async def test_lock_counter_and_pubsub(cache: RedisCache, redis_url: str) -> None:
+    token = await cache.acquire_lock("job", 5)
+    assert token is not None
+    assert await cache.acquire_lock("job", 5) is None
+    assert await cache.lock_held("job")
+    assert not await cache.release_lock("job", "not-my-token")
+    assert await cache.release_lock("job", token)
+    assert not await cache.lock_held("job")
+
+    assert await cache.incr_counter("gens", "ns") == 1
+    assert await cache.incr_counter("gens", "ns") == 2
+    assert await cache.read_counters("gens") == {"ns": 2}
+    # coordination keys live outside the cache namespace: clear() keeps them
+    await cache.clear()
+    assert await cache.read_counters("gens") == {"ns": 2}
+
+    got: list[bytes] = []
+    other = RedisCache(redis_url, namespace="t")
+    stop = await other.subscribe(other.channel("ev"), got.append)
+    try:
+        assert await cache.publish(cache.channel("ev"), b"hello") == 1
+        await wait_until(lambda: got == [b"hello"])
+    finally:
+        await stop()
+        await other.close()
+
+
+async def test_breaker_fails_fast_and_recovers(fresh_redis: Any) -> None:
+    clock = [0.0]
+    c = RedisCache(
+        fresh_redis.url,
+        namespace="t",
+        failure_threshold=2,
+        recovery_time=5.0,
+        timer=lambda: clock[0],
+    )
+    try:
+        await c.set("k", 1)
+        fresh_redis.kill()
+        for _ in range(2):
+            with pytest.raises(TierError) as info:
+                await c.get("k")
+            assert not isinstance(info.value, TierUnavailable)
+        # open: no network call at all
+        with pytest.raises(TierUnavailable):
+            await c.get("k")
+        with pytest.raises(TierUnavailable):
+            await c.set("k", 2)
+        assert (await c.stats())["breaker"]["state"] == "open"
+        fresh_redis.start()
+        with pytest.raises(TierUnavailable):  # still cooling down
+            await c.get("k")
+        clock[0] += 5.0  # cooldown over: the next call is the probe
+        assert await c.get("k") is None  # data was lost with the process, the server is back
+        await c.set("k", 3)
+        assert await c.get("k") == 3
+        assert c.breaker.state == "closed"
+    finally:
+        await c.close()
+
+
+async def test_subscriber_survives_restart(fresh_redis: Any) -> None:
+    c = RedisCache(fresh_redis.url, namespace="t")
+    pub = RedisCache(fresh_redis.url, namespace="t", recovery_time=0.0)
+    got: list[bytes] = []
+    reconnects: list[int] = []
+    stop = await c.subscribe(c.channel("ev"), got.append, lambda: reconnects.append(1))
+    try:
+        fresh_redis.kill()
+        fresh_redis.start()
+        await wait_until(lambda: reconnects)
+
+        async def published() -> bool:
+            try:
+                await pub.publish(pub.channel("ev"), b"after")
+            except TierError:
+                return False
+            return b"after" in got
+
+        await wait_until(published)
+    finally:
+        await stop()
+        await c.close()
+        await pub.close()
+
+
+# ----------------------------------------------------------------------------- cluster
+
+
+@pytest.fixture
+async def cluster_cache(redis_cluster: Any, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    ns = "c" + str(abs(hash(request.node.name)) % 10**8)
+    c = RedisCache(redis_cluster.url, namespace=ns, cluster=True)
+    yield c
+    await c.clear()
+    await c.close()
+
+
+async def test_cluster_batches_across_slots(cluster_cache: RedisCache) -> None:
+    keys = [f"key-{i}" for i in range(100)]  # spread over all three masters
+    await cluster_cache.set_many({k: i for i, k in enumerate(keys)}, ttl=60)
+    got = await cluster_cache.get_many([*keys, "missing"])
+    assert got == {k: i for i, k in enumerate(keys)}
+    with_ttl = await cluster_cache.get_many_with_ttl([*keys[:10], "missing"])
+    assert set(with_ttl) == set(keys[:10])
+    assert all(0 < (t or 0) <= 60 for _, t in with_ttl.values())
+    assert await cluster_cache.delete_many(keys[:50]) == 50
+    assert len(await cluster_cache.get_many(keys)) == 50
+    assert await cluster_cache.clear() == 50
+    assert await cluster_cache.get_many(keys) == {}
+
+
+async def test_cluster_url_form_and_coordination(redis_cluster: Any) -> None:
+    url = redis_cluster.url.replace("redis://", "redis+cluster://")
+    c = RedisCache(url, namespace="cu")
+    try:
+        assert c.cluster
+        await c.set("a", {"x": 1})
+        assert await c.get("a") == {"x": 1}
+        token = await c.acquire_lock("l", 2)
+        assert token and await c.release_lock("l", token)
+        got: list[bytes] = []
+        stop = await c.subscribe(c.channel("ev"), got.append)
+        try:
+            await c.publish(c.channel("ev"), b"m")
+            await wait_until(lambda: got == [b"m"])
+        finally:
+            await stop()
+        s = await c.stats()
+        assert s["backend"] == "redis-cluster" and s["hits"] == 1
+        await c.clear()
+    finally:
+        await c.close()
