@@ -1,0 +1,219 @@
+"""StreamProcessor: windows, idle flush, backpressure, Redis Streams at-least-once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infercache.streaming import RedisStreamSource, StreamItem, StreamProcessor
+
+
+async def numbers(n: int, delay: float = 0.0, pause_after: int | None = None,
+                  pause: float = 0.0) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+    for i in range(n):
+        yield {"value": i}
+        if delay:
+            await asyncio.sleep(delay)
+        if pause_after is not None and i + 1 == pause_after:
+            await asyncio.sleep(pause)
+
+
+def double(xs: list[dict[str, Any]]) -> list[int]:
+    return [x["value"] * 2 for x in xs]
+
+
+async def collect(proc: StreamProcessor, source: Any) -> list[Any]:
+    return [r async for r in proc.process(source)]
+
+
+async def test_count_windows_and_end_flush() -> None:
+    proc = StreamProcessor(fn=double, window="count", size=4, idle_timeout=None)
+    results = await collect(proc, numbers(10))
+    assert [r.outputs for r in results] == [[0, 2, 4, 6], [8, 10, 12, 14], [16, 18]]
+    assert [r.reason for r in results] == ["full", "full", "end"]
+    assert results[0].summary["count"] == 4 and results[0].summary["avg"] == 1.5
+    assert results[0].summary["mean_output"] == 3.0
+    assert [r.window for r in results] == [0, 1, 2]
+
+
+async def test_sliding_windows() -> None:
+    proc = StreamProcessor(fn=double, window="sliding", size=3, step=2, idle_timeout=None)
+    results = await collect(proc, numbers(8))
+    assert [r.outputs for r in results] == [[0, 2, 4], [4, 6, 8], [8, 10, 12], [10, 12, 14]]
+    assert [r.reason for r in results] == ["slide", "slide", "slide", "end"]
+
+
+async def test_time_windows() -> None:
+    proc = StreamProcessor(fn=double, window="time", duration=0.1, idle_timeout=None)
+    # 2 items, a gap longer than the window, 2 more: two windows, the first closed by its timer
+    results = await collect(proc, numbers(4, pause_after=2, pause=0.3))
+    assert [r.outputs for r in results] == [[0, 2], [4, 6]]
+    assert results[0].reason == "time"
+
+
+async def test_idle_timeout_flushes_a_partial_window() -> None:
+    proc = StreamProcessor(fn=double, window="count", size=100, idle_timeout=0.05)
+    results = await collect(proc, numbers(6, pause_after=3, pause=0.3))
+    assert [r.outputs for r in results] == [[0, 2, 4], [6, 8, 10]]
+    assert [r.reason for r in results] == ["idle", "end"]
+
+
+async def test_without_model_outputs_are_the_inputs_and_bad_items_are_reported() -> None:
+    async def source() -> AsyncIterator[Any]:
+        yield StreamItem({"input": [1, 2]}, "a")
+        yield StreamItem(None, "b", error="invalid JSON payload")
+        yield StreamItem({"input": [3, 4]}, "c")
+
+    results = await collect(StreamProcessor(size=3, idle_timeout=None), source())
+    (r,) = results
+    assert r.ids == ["a", "b", "c"]
+    assert r.outputs == [[1, 2], None, [3, 4]]
+    assert r.errors == {1: "invalid JSON payload"}
+    assert r.summary["errors"] == 1 and r.summary["mean_output"] == [2.0, 3.0]
+
+
+async def test_backpressure_slow_consumer_bounds_the_read_ahead() -> None:
+    produced = 0
+
+    async def source() -> AsyncIterator[int]:
+        nonlocal produced
+        for i in range(1000):
+            produced += 1
+            yield i
+
+    proc = StreamProcessor(size=5, max_buffer=10, idle_timeout=None)
+    consumed = 0
+    async for r in proc.process(source()):
+        consumed += len(r.ids)
+        await asyncio.sleep(0.002)  # slow sink
+        # the reader may run ahead by the queue plus the item it is putting, never more
+        assert produced - consumed <= 10 + 5 + 1
+        if consumed >= 100:
+            break
+    assert produced < 200
+
+
+async def test_run_with_sink_and_publish() -> None:
+    published: list[dict[str, Any]] = []
+    got: list[Any] = []
+
+    async def sink(result: Any) -> None:
+        got.append(result.outputs)
+
+    proc = StreamProcessor(fn=double, size=2, idle_timeout=None, publish=published.append)
+    n = await proc.run(numbers(5), sink)
+    assert n == 3 and got == [[0, 2], [4, 6], [8]]
+    assert [p["outputs"] for p in published] == got
+    assert json.dumps(published)  # JSON-able
+
+
+def test_invalid_arguments() -> None:
+    for kwargs in ({"window": "tumbling"}, {"size": 0}, {"window": "time"}, {"step": 0},
+                   {"idle_timeout": 0}, {"max_buffer": 0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            StreamProcessor(**kwargs)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- Redis Streams
+
+_CHILD = r"""
+import asyncio, json, sys
+from infercache.streaming import RedisStreamSource, StreamProcessor
+
+async def main(url, stream, out):
+    src = RedisStreamSource(url, stream, "workers", "a", count=8, block_ms=100,
+                            claim_min_idle_ms=60_000)
+    proc = StreamProcessor(fn=lambda xs: [x * 2 for x in xs], size=5, max_buffer=8,
+                           idle_timeout=None)
+    with open(out, "a") as f:
+        async for r in proc.process(src):
+            f.write(json.dumps({"ids": r.ids, "outputs": r.outputs}) + "\n")
+            f.flush()
+            await asyncio.sleep(0.05)  # a slow sink: the consumer is killed mid-stream
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+_SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _spawn_consumer(redis_url: str, stream: str, out: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=_SRC)
+    return subprocess.Popen([sys.executable, "-c", _CHILD, redis_url, stream, str(out)], env=env)
+
+
+async def test_redis_stream_consumer_killed_midway_loses_nothing(
+    redis_url: str, tmp_path: Path
+) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    stream = "infercache:test:stream"
+    values = {}
+    for i in range(120):
+        entry_id = await client.xadd(stream, {"data": json.dumps(i)})
+        values[entry_id.decode()] = i
+    out = tmp_path / "a.jsonl"
+    out.touch()
+    child = _spawn_consumer(redis_url, stream, out)
+    try:
+        deadline = time.monotonic() + 30
+        while len(out.read_text().splitlines()) < 3:
+            assert child.poll() is None, "consumer a exited early"
+            assert time.monotonic() < deadline, "consumer a made no progress"
+            await asyncio.sleep(0.02)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    done_by_a = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    ids_a = {i for w in done_by_a for i in w["ids"]}
+    assert len(ids_a) < len(values), "a finished everything before it was killed"
+    info = await client.xpending(stream, "workers")
+    assert info["pending"] > 0  # a read ahead and died without acknowledging
+
+    await asyncio.sleep(0.15)  # let a's entries go idle past claim_min_idle_ms
+    source = RedisStreamSource(client, stream, "workers", "b", count=16, block_ms=50,
+                               claim_min_idle_ms=100, stop_when_empty=True)  # fmt: skip
+    proc = StreamProcessor(fn=lambda xs: [x * 2 for x in xs], size=7, idle_timeout=None)
+    results = [r async for r in proc.process(source)]
+    ids_b = [i for r in results for i in r.ids]
+    for r in results:
+        assert r.outputs == [values[i] * 2 for i in r.ids]
+    assert ids_a | set(ids_b) == set(values)  # nothing lost
+    assert source.claimed > 0  # b took over a's pending entries
+    assert (await client.xpending(stream, "workers"))["pending"] == 0  # everything acknowledged
+    await client.aclose()
+
+
+async def test_redis_stream_restarted_consumer_rereads_its_own_pending(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    stream = "infercache:test:own"
+    for i in range(6):
+        await client.xadd(stream, {"data": json.dumps({"input": i}), "src": "t"})
+    await client.xadd(stream, {"data": b"{not json"})
+    first = RedisStreamSource(client, stream, "g", "c1", count=10, block_ms=50)
+    await first.ensure_group()
+    await client.xreadgroup("g", "c1", {stream: ">"}, count=3)  # read 3, "crash" before ack
+    again = RedisStreamSource(client, stream, "g", "c1", count=10, block_ms=50,
+                              stop_when_empty=True)  # fmt: skip
+    proc = StreamProcessor(size=100, idle_timeout=None)
+    (r,) = [r async for r in proc.process(again)]
+    assert len(r.ids) == 7 and len(set(r.ids)) == 7
+    assert r.outputs[:6] == list(range(6))
+    assert list(r.errors.values()) == [r.errors[6]] and "invalid JSON" in r.errors[6]
+    assert (await client.xpending(stream, "g"))["pending"] == 0
+    assert await again.pending() == 0
+    await client.aclose()
