@@ -1,0 +1,254 @@
+"""SQLCache against a real SQLite file and a real PostgreSQL server (same tests for both)."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from infercache.errors import ConfigError, TierError, TierUnavailable
+from infercache.tiers.base import AsyncTier
+from infercache.tiers.sql import SQLCache
+
+try:
+    from servers import wait_until
+except ImportError:  # pragma: no cover
+    from tests.servers import wait_until  # type: ignore[no-redef]
+
+_ns = itertools.count()
+
+
+class Clock:
+    """Wall-clock stand-in: expiry is stored as absolute epoch seconds."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/l3.db"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def ns() -> str:
+    return f"ns{next(_ns)}"
+
+
+@pytest.fixture
+async def cache(sql_url: str, ns: str) -> AsyncIterator[SQLCache]:
+    c = SQLCache(sql_url, namespace=ns)
+    yield c
+    await c.close()
+
+
+def raw_write(url: str, ns: str, key: str, value: bytes) -> None:
+    """Put bytes straight into the table, bypassing the codec (a corrupt or foreign row)."""
+    sql = (
+        "INSERT INTO infercache_entries (namespace, key, value, expires_at, created_at)"
+        " VALUES ({p}, {p}, {p}, NULL, 0)"
+    )
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url[len("sqlite:///") :]) as db:
+            db.execute(sql.format(p="?"), (ns, key, value))
+    else:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.format(p="%s"), (ns, key, value))
+
+
+async def test_protocol_and_name(cache: SQLCache, sql_url: str) -> None:
+    assert isinstance(cache, AsyncTier)
+    assert cache.name == ("sqlite" if sql_url.startswith("sqlite") else "postgres")
+
+
+async def test_roundtrip_upsert_delete(cache: SQLCache) -> None:
+    arr = np.linspace(0, 1, 5, dtype=np.float32)
+    await cache.set("k", {"out": arr, "tag": "x"})
+    got = await cache.get("k")
+    assert got["tag"] == "x" and got["out"].dtype == np.float32
+    np.testing.assert_array_equal(got["out"], arr)
+    await cache.set("k", "new")  # UPSERT
+    assert await cache.get("k") == "new"
+    assert await cache.exists("k")
+    assert await cache.delete("k")
+    assert not await cache.delete("k")
+    assert await cache.get("k") is None
+    await cache.set("none", None)
+    assert not await cache.exists("none")
+
+
+async def test_get_many_set_many(cache: SQLCache) -> None:
+    await cache.set_many({f"k{i}": [i] for i in range(700)})  # > one SQLite chunk
+    got = await cache.get_many([f"k{i}" for i in range(750)])
+    assert len(got) == 700 and got["k699"] == [699]
+    assert await cache.get_many([]) == {}
+    assert await cache.delete_many([f"k{i}" for i in range(600)]) == 600
+    assert len(await cache.get_many([f"k{i}" for i in range(700)])) == 100
+
+
+async def test_ttl_expiry_and_purge(sql_url: str, ns: str) -> None:
+    clock = Clock()
+    c = SQLCache(sql_url, namespace=ns, ttl=60, timer=clock, purge_interval=None)
+    try:
+        await c.set("default", 1)
+        await c.set("short", 2, ttl=5)
+        await c.set_many({"a": 1, "b": 2}, ttl=30)
+        assert await c.ttl("default") == pytest.approx(60)
+        assert await c.ttl("short") == pytest.approx(5)
+        with pytest.raises(KeyError):
+            await c.ttl("absent")
+        clock.now += 10
+        assert await c.get("short") is None  # expired rows are never returned
+        assert not await c.exists("short")
+        with pytest.raises(KeyError):
+            await c.ttl("short")
+        assert not await c.expire("short", 100)  # an expired row cannot be revived
+        assert await c.expire("a", 100)
+        with_ttl = await c.get_many_with_ttl(["a", "b", "short"])
+        assert with_ttl["a"] == (1, pytest.approx(100)) and with_ttl["b"][1] == pytest.approx(20)
+        assert "short" not in with_ttl
+        clock.now += 50
+        assert await c.purge_expired() == 3  # short, b, default
+        assert await c.get_many(["a", "default", "b"]) == {"a": 1}
+        assert (await c.stats())["purged"] == 3
+        with pytest.raises(ConfigError):
+            await c.set("x", 1, ttl=-1)
+    finally:
+        await c.close()
+
+
+async def test_background_purge(sql_url: str, ns: str) -> None:
+    clock = Clock()
+    c = SQLCache(sql_url, namespace=ns, timer=clock, purge_interval=0.01)
+    try:
+        await c.set("gone", 1, ttl=1)
+        await c.set("kept", 1)
+        clock.now += 2
+        await wait_until(lambda: c._purged >= 1)
+        assert (await c.stats())["entries"] == 1
+    finally:
+        await c.close()
+
+
+async def test_no_ttl_is_forever(cache: SQLCache) -> None:
+    await cache.set("p", 1)
+    assert await cache.ttl("p") is None
+    assert await cache.get_many_with_ttl(["p"]) == {"p": (1, None)}
+
+
+async def test_clear_is_namespace_only(sql_url: str, ns: str) -> None:
+    a = SQLCache(sql_url, namespace=ns + "a")
+    b = SQLCache(sql_url, namespace=ns + "b")
+    try:
+        await a.set_many({"x": 1, "y": 2})
+        await b.set("x", "b")
+        assert await a.clear() == 2
+        assert await a.get("x") is None
+        assert await b.get("x") == "b"
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_corrupt_rows_are_a_miss_and_deleted(
+    cache: SQLCache, sql_url: str, ns: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> Any:
+            return (marker.write_text, ("unpickled!",))
+
+    await cache.set("good", 1)  # creates the table
+    raw_write(sql_url, ns, "bad", b"\x01\xc1garbage")
+    raw_write(sql_url, ns, "pickle", pickle.dumps(Evil()))
+    assert await cache.get_many(["bad", "pickle", "good"]) == {"good": 1}
+    assert not marker.exists()
+    assert not await cache.exists("bad") and not await cache.exists("pickle")
+    assert (await cache.stats())["corrupt"] == 2
+
+
+async def test_two_instances_share_the_store(sql_url: str, ns: str) -> None:
+    a = SQLCache(sql_url, namespace=ns)
+    b = SQLCache(sql_url, namespace=ns)
+    try:
+        await a.set("k", "from a")
+        assert await b.get("k") == "from a"
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_stats(cache: SQLCache) -> None:
+    await cache.set("a", 1)
+    await cache.get("a")
+    await cache.get("b")
+    s = await cache.stats()
+    assert (s["hits"], s["misses"], s["entries"]) == (1, 1, 1)
+    assert s["latency"]["count"] >= 3 and s["breaker"]["state"] == "closed"
+
+
+def test_bad_urls() -> None:
+    with pytest.raises(ConfigError):
+        SQLCache("mysql://x")
+    with pytest.raises(ConfigError):
+        SQLCache("sqlite:///x.db", table="x; drop table y")
+
+
+async def test_sqlite_memory_url() -> None:
+    c = SQLCache("sqlite:///:memory:")
+    try:
+        await c.set("k", 1)
+        assert await c.get("k") == 1
+    finally:
+        await c.close()
+
+
+async def test_postgres_stop_and_restart(postgres_server: Any) -> None:
+    """A stopped PostgreSQL raises TierError, the breaker fails fast, and it comes back."""
+    c = SQLCache(
+        postgres_server.url,
+        namespace=f"ns{next(_ns)}",
+        timeout=0.5,
+        failure_threshold=2,
+        recovery_time=0.05,
+    )
+    try:
+        await c.set("k", 1)
+        postgres_server.stop()
+        try:
+            failures = 0
+            for _ in range(4):
+                try:
+                    await c.get("k")
+                except TierUnavailable:
+                    break
+                except TierError:
+                    failures += 1
+            assert failures >= 1
+            assert c.breaker.opened_count >= 1
+        finally:
+            postgres_server.start()
+
+        async def back() -> bool:
+            try:
+                return await c.get("k") == 1
+            except TierError:
+                return False
+
+        await wait_until(back, limit=30)
+        assert c.breaker.state == "closed"
+    finally:
+        await c.close()
