@@ -46,6 +46,11 @@ _SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "ws_send_queue": ("--ws-send-queue", "messages buffered per WebSocket subscriber"),
     "ws_slow_consumer": ("--ws-slow-consumer", "drop_oldest or disconnect"),
     "torch_threads": ("--torch-threads", "torch intra-op threads per worker (default 1)"),
+    "stream_group": ("--stream-group", "Redis consumer group for --stream"),
+    "stream_window": ("--stream-window", "count, time or sliding"),
+    "stream_size": ("--stream-size", "items per count/sliding window"),
+    "stream_duration": ("--stream-duration", "seconds per time window"),
+    "stream_idle_timeout": ("--stream-idle-timeout", "flush an open window after idle seconds"),
 }
 _BOOL_FLAGS: dict[str, tuple[str, str]] = {
     "warmup": ("--no-warmup", "skip the warm-up forward pass"),
@@ -78,6 +83,14 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="[NAME=]SPEC",
         help="model to serve, repeatable: module:factory, file.pt (TorchScript), file.onnx or "
         "'demo' (default: the demo MLP)",
+    )
+    serve.add_argument(
+        "--stream",
+        action="append",
+        dest="streams",
+        metavar="TOPIC=MODEL@KEY",
+        help="consume Redis Stream KEY in windows through MODEL and publish each window's "
+        "result to WebSocket topic TOPIC (repeatable; needs --redis-url)",
     )
     for name, (flag, text) in _SERVE_FLAGS.items():
         serve.add_argument(flag, dest=name, default=None, help=text)
@@ -115,6 +128,8 @@ def _serve_settings(args: argparse.Namespace) -> Settings:
     flags: dict[str, Any] = {name: getattr(args, name, None) for name in FIELDS}
     if args.models:
         flags["models"] = list(args.models)
+    if args.streams:
+        flags["streams"] = list(args.streams)
     return load_settings(flags, config_file=args.config)
 
 

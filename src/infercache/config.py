@@ -65,6 +65,14 @@ class Settings:
     ws_max_inflight: int = 64
     ws_send_queue: int = 256
     ws_slow_consumer: str = "drop_oldest"
+    # -- stream processing: "topic=model@stream_key" consumes a Redis Stream (needs redis_url) in
+    # consumer group ``stream_group``, publishing each window's result to WebSocket ``topic``
+    streams: tuple[str, ...] = ()
+    stream_group: str = "infercache"
+    stream_window: str = "count"
+    stream_size: int = 10
+    stream_duration: float = 1.0
+    stream_idle_timeout: float = 1.0
     # -- runtime
     torch_threads: int = 1
     warmup: bool = True
@@ -79,6 +87,7 @@ class Settings:
         """Plain JSON-able dict (tuples become lists); tokens are left in: callers must redact."""
         out = dataclasses.asdict(self)
         out["models"] = list(self.models)
+        out["streams"] = list(self.streams)
         return out
 
     def redacted(self) -> dict[str, Any]:
@@ -166,6 +175,28 @@ def _as_models(name: str, value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _as_streams(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, list | tuple):
+        items = [_as_str(name, v).strip() for v in value]
+    else:
+        raise ConfigError(f"setting {name!r}: expected a list of stream specs, got {value!r}")
+    items = [v for v in items if v]
+    for spec in items:
+        parse_stream_spec(spec)
+    return tuple(items)
+
+
+def parse_stream_spec(spec: str) -> tuple[str, str, str]:
+    """``"topic=model@stream_key"`` -> (topic, model, stream_key)."""
+    topic, eq, rest = spec.partition("=")
+    model, at, key = rest.partition("@")
+    if not (eq and at and topic.strip() and model.strip() and key.strip()):
+        raise ConfigError(f"setting 'streams': {spec!r} is not topic=model@stream_key")
+    return topic.strip(), model.strip(), key.strip()
+
+
 def _parser_for(f: dataclasses.Field[Any]) -> tuple[Callable[[str, Any], Any], bool]:
     """(parser, optional) for a field, from its annotation string."""
     ann = str(f.type).replace(" ", "")
@@ -176,7 +207,7 @@ def _parser_for(f: dataclasses.Field[Any]) -> tuple[Callable[[str, Any], Any], b
         "int": _as_int,
         "float": _as_float,
         "str": _as_str,
-        "tuple[str,...]": _as_models,
+        "tuple[str,...]": _as_models if f.name == "models" else _as_streams,
     }
     return parsers[base], optional
 
@@ -200,6 +231,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "l1_policy": ("tinylfu", "lru", "lfu"),
     "write_policy": ("through", "behind", "around"),
     "ws_slow_consumer": ("drop_oldest", "disconnect"),
+    "stream_window": ("count", "time", "sliding"),
     "log_level": ("critical", "error", "warning", "info", "debug", "trace"),
 }
 
@@ -217,6 +249,9 @@ _MIN: dict[str, float] = {
     "ws_send_queue": 1,
     "torch_threads": 1,
     "cache_ttl": 0.001,
+    "stream_size": 1,
+    "stream_duration": 0.001,
+    "stream_idle_timeout": 0.001,
 }
 
 
@@ -250,6 +285,10 @@ def _validate(s: Settings) -> None:
         token = getattr(s, name)
         if token is not None and len(token) < 8:
             raise ConfigError(f"setting {name!r}: a token must be at least 8 characters")
+    if s.streams and not s.redis_url:
+        raise ConfigError("setting 'streams': stream processing needs 'redis_url'")
+    if not s.stream_group:
+        raise ConfigError("setting 'stream_group': must not be empty")
     names = [parse_model_spec(spec)[0] for spec in s.models]
     dupes = {n for n in names if n is not None and names.count(n) > 1}
     if dupes:
@@ -360,6 +399,7 @@ __all__ = [
     "build_settings",
     "load_settings",
     "parse_model_spec",
+    "parse_stream_spec",
     "settings_from_env",
     "settings_from_file",
 ]

@@ -101,6 +101,7 @@ def create_app(
         else:
             service = service_from_predictors(given, settings, cache=cache, monitor=monitor)
         app.state.service = service
+        service.start_streams()
         warm = asyncio.create_task(service.warm_up(), name="infercache-warmup")
         if banner:
             _print_banner(service)

@@ -274,6 +274,28 @@ async def cache_invalidate(request: Request) -> Response:
     return _json(result)
 
 
+@router.post(
+    "/v1/topics/{topic}/publish",
+    summary="Publish to WebSocket subscribers (admin)",
+    tags=["admin"],
+    response_class=Response,
+    openapi_extra={
+        "requestBody": {"required": True, "content": {_JSON: {"schema": {}}}},
+    },
+)
+async def publish(topic: str, request: Request) -> Response:
+    """Broadcast the JSON body to the subscribers of `topic`. Bearer token."""
+    service = _admin(request)
+    body = await read_body(request, service.settings.max_body_bytes)
+    if not body:
+        raise APIError(400, "invalid_json", "request body is empty; expected JSON")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise APIError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    return _json({"topic": topic, "delivered": service.hub.publish(topic, data)})
+
+
 @router.get("/metrics", summary="Prometheus metrics", tags=["metrics"], response_class=Response)
 async def metrics(request: Request) -> Response:
     """Prometheus text format: requests, latencies per stage, hits per tier, batches, queues."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import importlib
 import logging
@@ -137,6 +138,7 @@ class Service:
     ready: bool = False
     warmup_error: str | None = None
     started_at: float = field(default_factory=time.time)
+    stream_tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self._metric_sources)
@@ -338,7 +340,57 @@ class Service:
             "websocket": self.hub.stats(),
         }
 
+    def start_streams(self) -> None:
+        """Start one StreamProcessor per ``streams`` setting (Redis Stream -> model -> topic)."""
+        from infercache.config import parse_stream_spec
+
+        for spec in self.settings.streams:
+            topic, model, key = parse_stream_spec(spec)
+            entry = self.entry(model)
+            task = asyncio.create_task(
+                self._run_stream(topic, entry, key), name=f"infercache-stream-{topic}"
+            )
+            self.stream_tasks.append(task)
+
+    async def _run_stream(self, topic: str, entry: ModelEntry, key: str) -> None:
+        """Consume ``key`` forever; on an error (Redis down) log, wait and resume -- entries
+        not acknowledged are re-read from this consumer's pending list, so none is lost."""
+        import os
+        import socket
+
+        from infercache.streaming import RedisStreamSource, StreamProcessor
+
+        s = self.settings
+        consumer = f"{socket.gethostname()}-{os.getpid()}"
+        while True:
+            source = RedisStreamSource(
+                s.redis_url, key, s.stream_group, consumer, block_ms=500, claim_interval=5.0
+            )
+            proc = StreamProcessor(
+                entry.predictor,
+                window=s.stream_window,
+                size=s.stream_size,
+                duration=s.stream_duration if s.stream_window == "time" else None,
+                idle_timeout=s.stream_idle_timeout,
+                publish=functools.partial(self.hub.publish, topic),
+            )
+            try:
+                await proc.run(source)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("stream %s (%s) failed; retrying in 1 s", topic, key)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await source.close()
+
     async def close(self) -> None:
+        for task in self.stream_tasks:
+            task.cancel()
+        for task in self.stream_tasks:
+            with contextlib.suppress(BaseException):
+                await task
         for entry in self.models.values():
             batcher = entry.batcher
             close = getattr(batcher, "close", None)
@@ -464,11 +516,10 @@ def _set_torch_threads(n: int) -> None:
 
 async def build_service(settings: Settings) -> Service:
     """Load the models, build the cache tiers and a Predictor per model."""
-    from infercache.multilevel import MultiLevelCache
-    from infercache.predictor import Predictor
-
     from infercache.batching import DynamicBatcher
     from infercache.monitor import LatencyMonitor
+    from infercache.multilevel import MultiLevelCache
+    from infercache.predictor import Predictor
     from infercache.tiers.memory import MemoryCache
 
     specs = list(settings.models) or ["demo"]
@@ -489,7 +540,7 @@ async def build_service(settings: Settings) -> Service:
         from infercache.tiers.sql import SQLCache
 
         tiers.append(SQLCache(settings.sql_url, ttl=settings.cache_ttl))
-    cache = MultiLevelCache(tiers=tiers, write=settings.write_policy)
+    cache = MultiLevelCache(tiers=tiers, write=settings.write_policy)  # type: ignore[arg-type]
     monitor = LatencyMonitor()
     models: dict[str, ModelEntry] = {}
     for runner in runners:

@@ -1,0 +1,341 @@
+"""The real ``infercache serve`` in a subprocess, spoken to over HTTP with httpx.
+
+One server (demo MLP + a plain-callable model from a module:factory spec, L1 + SQLite L3, an admin
+token) is shared by the tests of this module; the tests use distinct inputs so that their cache
+entries do not interfere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from infercache.bench.process import ServerProcess
+
+ADMIN = "admin-token-for-tests"
+_seed = itertools.count(1000)
+
+FACTORY = textwrap.dedent(
+    """
+    import numpy as np
+    from infercache.models import ModelRunner
+
+    def total(batch):
+        return [np.asarray([float(np.sum(x))], dtype=np.float32) for x in batch]
+
+    def make():
+        return ModelRunner(total, name="summer", version="v1")
+    """
+)
+
+
+def vector(seed: int | None = None) -> list[float]:
+    """A distinct 784-float input (float32-exact values, so JSON round trips are exact)."""
+    rng = np.random.default_rng(next(_seed) if seed is None else seed)
+    return rng.random(784, dtype=np.float32).tolist()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    workdir = tmp_path_factory.mktemp("serve")
+    (workdir / "mymodels.py").write_text(FACTORY)
+    proc = ServerProcess.infercache(
+        "--model", "mlp=demo",
+        "--model", "sum=mymodels:make",
+        "--admin-token", ADMIN,
+        "--sql-url", f"sqlite:///{workdir / 'l3.db'}",
+        "--max-inputs", "8",
+        "--max-body-bytes", "200000",
+        cwd=workdir,
+        env={"PYTHONPATH": str(workdir)},
+    )  # fmt: skip
+    with proc:
+        yield proc
+
+
+@pytest.fixture
+async def http(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+def direct_mlp(x: list[float]) -> np.ndarray:
+    """The demo model computed in this process, without the server."""
+    from infercache.models.demo import demo_mlp
+
+    runner = demo_mlp()
+    return np.asarray(runner.predict_batch([np.asarray(x, dtype=np.float32)])[0])
+
+
+def assert_error(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    err: dict[str, Any] = body["error"]
+    return err
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+async def test_models_lists_both_models(http: httpx.AsyncClient) -> None:
+    resp = await http.get("/v1/models")
+    assert resp.status_code == 200
+    models = {m["name"]: m for m in resp.json()["models"]}
+    assert set(models) == {"mlp", "sum"}
+    assert models["sum"]["version"] == "v1"
+    assert models["mlp"]["version"]
+    assert models["mlp"]["input_spec"]
+    one = await http.get("/v1/models/mlp")
+    assert one.json()["name"] == "mlp"
+
+
+async def test_prediction_equals_direct_model_output(http: httpx.AsyncClient) -> None:
+    x = vector()
+    resp = await http.post("/v1/models/mlp/predict", json={"input": x})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["model"] == "mlp" and body["cached"] is False and body["tier"] is None
+    from infercache.models.demo import demo_mlp
+
+    assert body["model_version"] == demo_mlp().version
+    np.testing.assert_allclose(np.asarray(body["output"]), direct_mlp(x), rtol=1e-5, atol=1e-6)
+
+
+async def test_second_identical_request_is_cached(http: httpx.AsyncClient) -> None:
+    x = vector()
+    first = await http.post("/v1/models/mlp/predict", json={"input": x})
+    second = await http.post("/v1/models/mlp/predict", json={"input": x})
+    assert first.json()["cached"] is False
+    assert second.json()["cached"] is True and second.json()["tier"] == "l1"
+    assert second.json()["output"] == first.json()["output"]
+    timing = second.headers["server-timing"]
+    assert "decode;dur=" in timing and "cache;dur=" in timing
+
+
+async def test_ints_and_floats_share_one_cache_entry(http: httpx.AsyncClient) -> None:
+    ints = [1] * 784
+    floats = [1.0] * 784
+    await http.post("/v1/models/sum/predict", json={"input": ints})
+    resp = await http.post("/v1/models/sum/predict", json={"input": floats})
+    assert resp.json()["cached"] is True
+    assert resp.json()["output"] == [784.0]
+
+
+async def test_batch_inputs(http: httpx.AsyncClient) -> None:
+    a, b = vector(), vector()
+    resp = await http.post("/v1/models/mlp/predict", json={"inputs": [a, b, a]})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert len(body["outputs"]) == 3 and len(body["cached"]) == 3 and len(body["tier"]) == 3
+    assert body["outputs"][0] == body["outputs"][2]
+    np.testing.assert_allclose(body["outputs"][1], direct_mlp(b), rtol=1e-5, atol=1e-6)
+    single = await http.post("/v1/models/mlp/predict", json={"input": b})
+    assert single.json()["cached"] is True
+
+
+async def test_use_cache_false_recomputes(http: httpx.AsyncClient) -> None:
+    x = vector()
+    await http.post("/v1/models/mlp/predict", json={"input": x})
+    resp = await http.post("/v1/models/mlp/predict", json={"input": x, "use_cache": False})
+    assert resp.json()["cached"] is False
+
+
+async def test_concurrent_requests_all_answered(http: httpx.AsyncClient) -> None:
+    xs = [vector() for _ in range(40)]
+    resps = await asyncio.gather(
+        *(http.post("/v1/models/mlp/predict", json={"input": x}) for x in xs + xs[:10])
+    )
+    assert all(r.status_code == 200 for r in resps)
+    for x, r in zip(xs[:3], resps[:3], strict=True):
+        np.testing.assert_allclose(r.json()["output"], direct_mlp(x), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+BAD_BODIES: list[tuple[str, bytes, int, str]] = [
+    ("malformed json", b'{"input": [1, 2', 400, "invalid_json"),
+    ("empty body", b"", 400, "invalid_json"),
+    ("not utf-8", b"\xff\xfe{", 400, "invalid_json"),
+    ("NaN literal", b'{"input": [NaN]}', 400, "invalid_json"),
+    ("array body", b"[1, 2, 3]", 422, "invalid_request"),
+    ("string body", b'"hello"', 422, "invalid_request"),
+    ("missing field", b"{}", 422, "invalid_request"),
+    ("unknown field", b'{"input": [1], "extra": 1}', 422, "invalid_request"),
+    ("both fields", b'{"input": [1], "inputs": [[1]]}', 422, "invalid_request"),
+    ("use_cache not bool", b'{"input": [1], "use_cache": "yes"}', 422, "invalid_request"),
+    ("inputs not a list", b'{"inputs": 5}', 422, "invalid_request"),
+    ("inputs empty", b'{"inputs": []}', 422, "invalid_request"),
+    ("input a string", b'{"input": "abc"}', 422, "invalid_input"),
+    ("input null", b'{"input": null}', 422, "invalid_input"),
+    ("input an object", b'{"input": {"a": 1}}', 422, "invalid_input"),
+    ("wrong shape", b'{"input": [1, 2, 3]}', 422, "invalid_input"),
+    ("ragged", b'{"input": [[1, 2], [3]]}', 422, "invalid_input"),
+    ("strings inside", b'{"input": [' + b'"a",' * 783 + b'"a"]}', 422, "invalid_input"),
+    ("overflow", b'{"input": [' + b"1e39," * 783 + b"1e39]}", 422, "invalid_input"),
+    ("huge int", b'{"input": [' + b"1" * 400 + b"]}", 422, "invalid_input"),
+    ("one bad item in inputs", b'{"inputs": [[1, 2]]}', 422, "invalid_input"),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "body", "status", "code"), BAD_BODIES, ids=[b[0] for b in BAD_BODIES]
+)
+async def test_bad_input_gets_a_json_4xx(
+    http: httpx.AsyncClient, label: str, body: bytes, status: int, code: str
+) -> None:
+    resp = await http.post(
+        "/v1/models/mlp/predict", content=body, headers={"content-type": "application/json"}
+    )
+    assert_error(resp, status, code)
+
+
+async def test_too_many_inputs(http: httpx.AsyncClient) -> None:
+    resp = await http.post("/v1/models/mlp/predict", json={"inputs": [vector(1)] * 9})
+    assert_error(resp, 422, "invalid_input")
+
+
+async def test_body_too_large(http: httpx.AsyncClient) -> None:
+    resp = await http.post(
+        "/v1/models/mlp/predict", content=b'{"input": [' + b"0.5," * 60_000 + b"0.5]}"
+    )
+    assert_error(resp, 413, "payload_too_large")
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+        for _ in range(100):
+            yield b" " * 4096
+
+    resp = await http.post("/v1/models/mlp/predict", content=chunks())
+    assert_error(resp, 413, "payload_too_large")
+
+
+async def test_unknown_model_route_and_method(http: httpx.AsyncClient) -> None:
+    assert_error(await http.post("/v1/models/nope/predict", json={"input": [1]}), 404,
+                 "model_not_found")  # fmt: skip
+    assert_error(await http.get("/v1/models/nope"), 404, "model_not_found")
+    assert_error(await http.get("/v1/nothing-here"), 404, "not_found")
+    assert_error(await http.get("/v1/models/mlp/predict"), 405, "method_not_allowed")
+
+
+# --------------------------------------------------------------------------- admin
+
+
+async def test_admin_requires_the_token(http: httpx.AsyncClient) -> None:
+    err = assert_error(await http.get("/v1/cache/stats"), 401, "unauthorized")
+    assert "token" in err["message"]
+    wrong = {"Authorization": "Bearer not-the-token"}
+    assert_error(await http.get("/v1/cache/stats", headers=wrong), 401, "unauthorized")
+    basic = {"Authorization": f"Basic {ADMIN}"}
+    assert_error(await http.get("/v1/cache/stats", headers=basic), 401, "unauthorized")
+    assert_error(
+        await http.post("/v1/cache/invalidate", json={"all": True}, headers=wrong),
+        401,
+        "unauthorized",
+    )
+
+
+async def test_admin_stats(http: httpx.AsyncClient) -> None:
+    await http.post("/v1/models/mlp/predict", json={"input": vector()})
+    resp = await http.get("/v1/cache/stats", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert resp.status_code == 200
+    stats = resp.json()
+    assert set(stats["models"]) == {"mlp", "sum"}
+    assert stats["models"]["mlp"]["batcher"]["items"] >= 1
+    assert "l1" in stats["cache"]["tiers"]
+
+
+async def test_invalidate_by_input_model_key_and_all(http: httpx.AsyncClient) -> None:
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+
+    async def cached(x: list[float]) -> bool:
+        r = await http.post("/v1/models/mlp/predict", json={"input": x})
+        assert r.status_code == 200
+        return bool(r.json()["cached"])
+
+    x, y = vector(), vector()
+    assert not await cached(x) and await cached(x)
+    assert not await cached(y) and await cached(y)
+    r = await http.post("/v1/cache/invalidate", json={"model": "mlp", "input": x}, headers=auth)
+    assert r.status_code == 200, r.text
+    assert not await cached(x)  # recomputed
+    assert await cached(y)  # untouched
+
+    r = await http.post("/v1/cache/invalidate", json={"model": "mlp"}, headers=auth)
+    assert r.status_code == 200, r.text
+    assert not await cached(y)
+
+    key = r.json().get("key")
+    assert key is None
+    r = await http.post("/v1/cache/invalidate", json={"all": True}, headers=auth)
+    assert r.status_code == 200, r.text
+    assert not await cached(x) and not await cached(y)
+
+    for body in ({}, {"all": True, "model": "mlp"}, {"version": "v1"}, {"bogus": 1},
+                 {"model": 5}, {"all": "yes"}, {"input": [1]}):  # fmt: skip
+        r = await http.post("/v1/cache/invalidate", json=body, headers=auth)
+        assert r.status_code == 422, (body, r.text)
+    r = await http.post("/v1/cache/invalidate", json={"model": "nope"}, headers=auth)
+    assert_error(r, 404, "model_not_found")
+    r = await http.post("/v1/cache/invalidate", content=b"{", headers=auth)
+    assert_error(r, 400, "invalid_json")
+
+
+# --------------------------------------------------------------------------- health, metrics, docs
+
+
+async def test_health_and_readiness(http: httpx.AsyncClient) -> None:
+    assert (await http.get("/healthz")).json() == {"status": "ok"}
+    ready = await http.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["warmed_up"] is True
+    assert all(v == "ok" for v in ready.json()["tiers"].values())
+
+
+async def test_metrics(http: httpx.AsyncClient) -> None:
+    x = vector()
+    await http.post("/v1/models/mlp/predict", json={"input": x})
+    await http.post("/v1/models/mlp/predict", json={"input": x})
+    text = (await http.get("/metrics")).text
+    assert 'infercache_http_requests_total{route="/v1/models/{name}/predict",status="200"}' in text
+    assert 'infercache_predictions_total{model="mlp",tier="l1"}' in text
+    assert 'infercache_stage_duration_seconds_bucket{le="0.0001",stage="compute"}' in text
+    assert 'infercache_batch_size_bucket{le="1.0",model="mlp"}' in text or (
+        'infercache_batch_size_bucket{le="1",model="mlp"}' in text
+    )
+    assert 'infercache_queue_depth{model="mlp"}' in text
+
+
+async def test_dashboard_and_docs(http: httpx.AsyncClient) -> None:
+    page = await http.get("/dashboard")
+    assert page.status_code == 200 and "<canvas" in page.text
+    data = (await http.get("/dashboard/data")).json()
+    assert data["ready"] is True and data["predictions"] >= 0 and "mlp" in data["models"]
+    assert (await http.get("/docs")).status_code == 200
+    schema = (await http.get("/openapi.json")).json()
+    assert "/v1/models/{name}/predict" in schema["paths"]
+    assert (await http.get("/")).json()["models"] == ["mlp", "sum"]
+
+
+async def test_l3_survives_a_restart(tmp_path: Path) -> None:
+    """A prediction computed by one server process is served from SQLite by the next one."""
+    db = f"sqlite:///{tmp_path / 'persist.db'}"
+    x = vector()
+    for expect_cached in (False, True):
+        with ServerProcess.infercache("--sql-url", db, "--no-warmup", cwd=tmp_path) as srv:
+            async with httpx.AsyncClient(base_url=srv.url) as client:
+                body = (await client.post("/v1/models/mlp/predict", json={"input": x})).json()
+        assert body["cached"] is expect_cached
+        if expect_cached:
+            assert body["tier"] == "sqlite"

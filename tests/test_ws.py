@@ -1,0 +1,244 @@
+"""WebSocket ``/v1/ws`` against the real server: many in flight, ids, errors, broadcast, streams."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from infercache.bench.process import ServerProcess
+
+ADMIN = "ws-admin-token"
+_seed = itertools.count(5000)
+
+MODELS = textwrap.dedent(
+    """
+    import time
+    import numpy as np
+    from infercache.models import ModelRunner
+
+    def slow(batch):
+        time.sleep(0.3)
+        return [np.asarray([float(np.sum(x))], dtype=np.float32) for x in batch]
+
+    def make_slow():
+        return ModelRunner(slow, name="slow", version="1")
+    """
+)
+
+
+def vector() -> list[float]:
+    return np.random.default_rng(next(_seed)).random(784, dtype=np.float32).tolist()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    workdir = tmp_path_factory.mktemp("ws")
+    (workdir / "wsmodels.py").write_text(MODELS)
+    proc = ServerProcess.infercache(
+        "--model", "mlp=demo",
+        "--model", "slow=wsmodels:make_slow",
+        "--admin-token", ADMIN,
+        "--sql-url", "none",
+        "--ws-send-queue", "4",
+        "--ws-max-inflight", "200",
+        cwd=workdir,
+        env={"PYTHONPATH": str(workdir)},
+    )  # fmt: skip
+    with proc:
+        yield proc
+
+
+@pytest.fixture
+async def ws(server: ServerProcess) -> AsyncIterator[ClientConnection]:
+    async with connect(server.url.replace("http", "ws") + "/v1/ws") as conn:
+        yield conn
+
+
+async def recv(conn: ClientConnection, wait: float = 10.0) -> dict[str, Any]:
+    msg: dict[str, Any] = json.loads(await asyncio.wait_for(conn.recv(), wait))
+    return msg
+
+
+async def test_ping_pong(ws: ClientConnection) -> None:
+    await ws.send(json.dumps({"type": "ping", "id": "p1"}))
+    assert await recv(ws) == {"type": "pong", "id": "p1"}
+
+
+async def test_many_in_flight_answered_by_id(ws: ClientConnection) -> None:
+    xs = {i: vector() for i in range(60)}
+    for i, x in xs.items():
+        await ws.send(json.dumps({"type": "predict", "id": i, "model": "mlp", "input": x}))
+    answers = [await recv(ws) for _ in xs]
+    assert sorted(a["id"] for a in answers) == list(xs)
+    assert all(a["type"] == "prediction" and a["cached"] is False for a in answers)
+    from infercache.models.demo import demo_mlp
+
+    runner = demo_mlp()
+    for a in answers[:5]:
+        want = runner.predict_batch([np.asarray(xs[a["id"]], dtype=np.float32)])[0]
+        np.testing.assert_allclose(a["output"], np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+async def test_answers_come_as_they_complete_out_of_order(ws: ClientConnection) -> None:
+    await ws.send(json.dumps({"type": "predict", "id": "slow", "model": "slow", "input": [1.0]}))
+    await ws.send(json.dumps({"type": "ping", "id": "fast-ping"}))
+    x = vector()
+    await ws.send(json.dumps({"type": "predict", "id": "fast", "model": "mlp", "input": x}))
+    order = [(await recv(ws))["id"] for _ in range(3)]
+    assert order[-1] == "slow", order  # the slow model's answer did not hold the others back
+    assert set(order) == {"slow", "fast-ping", "fast"}
+
+
+async def test_second_identical_request_is_cached_and_seed_message_names(
+    ws: ClientConnection,
+) -> None:
+    x = vector()
+    await ws.send(json.dumps({"type": "predict", "id": 1, "model": "mlp", "input": x}))
+    first = await recv(ws)
+    # the user's tutorial message: "type": "prediction", "model_id"
+    await ws.send(json.dumps({"type": "prediction", "id": 2, "model_id": "mlp", "input": x}))
+    second = await recv(ws)
+    assert first["cached"] is False and second["cached"] is True and second["tier"] == "l1"
+    assert second["output"] == first["output"]
+    assert second["model_version"] == first["model_version"]
+
+
+BAD: list[tuple[str | bytes, str]] = [
+    ("{not json", "invalid_json"),
+    (b"\xff\xfe", "invalid_json"),
+    ("[1, 2]", "invalid_message"),
+    ('{"type": "dance", "id": 7}', "unknown_type"),
+    ('{"id": 8}', "unknown_type"),
+    ('{"type": "predict", "id": 9, "input": [1]}', "invalid_message"),
+    ('{"type": "predict", "id": 10, "model": "mlp"}', "invalid_message"),
+    ('{"type": "predict", "id": 11, "model": "nope", "input": [1]}', "model_not_found"),
+    ('{"type": "predict", "id": 12, "model": "mlp", "input": [1, 2]}', "invalid_input"),
+    ('{"type": "predict", "id": 13, "model": "mlp", "input": "x"}', "invalid_input"),
+    ('{"type": "predict", "id": {"a": 1}, "model": "mlp", "input": [1]}', "invalid_message"),
+    ('{"type": "predict", "id": 14, "model": "mlp", "input": [1], "use_cache": 1}',
+     "invalid_message"),
+    ('{"type": "subscribe", "id": 15}', "invalid_message"),
+]  # fmt: skip
+
+
+async def test_bad_messages_get_errors_and_the_connection_stays_open(
+    ws: ClientConnection,
+) -> None:
+    for raw, code in BAD:
+        await ws.send(raw)
+        err = await recv(ws)
+        assert err["type"] == "error" and err["code"] == code, (raw, err)
+        assert isinstance(err["message"], str)
+        sent = json.loads(raw) if isinstance(raw, str) and raw.startswith("{") else None
+        if isinstance(sent, dict) and isinstance(sent.get("id"), int):
+            assert err["id"] == sent["id"]
+    await ws.send(json.dumps({"type": "ping", "id": "still-open"}))
+    assert (await recv(ws))["type"] == "pong"
+
+
+async def _publish(url: str, topic: str, data: Any) -> int:
+    async with httpx.AsyncClient(base_url=url) as client:
+        r = await client.post(
+            f"/v1/topics/{topic}/publish",
+            json=data,
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )
+        assert r.status_code == 200, r.text
+        delivered: int = r.json()["delivered"]
+        return delivered
+
+
+async def test_subscribe_and_broadcast(server: ServerProcess, ws: ClientConnection) -> None:
+    await ws.send(json.dumps({"type": "subscribe", "id": 1, "topic": "news"}))
+    assert await recv(ws) == {"type": "subscribed", "id": 1, "topic": "news"}
+    assert await _publish(server.url, "news", {"n": 1}) == 1
+    assert await recv(ws) == {"type": "event", "topic": "news", "data": {"n": 1}}
+    assert await _publish(server.url, "other", {"n": 2}) == 0
+    await ws.send(json.dumps({"type": "unsubscribe", "id": 2, "topic": "news"}))
+    assert (await recv(ws))["type"] == "unsubscribed"
+    assert await _publish(server.url, "news", {"n": 3}) == 0
+
+
+async def test_slow_subscriber_drops_oldest_and_does_not_stall_others(
+    server: ServerProcess,
+) -> None:
+    ws_url = server.url.replace("http", "ws") + "/v1/ws"
+    blob = "x" * 100_000
+    n = 150
+    async with connect(ws_url, max_queue=1) as slow, connect(ws_url) as fast:
+        for conn in (slow, fast):
+            await conn.send(json.dumps({"type": "subscribe", "id": 0, "topic": "firehose"}))
+            assert (await recv(conn))["type"] == "subscribed"
+        fast_events: list[int] = []
+
+        async def read_fast() -> None:
+            while len(fast_events) < n:
+                msg = await recv(fast)
+                if msg["type"] == "event":
+                    fast_events.append(msg["data"]["i"])
+
+        reader = asyncio.create_task(read_fast())
+        for i in range(n):  # the slow client reads nothing meanwhile
+            await _publish(server.url, "firehose", {"i": i, "blob": blob})
+        await asyncio.wait_for(reader, 30)
+        assert fast_events == list(range(n))  # the fast one got everything, in order
+
+        got: list[int] = []
+        dropped = 0
+        while True:
+            try:
+                msg = await recv(slow, wait=2.0)
+            except TimeoutError:
+                break
+            if msg["type"] == "dropped":
+                dropped += msg["count"]
+            elif msg["type"] == "event":
+                got.append(msg["data"]["i"])
+        assert dropped > 0
+        assert len(got) + dropped == n
+        assert got == sorted(got) and got[-1] == n - 1  # oldest dropped, newest kept
+
+
+async def test_stream_results_reach_subscribers(redis_url: str, tmp_path_factory: Any) -> None:
+    """XADD to a Redis Stream -> the server's StreamProcessor -> WebSocket subscribers."""
+    import redis.asyncio as aioredis
+
+    workdir = tmp_path_factory.mktemp("stream")
+    proc = ServerProcess.infercache(
+        "--redis-url", redis_url,
+        "--sql-url", "none",
+        "--stream", "digits=mlp@infercache:test:digits",
+        "--stream-size", "4",
+        "--stream-idle-timeout", "0.2",
+        cwd=workdir,
+    )  # fmt: skip
+    with proc:
+        async with connect(proc.url.replace("http", "ws") + "/v1/ws") as conn:
+            await conn.send(json.dumps({"type": "subscribe", "topic": "digits"}))
+            assert (await recv(conn))["type"] == "subscribed"
+            client = aioredis.Redis.from_url(redis_url)
+            xs = [vector() for _ in range(6)]
+            for x in xs + xs[:2]:
+                await client.xadd("infercache:test:digits", {"data": json.dumps({"input": x})})
+            windows = [await recv(conn, wait=20) for _ in range(2)]
+            assert [w["type"] for w in windows] == ["event", "event"]
+            first, second = windows[0]["data"], windows[1]["data"]
+            assert first["summary"]["count"] == 4 and second["summary"]["count"] == 4
+            assert second["summary"]["cached"] == 2  # xs[0], xs[1] again
+            assert len(first["outputs"]) == 4 and isinstance(first["outputs"][0], list)
+            for _ in range(100):  # acknowledged once the window was handed on
+                pending = await client.xpending("infercache:test:digits", "infercache")
+                if pending["pending"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert pending["pending"] == 0
+            await client.aclose()
