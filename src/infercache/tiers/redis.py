@@ -495,10 +495,10 @@ class RedisCache:
 
         Resubscribes after connection loss (with backoff) and then calls ``on_reconnect``:
         messages sent while disconnected are lost, so the caller must assume anything changed.
-        Returns once the first subscription is confirmed, or after ``connect_timeout`` * 4 if
-        Redis is down (it keeps trying in the background).
+        Returns once the first attempt is over: the subscription confirmed, or the connection
+        refused (then it keeps trying in the background).
         """
-        ready = asyncio.Event()
+        attempted = asyncio.Event()
 
         async def run() -> None:
             backoff = 0.05
@@ -513,7 +513,7 @@ class RedisCache:
                         msg = await pubsub.get_message(timeout=1.0)
                         if msg is not None and msg.get("type") == "subscribe":
                             break
-                    ready.set()
+                    attempted.set()
                     if connected_before and on_reconnect is not None:
                         res = on_reconnect()
                         if inspect.isawaitable(res):
@@ -532,6 +532,7 @@ class RedisCache:
                 except _SUBSCRIBER_ERRORS as exc:
                     log.info("redis %s: subscriber lost connection: %s", self.name, exc)
                     connected_before = True
+                    attempted.set()
                 finally:
                     with contextlib.suppress(Exception):
                         await pubsub.aclose()
@@ -543,7 +544,7 @@ class RedisCache:
         task = asyncio.create_task(run(), name=f"infercache-sub-{channel}")
         self._subscribers.append(task)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(ready.wait(), timeout=max(self._connect_timeout * 4, 1.0))
+            await asyncio.wait_for(attempted.wait(), timeout=self._connect_timeout * 2 + 1.0)
 
         async def stop() -> None:
             task.cancel()
