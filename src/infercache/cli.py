@@ -141,7 +141,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(json.dumps(settings.redacted(), indent=2))
         return 0
     from infercache.server.app import run
+    from infercache.server.service import preflight
 
+    preflight(settings)
     run(settings)
     return 0
 

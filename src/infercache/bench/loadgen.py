@@ -169,7 +169,7 @@ def _check_loopback(url: str) -> tuple[str, int, str]:
     parts = urlsplit(url)
     host = parts.hostname or ""
     if host not in LOOPBACK:
-        raise SystemExit(f"infercache bench: refusing to load {host!r}: loopback targets only")
+        raise ValueError(f"refusing to load {host!r}: the load generator targets loopback only")
     port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
     return host, port, parts.path.rstrip("/")
 
@@ -511,6 +511,11 @@ def format_result(r: RunResult) -> str:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``infercache bench`` and print the result."""
+    try:
+        _check_loopback(args.url)
+    except ValueError as exc:
+        print(f"infercache bench: {exc}", file=sys.stderr)
+        return 2
     inputs = Inputs(args.inputs, dim=args.dim, keys=args.keys, zipf_s=args.zipf_s)
     result = run_async(
         run_load(

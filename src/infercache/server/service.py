@@ -450,6 +450,30 @@ async def _warm_one(entry: ModelEntry) -> None:
 # --------------------------------------------------------------------------- building from settings
 
 
+def preflight(settings: Settings) -> None:
+    """Cheap checks before the server starts, so that a wrong ``--model`` stops ``serve`` with a
+    message naming the setting instead of a traceback from inside uvicorn's start-up: files must
+    exist and ``module:factory`` modules must be importable (found, not imported)."""
+    import importlib.util
+
+    for spec in settings.models:
+        _, body = parse_model_spec(spec)
+        lower = body.lower()
+        if lower == "demo":
+            continue
+        if lower.endswith((".onnx", ".pt", ".pth", ".ts")):
+            if not Path(body).is_file():
+                raise ConfigError(f"setting 'models': model file {body!r} does not exist")
+            continue
+        module = body.partition(":")[0]
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError) as exc:
+            raise ConfigError(f"setting 'models': cannot import {module!r}: {exc}") from None
+        if found is None:
+            raise ConfigError(f"setting 'models': no module named {module!r} (in {spec!r})")
+
+
 def load_model(spec: str) -> Any:
     """A ModelRunner for one ``--model`` spec (see :func:`infercache.config.parse_model_spec`)."""
     from infercache.models import ModelRunner

@@ -1,0 +1,89 @@
+"""``infercache.client.InfercacheClient`` against the real server (HTTP and WebSocket)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from infercache.bench.process import ServerProcess
+from infercache.client import InfercacheClient, ServerError
+
+ADMIN = "client-admin-token"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    workdir = tmp_path_factory.mktemp("client")
+    with ServerProcess.infercache("--admin-token", ADMIN, "--sql-url", "none", cwd=workdir) as p:
+        yield p
+
+
+def vec(i: int) -> list[float]:
+    return np.random.default_rng(9000 + i).random(784, dtype=np.float32).tolist()
+
+
+async def test_http_and_ws_predictions_agree(server: ServerProcess) -> None:
+    async with InfercacheClient(server.url) as client:
+        assert await client.health() and await client.ready()
+        models = await client.models()
+        assert [m["name"] for m in models] == ["mlp"]
+        over_http = await client.predict("mlp", vec(1))
+        over_ws = await client.predict("mlp", vec(1), transport="ws")
+        assert over_http["cached"] is False and over_ws["cached"] is True
+        assert over_ws["output"] == over_http["output"]
+        many = await client.predict_many("mlp", [vec(2), vec(1)])
+        assert many["cached"] == [False, True]
+
+
+async def test_many_ws_requests_in_flight(server: ServerProcess) -> None:
+    async with InfercacheClient(server.url) as client:
+        xs = [vec(100 + i) for i in range(50)]
+        answers = await asyncio.gather(*(client.predict("mlp", x, transport="ws") for x in xs))
+        direct = await asyncio.gather(*(client.predict("mlp", x) for x in xs))
+        for a, d in zip(answers, direct, strict=True):
+            assert a["output"] == d["output"] and d["cached"] is True
+        assert (await (await client.ws()).ping())["type"] == "pong"
+
+
+async def test_errors_carry_codes(server: ServerProcess) -> None:
+    async with InfercacheClient(server.url) as client:
+        with pytest.raises(ServerError) as err:
+            await client.predict("nope", [1.0])
+        assert err.value.code == "model_not_found" and err.value.status == 404
+        with pytest.raises(ServerError) as err:
+            await client.predict("mlp", [1.0, 2.0], transport="ws")
+        assert err.value.code == "invalid_input" and err.value.status is None
+        with pytest.raises(ServerError) as err:
+            await client.stats(token="wrong-token")
+        assert err.value.code == "unauthorized"
+        with pytest.raises(ValueError):
+            await client.predict("mlp", [1.0], transport="carrier-pigeon")
+
+
+async def test_admin_calls_and_subscription(server: ServerProcess) -> None:
+    async with InfercacheClient(server.url) as client:
+        await client.predict("mlp", vec(7))
+        stats = await client.stats(token=ADMIN)
+        assert stats["models"]["mlp"]["batcher"]["items"] >= 1
+        result = await client.invalidate(token=ADMIN, model="mlp", input=vec(7))
+        assert result["invalidated"] == "input"
+        assert (await client.predict("mlp", vec(7)))["cached"] is False
+        assert (await client.invalidate(token=ADMIN, all=True))["invalidated"] == "all"
+
+        sub = await client.connect_ws()
+        try:
+            assert (await sub.subscribe("t"))["type"] == "subscribed"
+            r = await client._http.post(
+                "/v1/topics/t/publish", json={"hello": 1},
+                headers={"Authorization": f"Bearer {ADMIN}"},
+            )  # fmt: skip
+            assert r.json()["delivered"] == 1
+            events = sub.events()
+            event = await asyncio.wait_for(anext(events), 10)
+            assert event == {"type": "event", "topic": "t", "data": {"hello": 1}}
+            await events.aclose()  # type: ignore[attr-defined]
+        finally:
+            await sub.close()
