@@ -193,8 +193,10 @@ async def _predict_task(
 ) -> None:
     try:
         answer = await service.predict_json(model, raw_input, use_cache=use_cache, transport="ws")
+        timings = answer.pop("timings", {})
         answer["type"] = "prediction"
         answer["id"] = msg_id
+        answer["timings_ms"] = {k: round(v * 1000.0, 4) for k, v in timings.items()}
         outbox.reply(answer)
     except InfercacheError as exc:
         service.metrics.errors.labels(exc.code).inc()

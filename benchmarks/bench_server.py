@@ -1,0 +1,260 @@
+"""Server benchmark: ``infercache serve`` against the user's design, LitServe and the HTTP floor.
+
+    python benchmarks/bench_server.py            # ~8 s per point
+    python benchmarks/bench_server.py --quick    # ~3 s per point
+    python benchmarks/bench_server.py --json out.json
+
+Every contender runs in its own process on 127.0.0.1, pinned to one core when the machine has two
+or more (the load generator takes another), with one torch thread, serving the same demo MLP:
+
+- ``infercache``: ``infercache serve`` as a user starts it (L1 + SQLite L3, greedy batching,
+  ``gc.freeze()`` after warm-up), and ``infercache-l1``: the same with ``--sql-url none``;
+- ``seed``: the user's design (FastAPI, stdlib json, one forward per request);
+- ``seed-orjson``: the same with orjson + numpy and ``gc.freeze()`` (the issue's stronger baseline);
+- ``litserve``: LitServe 0.2 with max_batch_size 32 (skipped when not installed);
+- ``floor``: ``POST /const`` on the seed app: reads the body, returns a constant.
+
+Load: closed loop (64 connections) and open loop (Poisson arrivals, latency measured from each
+request's scheduled time) over HTTP and WebSocket, with all-distinct inputs (every request a
+miss) and Zipf(0.9) over 10k inputs. Ratios are computed within this run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from infercache.bench.loadgen import Inputs, RunResult, format_result, run_load  # noqa: E402
+from infercache.bench.process import ServerProcess  # noqa: E402
+
+CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+SERVER_CPU = CPUS[-1:] if len(CPUS) >= 2 else []
+LOADGEN_CPU = CPUS[:-1] if len(CPUS) >= 2 else []
+
+
+def _pinned(argv: list[str]) -> list[str]:
+    if SERVER_CPU and Path("/usr/bin/taskset").exists():
+        return ["taskset", "-c", ",".join(map(str, SERVER_CPU)), *argv]
+    return argv
+
+
+ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
+}
+
+
+def contender(name: str, workdir: Path) -> ServerProcess:
+    py = sys.executable
+    uv = [py, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}", "--log-level",
+          "warning", "--no-access-log", "--loop", "uvloop", "--http", "httptools"]  # fmt: skip
+    if name == "infercache":
+        argv = [py, "-m", "infercache", "serve", "--port", "{port}", "--log-level", "warning"]
+        return ServerProcess(_pinned(argv), cwd=workdir, env=ENV)
+    if name == "infercache-l1":
+        argv = [py, "-m", "infercache", "serve", "--port", "{port}", "--log-level", "warning",
+                "--sql-url", "none"]  # fmt: skip
+        return ServerProcess(_pinned(argv), cwd=workdir, env=ENV)
+    if name in ("seed", "floor"):
+        argv = [*uv, "benchmarks.baselines.seed_fastapi:app"]
+        return ServerProcess(_pinned(argv), cwd=ROOT, env=ENV, ready_path="/docs")
+    if name == "seed-orjson":
+        argv = [*uv, "benchmarks.baselines.seed_fastapi:app"]
+        env = {**ENV, "SEED_JSON": "orjson", "SEED_GC_FREEZE": "1"}
+        return ServerProcess(_pinned(argv), cwd=ROOT, env=env, ready_path="/docs")
+    if name == "litserve":
+        argv = [py, str(ROOT / "benchmarks/baselines/litserve_mlp.py"), "{port}"]
+        return ServerProcess(_pinned(argv), cwd=workdir, env=ENV, ready_path="/health")
+    raise ValueError(name)
+
+
+PATHS = {
+    "infercache": "/v1/models/mlp/predict",
+    "infercache-l1": "/v1/models/mlp/predict",
+    "seed": "/predict",
+    "seed-orjson": "/predict",
+    "litserve": "/predict",
+    "floor": "/const",
+}
+
+
+@contextmanager
+def running(name: str, workdir: Path) -> Iterator[ServerProcess]:
+    proc = contender(name, workdir)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+class Bench:
+    def __init__(self, seconds: float, warmup: float) -> None:
+        self.seconds = seconds
+        self.warmup = warmup
+        self.results: list[dict[str, Any]] = []
+        self._offset = 0
+
+    def inputs(self, kind: str) -> Inputs:
+        # every run gets its own range of distinct inputs, so a "miss" run never hits
+        self._offset += 10_000_000
+        return Inputs(kind, offset=self._offset, seed=7)
+
+    def run(self, server: str, url: str, label: str, **kw: Any) -> RunResult:
+        from infercache.bench.loadgen import run_async
+
+        kind = kw.pop("inputs", "distinct")
+        result = run_async(
+            run_load(
+                url,
+                path=PATHS[server] if kw.get("transport", "http") == "http" else None,
+                duration=self.seconds,
+                warmup=self.warmup,
+                inputs=self.inputs(kind),
+                name=f"{server} {label}",
+                **kw,
+            )
+        )
+        print("  " + format_result(result), flush=True)
+        self.results.append({"server": server, "label": label, **result.to_dict()})
+        time.sleep(0.3)
+        return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 s per point instead of 8")
+    parser.add_argument("--json", type=Path, help="also write every result here")
+    parser.add_argument(
+        "--skip", action="append", default=[], help="contender to skip (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    if LOADGEN_CPU and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, LOADGEN_CPU)
+    bench = Bench(3.0 if args.quick else 8.0, 1.0)
+    rates = [200, 1000, 2000, 4000] if args.quick else [200, 1000, 2000, 3000, 4000, 6000]
+    conc = 64
+    capacity: dict[str, float] = {}
+    litserve_ok = _has("litserve") and "litserve" not in args.skip
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"infercache-bench-{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    print(f"bench_server: python {platform.python_version()}, cpus {CPUS}, server cpu "
+          f"{SERVER_CPU or 'any'}, loadgen cpu {LOADGEN_CPU or 'any'}", flush=True)  # fmt: skip
+
+    contenders = ["infercache", "infercache-l1", "seed", "seed-orjson"]
+    if litserve_ok:
+        contenders.append("litserve")
+    contenders = [c for c in contenders if c not in args.skip]
+
+    for name in contenders:
+        print(f"{name}:", flush=True)
+        with running(name, workdir) as srv:
+            closed = bench.run(name, srv.url, f"closed c={conc} distinct", mode="closed",
+                               concurrency=conc)  # fmt: skip
+            capacity[name] = closed.throughput
+            for rate in rates:
+                if rate > 1.6 * max(capacity[name], 1):
+                    continue  # far past saturation: the answer is "it queues"
+                bench.run(name, srv.url, f"open {rate}/s distinct", mode="open", rate=rate)
+            if name.startswith("infercache"):
+                r70 = round(0.7 * capacity[name])
+                bench.run(name, srv.url, f"open {r70}/s (70% cap) distinct", mode="open",
+                          rate=r70)  # fmt: skip
+                bench.run(name, srv.url, f"closed c={conc} zipf", mode="closed",
+                          concurrency=conc, inputs="zipf")  # fmt: skip
+                bench.run(name, srv.url, f"open {r70}/s zipf", mode="open", rate=r70,
+                          inputs="zipf")  # fmt: skip
+                bench.run(name, srv.url, f"ws closed c={conc} distinct", mode="closed",
+                          concurrency=conc, transport="ws")  # fmt: skip
+                bench.run(name, srv.url, f"ws open {r70}/s distinct", mode="open", rate=r70,
+                          transport="ws")  # fmt: skip
+                bench.run(name, srv.url, f"closed c={conc} hits", mode="closed",
+                          concurrency=conc, inputs="same")  # fmt: skip
+                bench.run(name, srv.url, f"ws closed c={conc} hits", mode="closed",
+                          concurrency=conc, inputs="same", transport="ws")  # fmt: skip
+    if "floor" not in args.skip:
+        print("floor:", flush=True)
+        with running("floor", workdir) as srv:
+            bench.run("floor", srv.url, f"closed c={conc} const", mode="closed", concurrency=conc,
+                      inputs="same")  # fmt: skip
+
+    print(f"\ntotal {time.time() - started:.0f} s")
+    summary = _ratios(bench.results, capacity)
+    for line in summary:
+        print(line)
+    if args.json:
+        args.json.write_text(json.dumps({"results": bench.results, "ratios": summary}, indent=2))
+    print("\n" + markdown(bench.results))
+    return 0
+
+
+def _find(results: list[dict[str, Any]], server: str, label: str) -> dict[str, Any] | None:
+    return next((r for r in results if r["server"] == server and r["label"] == label), None)
+
+
+def _ratios(results: list[dict[str, Any]], capacity: dict[str, float]) -> list[str]:
+    out = []
+
+    def ratio(a: str, b: str, what: str) -> None:
+        if capacity.get(a) and capacity.get(b):
+            out.append(f"{what}: {a} / {b} = {capacity[a] / capacity[b]:.2f}x")
+
+    for base in ("seed-orjson", "seed", "litserve"):
+        ratio("infercache", base, "miss path, closed loop throughput")
+        ratio("infercache-l1", base, "miss path, closed loop throughput")
+    floor = _find(results, "floor", "closed c=64 const")
+    for name in ("infercache", "infercache-l1"):
+        hits = _find(results, name, "closed c=64 hits")
+        if floor and hits and floor["throughput"]:
+            out.append(
+                f"cached hits / HTTP floor ({name}): {hits['throughput'] / floor['throughput']:.2f}"
+            )
+    for name in ("infercache", "infercache-l1"):
+        a = _find(results, name, "open 200/s distinct")
+        b = _find(results, "seed-orjson", "open 200/s distinct")
+        if a and b and a["p50_ms"] is not None and b["p50_ms"] is not None:
+            out.append(
+                f"p50 at 200 req/s: {name} {a['p50_ms']:.2f} ms vs seed-orjson "
+                f"{b['p50_ms']:.2f} ms (diff {a['p50_ms'] - b['p50_ms']:+.2f} ms)"
+            )
+    return out
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = [
+        "| server | load | ok req/s | p50 ms | p99 ms | p99.9 ms | cached | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        errs = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
+        lines.append(
+            f"| {r['server']} | {r['label']} | {r['throughput']:.0f} | {f(r['p50_ms'])} | "
+            f"{f(r['p99_ms'])} | {f(r['p999_ms'])} | {r['cached']}/{r['ok']} | {errs} |"
+        )
+    return "\n".join(lines)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
