@@ -1,0 +1,233 @@
+"""Degraded mode against real servers: Redis killed and restarted, PostgreSQL stopped, SIGTERM.
+
+Every test here checks two things: the caller never sees an exception while a tier is down, and
+the tier is used again once its server is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from infercache.errors import TierError
+from infercache.multilevel import MultiLevelCache
+from infercache.tiers.memory import MemoryCache
+from infercache.tiers.redis import RedisCache
+from infercache.tiers.sql import SQLCache
+
+try:
+    from servers import wait_until
+except ImportError:  # pragma: no cover
+    from tests.servers import wait_until  # type: ignore[no-redef]
+
+_ns = itertools.count()
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def fast_redis(url: str, **kw: Any) -> RedisCache:
+    """A RedisCache that notices an outage quickly and probes again soon."""
+    return RedisCache(
+        url,
+        namespace="f",
+        socket_timeout=0.5,
+        connect_timeout=0.2,
+        failure_threshold=1,
+        recovery_time=0.05,
+        **kw,
+    )
+
+
+async def test_redis_killed_and_restarted_mid_run(fresh_redis: Any, tmp_path: Path) -> None:
+    redis = fast_redis(fresh_redis.url)
+    sql = SQLCache(f"sqlite:///{tmp_path}/l3.db", namespace="f", purge_interval=None)
+    cache = MultiLevelCache([MemoryCache(50), redis, sql])  # L1 smaller than the working set
+    await cache.start()
+    try:
+        for i in range(100):
+            await cache.set(f"k{i}", i)
+        fresh_redis.kill()
+        # Reads and writes go on, served by L1 and SQLite, with no exception.
+        for i in range(100):
+            assert await cache.get(f"k{i}") == i
+        await cache.set_many({f"down{i}": i for i in range(20)})
+        assert await cache.get_many([f"down{i}" for i in range(20)]) == {
+            f"down{i}": i for i in range(20)
+        }
+        assert await cache.get_or_compute("computed-while-down", lambda: "ok") == "ok"
+        assert await cache.delete("k1")
+        await cache.invalidate(namespace="m")  # generation bumped locally
+        s = await cache.stats()
+        assert s["tiers"]["redis"]["errors"] > 0
+        assert s["tiers"]["sqlite"]["errors"] == 0
+
+        fresh_redis.start()
+
+        async def redis_back() -> bool:
+            await cache.set("after", "restart")
+            try:
+                return await redis.get("after") == "restart"
+            except TierError:
+                return False
+
+        await wait_until(redis_back)
+        raw = aioredis.Redis.from_url(fresh_redis.url)
+        try:
+            assert await raw.get("f:after") is not None  # written to the live Redis again
+        finally:
+            await raw.aclose()
+        # misses are promoted into Redis again
+        assert await cache.get("k99") == 99
+        assert await redis.get("k99") == 99
+    finally:
+        await cache.close()
+
+
+async def test_pubsub_recovers_after_redis_restart(fresh_redis: Any) -> None:
+    a = MultiLevelCache([MemoryCache(100), fast_redis(fresh_redis.url)])
+    b = MultiLevelCache([MemoryCache(100), fast_redis(fresh_redis.url)])
+    await a.start()
+    await b.start()
+    try:
+        fresh_redis.kill()
+        fresh_redis.start()
+        await wait_until(lambda: b._counters["resyncs"] >= 1)  # b resubscribed, L1 dropped
+        await a.set("x", 1)
+        assert await b.get("x") == 1
+        assert b.l1 is not None and "x" in b.l1
+
+        async def dropped() -> bool:
+            await a.delete("x")
+            return "x" not in b.l1
+
+        await wait_until(dropped)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_postgres_stopped_then_back(
+    redis_url: str, postgres_server: Any, tmp_path: Path
+) -> None:
+    ns = f"pgf{next(_ns)}"
+    pg = SQLCache(
+        postgres_server.url, namespace=ns, timeout=0.5, failure_threshold=1, recovery_time=0.05
+    )
+    redis = RedisCache(redis_url, namespace=ns)
+    cache = MultiLevelCache([MemoryCache(100), redis, pg])
+    await cache.start()
+    try:
+        await cache.set("before", 1)
+        assert await pg.get("before") == 1
+        postgres_server.stop()
+        try:
+            await cache.set("during", 2)  # no exception: L1 + Redis take it
+            assert await cache.get("during") == 2
+            assert await cache.get("before") == 1
+            assert await redis.get("during") == 2
+            assert await cache.get_or_compute("gc", lambda: "v") == "v"
+            assert (await cache.stats())["tiers"]["postgres"]["errors"] > 0
+        finally:
+            postgres_server.start()
+
+        async def pg_back() -> bool:
+            await cache.set("after", 3)
+            try:
+                return await pg.get("after") == 3
+            except Exception:
+                return False
+
+        await wait_until(pg_back, limit=30)
+    finally:
+        await cache.close()
+
+
+async def test_write_behind_with_redis_down_keeps_going(fresh_redis: Any, tmp_path: Path) -> None:
+    redis = fast_redis(fresh_redis.url)
+    sql = SQLCache(f"sqlite:///{tmp_path}/l3.db", namespace="f", purge_interval=None)
+    cache = MultiLevelCache(
+        [MemoryCache(100), redis, sql], write="behind", write_behind_interval=60
+    )
+    await cache.start()
+    try:
+        fresh_redis.kill()
+        await cache.set_many({f"w{i}": i for i in range(10)})
+        await cache.flush()  # no exception; SQLite still gets the batch
+        assert len(await sql.get_many([f"w{i}" for i in range(10)])) == 10
+        s = await cache.stats()
+        assert s["tiers"]["redis"]["write_behind_failed"] == 10
+        assert s["write_behind"]["queue_depth"] == 0
+    finally:
+        await cache.close()
+
+
+async def test_redis_down_at_startup(tmp_path: Path) -> None:
+    from servers import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nobody listens there
+    cache = MultiLevelCache(
+        [MemoryCache(100), fast_redis(url), SQLCache(f"sqlite:///{tmp_path}/l3.db")]
+    )
+    try:
+        await cache.start()
+        await cache.set("k", 1)
+        cache.l1.clear()  # type: ignore[union-attr]
+        assert await cache.get("k") == 1  # from SQLite
+        assert await cache.get_or_compute("c", lambda: 2) == 2
+    finally:
+        await cache.close()
+
+
+SIGTERM_CHILD = """
+import asyncio, sys
+sys.path.insert(0, {src!r})
+from infercache.multilevel import MultiLevelCache
+from infercache.tiers.memory import MemoryCache
+from infercache.tiers.redis import RedisCache
+
+async def main():
+    cache = MultiLevelCache(
+        [MemoryCache(1000), RedisCache({url!r}, namespace="sig")],
+        write="behind", write_behind_interval=3600, write_behind_batch=1000,
+    )
+    await cache.start()
+    cache.install_signal_handlers()
+    await cache.set_many({{f"s{{i}}": i for i in range(200)}})
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_sigterm_flushes_write_behind(redis_url: str) -> None:
+    """Acknowledged write-behind entries survive a graceful shutdown by SIGTERM."""
+    code = textwrap.dedent(SIGTERM_CHILD.format(src=SRC, url=redis_url))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line.strip() == b"ready", await proc.stderr.read()
+        check = RedisCache(redis_url, namespace="sig")
+        try:
+            assert await check.get_many([f"s{i}" for i in range(200)]) == {}  # still queued
+            proc.send_signal(signal.SIGTERM)
+            rc = await asyncio.wait_for(proc.wait(), 30)
+            assert rc == -signal.SIGTERM  # it died of the signal, after flushing
+            got = await check.get_many([f"s{i}" for i in range(200)])
+            assert got == {f"s{i}": i for i in range(200)}
+        finally:
+            await check.close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
