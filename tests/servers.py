@@ -279,6 +279,13 @@ class RedisCluster:
         return [("127.0.0.1", n.port) for n in self.nodes]
 
     def start(self, timeout: float = 20.0) -> RedisCluster:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # never leak node processes when the cluster cannot form
+            raise
+
+    def _start(self, timeout: float) -> RedisCluster:
         for node in self.nodes:
             node.start()
         n = len(self.nodes)
@@ -408,14 +415,19 @@ class PostgresServer:
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
             "-c max_connections=100"
         )
-        self._run(
-            str(self.bindir / "pg_ctl"),
-            "-D", str(self.datadir),
-            "-l", str(self.log_path),
-            "-o", opts,
-            "-w", "-t", "30",
-            "start",
-        )  # fmt: skip
+        try:
+            self._run(
+                str(self.bindir / "pg_ctl"),
+                "-D", str(self.datadir),
+                "-l", str(self.log_path),
+                "-o", opts,
+                "-w", "-t", "30",
+                "start",
+            )  # fmt: skip
+        except BaseException:
+            with contextlib.suppress(Exception):  # pg_ctl -w may give up on a live postmaster
+                self.stop("immediate")
+            raise
         return self
 
     def stop(self, mode: str = "fast") -> None:

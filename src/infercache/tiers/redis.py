@@ -81,6 +81,17 @@ end
 return 0
 """
 
+# GET + PTTL of every key in one command: one reply to parse instead of a pipeline of N+1
+# commands (redis-py's per-command client cost dominates on loopback, FACTS.md).
+_GET_WITH_PTTL = """
+local out = {}
+for i, k in ipairs(KEYS) do
+    out[2 * i - 1] = redis.call('GET', k)
+    out[2 * i] = redis.call('PTTL', k)
+end
+return out
+"""
+
 _UNLINK_BATCH = 500
 
 
@@ -152,6 +163,7 @@ class RedisCache:
         self._lat = LatencyWindow()
         self._subscribers: list[asyncio.Task[None]] = []
         self._closed = False
+        self._get_with_pttl = None if self.cluster else self._client.register_script(_GET_WITH_PTTL)
 
     # ----------------------------------------------------------------- plumbing
 
@@ -242,7 +254,8 @@ class RedisCache:
         return out
 
     async def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
-        """Hits with their remaining TTL (None: no expiry), in one pipelined round trip.
+        """Hits with their remaining TTL (None: no expiry), in one round trip (a Lua script;
+        a pipeline per node in a cluster).
 
         MultiLevelCache promotes with the remaining TTL so a promoted copy never outlives the
         original.
@@ -253,19 +266,18 @@ class RedisCache:
         full = [self._k(k) for k in uniq]
 
         async def go() -> list[Any]:
+            if self._get_with_pttl is not None:
+                flat = await self._get_with_pttl(keys=full)
+                return [flat[0::2], *flat[1::2]]
+            # Cluster: keys of one script must share a slot; a cluster pipeline instead routes
+            # per key and sends one batch per node.
             pipe = self._client.pipeline(transaction=False)
-            if self.cluster:
-                # Cluster pipelines route per key and send one batch per node.
-                for fk in full:
-                    pipe.get(fk)
-                for fk in full:
-                    pipe.pttl(fk)
-                res = await pipe.execute()
-                return [res[: len(full)], *res[len(full) :]]
-            pipe.mget(full)
+            for fk in full:
+                pipe.get(fk)
             for fk in full:
                 pipe.pttl(fk)
-            return list(await pipe.execute())
+            res = await pipe.execute()
+            return [res[: len(full)], *res[len(full) :]]
 
         res = await self._run("MGET+PTTL", go())
         raws, pttls = res[0], res[1:]
