@@ -38,18 +38,18 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "baselines"))
 sys.path.insert(0, str(ROOT / "src"))
 
 from seed_multilevel import SeedMultiLevelCache  # noqa: E402
-from servers import RedisServer  # noqa: E402
 
 from infercache.keys import fingerprint  # noqa: E402
 from infercache.multilevel import MultiLevelCache  # noqa: E402
 from infercache.tiers.memory import MemoryCache  # noqa: E402
 from infercache.tiers.redis import RedisCache  # noqa: E402
 from infercache.tiers.sql import SQLCache  # noqa: E402
+from servers import RedisServer  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:
     data = sorted(values)
-    return data[min(len(data) - 1, max(0, int(round(p * len(data))) - 1))]
+    return data[min(len(data) - 1, max(0, round(p * len(data)) - 1))]
 
 
 def zipf_ids(n_keys: int, n_req: int, alpha: float = 0.9, seed: int = 7) -> list[int]:
