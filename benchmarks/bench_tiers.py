@@ -86,17 +86,20 @@ async def bench_get_many(url: str, rounds: int) -> dict[str, float]:
         await cache.get(keys[0])
         await cache.get_many(keys)
 
-    start = time.perf_counter()
-    for _ in range(rounds):
-        for k in keys:
-            await cache.get(k)
-    single = (time.perf_counter() - start) / (rounds * 32)
-
-    start = time.perf_counter()
-    for _ in range(rounds):
-        got = await cache.get_many(keys)
-    batched = (time.perf_counter() - start) / (rounds * 32)
-    assert len(got) == 32
+    # Alternate short trials and keep each side's best: other processes on a shared 2-core
+    # machine add noise to whichever side they happen to hit.
+    single = batched = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(rounds // 5):
+            for k in keys:
+                await cache.get(k)
+        single = min(single, (time.perf_counter() - start) / (rounds // 5 * 32))
+        start = time.perf_counter()
+        for _ in range(rounds // 5):
+            got = await cache.get_many(keys)
+        batched = min(batched, (time.perf_counter() - start) / (rounds // 5 * 32))
+        assert len(got) == 32
     await cache.clear()
     await cache.close()
     return {"single_us": single * 1e6, "batched_us": batched * 1e6, "ratio": single / batched}
@@ -124,31 +127,36 @@ def run_seed(
     lat: list[float] = []
     hits = 0
     gc.collect()
+    cpu = time.process_time()
     start = time.perf_counter()
     for i in ids:
         t0 = time.perf_counter()
         hits += one(i)
         lat.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     seed.close()
-    return summarize("seed (tutorial design)", lat, elapsed, hits, len(ids))
+    return summarize("seed (tutorial design)", lat, elapsed, cpu, hits, len(ids))
 
 
-async def make_ours(url: str, sqlite_path: str, l1: int) -> MultiLevelCache:
-    cache = MultiLevelCache(
-        [
-            MemoryCache(l1),
-            RedisCache(url, namespace="bench-zipf"),
-            SQLCache(f"sqlite:///{sqlite_path}", namespace="bench-zipf", purge_interval=None),
-        ],
-        write="through",
-    )
+async def make_ours(url: str, sqlite_path: str | None, l1: int) -> MultiLevelCache:
+    tiers: list[Any] = [MemoryCache(l1), RedisCache(url, namespace="bench-zipf")]
+    if sqlite_path is not None:
+        tiers.append(
+            SQLCache(f"sqlite:///{sqlite_path}", namespace="bench-zipf", purge_interval=None)
+        )
+    cache = MultiLevelCache(tiers, write="through")
     await cache.start()
     return cache
 
 
 async def run_ours_single(
-    url: str, sqlite_path: str, inputs: list[list[float]], warm: list[int], ids: list[int], l1: int
+    url: str,
+    sqlite_path: str | None,
+    inputs: list[list[float]],
+    warm: list[int],
+    ids: list[int],
+    l1: int,
 ) -> dict[str, Any]:
     cache = await make_ours(url, sqlite_path, l1)
 
@@ -166,14 +174,17 @@ async def run_ours_single(
     lat: list[float] = []
     hits = 0
     gc.collect()
+    cpu = time.process_time()
     start = time.perf_counter()
     for i in ids:
         t0 = time.perf_counter()
         hits += await one(i)
         lat.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     await cache.close()
-    return summarize("infercache, 1 request at a time", lat, elapsed, hits, len(ids))
+    name = "infercache, 1 at a time" + (" (no L3)" if sqlite_path is None else "")
+    return summarize(name, lat, elapsed, cpu, hits, len(ids))
 
 
 async def run_ours_batched(
@@ -201,6 +212,7 @@ async def run_ours_batched(
     lat: list[float] = []
     hits = 0
     gc.collect()
+    cpu = time.process_time()
     start = time.perf_counter()
     for j in range(0, len(ids), batch):
         chunk = ids[j : j + batch]
@@ -209,14 +221,19 @@ async def run_ours_batched(
         # every request of the batch waited for the whole batch
         lat.extend([time.perf_counter() - t0] * len(chunk))
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     await cache.close()
-    return summarize(f"infercache, {batch} requests at a time", lat, elapsed, hits, len(ids))
+    name = f"infercache, {batch} at a time"
+    return summarize(name, lat, elapsed, cpu, hits, len(ids))
 
 
-def summarize(name: str, lat: list[float], elapsed: float, hits: int, n: int) -> dict[str, Any]:
+def summarize(
+    name: str, lat: list[float], elapsed: float, cpu: float, hits: int, n: int
+) -> dict[str, Any]:
     return {
         "name": name,
         "rps": n / elapsed,
+        "cpu_us": cpu / n * 1e6,
         "p50_ms": pct(lat, 0.50) * 1e3,
         "p99_ms": pct(lat, 0.99) * 1e3,
         "hit_ratio": hits / n,
@@ -280,15 +297,18 @@ async def main_async(args: argparse.Namespace, server: RedisServer, tmp: str) ->
     batched = await run_ours_batched(
         server.url_for_db(5), f"{tmp}/batched.db", inputs, warm, ids, l1
     )
-    for res in (seed, single, batched):
+    no_l3 = await run_ours_single(server.url_for_db(6), None, inputs, warm, ids, l1)
+    for res in (seed, single, batched, no_l3):
         print(
-            f"   {res['name']:<34} {res['rps']:9.0f} req/s  p50 {res['p50_ms']:6.3f} ms"
-            f"  p99 {res['p99_ms']:6.3f} ms  hits {res['hit_ratio'] * 100:5.1f} %"
+            f"   {res['name']:<32} {res['rps']:7.0f} req/s  p50 {res['p50_ms']:6.3f} ms"
+            f"  p99 {res['p99_ms']:6.3f} ms  client CPU {res['cpu_us']:6.1f} us/req"
+            f"  hits {res['hit_ratio'] * 100:5.1f} %"
         )
-    for res in (single, batched):
+    for res in (single, batched, no_l3):
         print(
             f"   {res['name']}: throughput {res['rps'] / seed['rps']:.2f}x the seed, "
-            f"p99 {res['p99_ms'] / seed['p99_ms']:.2f}x the seed's"
+            f"p99 {res['p99_ms'] / seed['p99_ms']:.2f}x the seed's, "
+            f"client CPU per request {seed['cpu_us'] / res['cpu_us']:.2f}x less"
         )
     print()
 
@@ -304,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small workload (smoke test)")
     p.add_argument("--keys", type=int, default=100_000)
-    p.add_argument("--requests", type=int, default=40_000)
+    p.add_argument("--requests", type=int, default=20_000)
     p.add_argument("--mget-rounds", type=int, default=400)
     p.add_argument("--l1-ops", type=int, default=200_000)
     args = p.parse_args(argv)

@@ -334,6 +334,12 @@ class RedisCache:
         if not encoded:
             return
 
+        if len(encoded) == 1:  # a pipeline costs more client CPU than one plain SET
+            fk, raw, px = encoded[0]
+            await self._run("SET", self._client.set(fk, raw, px=px))
+            self._sets += 1
+            return
+
         async def go() -> None:
             pipe = self._client.pipeline(transaction=False)
             for fk, raw, px in encoded:
