@@ -469,3 +469,15 @@ async def test_memory_only_and_sync_second_tier() -> None:
         assert await c.invalidate(namespace="n") == 1 and c.generation("n") == 1
     finally:
         await c.close()
+
+
+async def test_custom_invalidation_channel(make: Factory) -> None:
+    a = await make(invalidation_channel="app:events")
+    b = await make(invalidation_channel="app:events")
+    deaf = await make()  # default channel: does not hear app:events
+    await a.set("k", 1)
+    assert await b.get("k") == 1 and await deaf.get("k") == 1
+    await a.delete("k")
+    assert b.l1 is not None and deaf.l1 is not None
+    await wait_until(lambda: "k" not in b.l1)
+    assert "k" in deaf.l1

@@ -155,6 +155,8 @@ class MultiLevelCache:
         coordinator: the tier used for locks, pub/sub and generations; by default the first tier
             that implements :class:`~infercache.tiers.base.Coordinator` (a RedisCache).
         broadcast: publish deletes/invalidations so other processes drop their L1 copies.
+        invalidation_channel: the pub/sub channel for those events; by default one derived from
+            the coordinator's namespace, so caches sharing a namespace share events.
         broadcast_sets: also publish each write, so other processes drop stale L1 copies of
             keys whose value changed (off by default: prediction values of one key never change).
         distributed_lock: cross-process single-flight in get_or_compute (needs a coordinator).
@@ -177,6 +179,7 @@ class MultiLevelCache:
         write_behind_when_full: QueueFull = "block",
         coordinator: Coordinator | None = None,
         broadcast: bool = True,
+        invalidation_channel: str | None = None,
         broadcast_sets: bool = False,
         distributed_lock: bool = True,
         lock_ttl: float = 10.0,
@@ -205,6 +208,7 @@ class MultiLevelCache:
         self.write_behind_interval = write_behind_interval
         self.write_behind_when_full = write_behind_when_full
         self.broadcast = broadcast
+        self.invalidation_channel = invalidation_channel
         self.broadcast_sets = broadcast_sets
         self.distributed_lock = distributed_lock
         self.lock_ttl = validate_ttl(lock_ttl, what="lock_ttl") or 10.0
@@ -1012,6 +1016,8 @@ class MultiLevelCache:
     # ----------------------------------------------------------------- events, generations
 
     def _channel(self) -> str:
+        if self.invalidation_channel is not None:
+            return self.invalidation_channel
         assert self._coord is not None
         channel = getattr(self._coord, "channel", None)
         if callable(channel):
