@@ -1,0 +1,262 @@
+"""Latency measurement: :class:`LatencyMonitor` and the per-stage :class:`StageTimer`.
+
+The user's tutorial kept the last 1,000 latencies in a deque and sorted them for every percentile.
+That forgets everything older than the window (a p99 over 1,000 samples is ten values) and costs
+O(n log n) per query. Here every recorded value goes into an HdrHistogram (microsecond resolution,
+three significant figures, fixed memory), so percentiles cover the whole run and cost the same at
+ten or ten million samples; a bounded deque still keeps the most recent values for ``recent(n)`` and
+for the "recent p99" an adaptive batcher or a dashboard wants.
+
+Exact ``min``, ``max``, ``mean`` and ``std`` are tracked beside the histogram (Welford's update), so
+they carry no bucket rounding. Everything is guarded by one lock: the monitor is written from the
+event loop and from worker threads alike. The clock is injected (``timer=``): tests need no sleeps.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+__all__ = ["STAGES", "LatencyMonitor", "StageTimer"]
+
+#: The hot path's stages, in order (DESIGN.md): decode/validate, key, cache lookups, waiting in the
+#: batcher's queue, model compute, and the write-back to the cache.
+STAGES: tuple[str, ...] = ("decode", "key", "cache", "queue", "compute", "write")
+
+_PERCENTILES: tuple[tuple[str, float], ...] = (
+    ("p50", 50.0),
+    ("p95", 95.0),
+    ("p99", 99.0),
+    ("p999", 99.9),
+)
+
+
+class _Series:
+    """One histogram plus exact moments. Not thread-safe alone: the monitor's lock guards it."""
+
+    __slots__ = ("count", "highest_us", "hist", "m2", "max", "mean", "min")
+
+    def __init__(self, highest_us: int, significant_figures: int) -> None:
+        self.highest_us = highest_us
+        self.hist = HdrHistogram(1, highest_us, significant_figures)
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def add(self, seconds: float) -> None:
+        # Clamp into the histogram's range: a value below 1 µs counts as 1 µs, one above the range
+        # as the range's top, instead of being silently dropped (hdrh returns False for those).
+        us = int(seconds * 1e6 + 0.5)
+        if us < 1:
+            us = 1
+        elif us > self.highest_us:
+            us = self.highest_us
+        self.hist.record_value(us)
+        self.count += 1
+        delta = seconds - self.mean
+        self.mean += delta / self.count
+        self.m2 += delta * (seconds - self.mean)
+        if seconds < self.min:
+            self.min = seconds
+        if seconds > self.max:
+            self.max = seconds
+
+    def stats(self) -> dict[str, float]:
+        if self.count == 0:
+            return {"count": 0}
+        pct = self.hist.get_percentile_to_value_dict([p for _, p in _PERCENTILES])
+        out: dict[str, float] = {
+            "count": self.count,
+            "min": self.min,
+            "max": self.max,
+            "mean": self.mean,
+            "std": math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0,
+        }
+        for name, p in _PERCENTILES:
+            # hdrh reports the bucket's highest equivalent value; never beyond the true extremes.
+            out[name] = min(max(pct[p] / 1e6, self.min), self.max)
+        out["median"] = out["p50"]
+        return out
+
+
+class LatencyMonitor:
+    """Thread-safe latency statistics over everything recorded, plus a window of recent values.
+
+    ``window_size`` bounds ``recent()`` (and the memory the window holds); percentiles come from the
+    histogram and cover every value since creation or :meth:`reset`. ``max_seconds`` is the largest
+    value the histogram distinguishes (larger ones are clamped to it). ``max_pending`` bounds the
+    table of ``start_request`` ids, so ids that never end (a client that vanished) cannot grow it
+    without limit: the oldest pending id is dropped first.
+    """
+
+    def __init__(
+        self,
+        window_size: int = 1000,
+        *,
+        max_seconds: float = 3600.0,
+        significant_figures: int = 3,
+        timer: Callable[[], float] = time.perf_counter,
+        max_pending: int = 100_000,
+    ) -> None:
+        if window_size < 1:
+            raise ValueError("window_size must be >= 1")
+        self.window_size = window_size
+        self._timer = timer
+        self._highest_us = max(2, int(max_seconds * 1e6))
+        self._sig = significant_figures
+        self._lock = threading.Lock()
+        self._total = _Series(self._highest_us, self._sig)
+        self._recent: deque[float] = deque(maxlen=window_size)
+        self._pending: dict[Hashable, float] = {}
+        self._max_pending = max_pending
+        self._stages: dict[str, _Series] = {}
+
+    # -- recording -------------------------------------------------------------------------------
+
+    @property
+    def timer(self) -> Callable[[], float]:
+        """The clock this monitor reads (seconds, monotonic): share it with a StageTimer."""
+        return self._timer
+
+    def start_request(self, request_id: Hashable) -> None:
+        """Remember when ``request_id`` started; :meth:`end_request` records the elapsed time."""
+        now = self._timer()
+        with self._lock:
+            if len(self._pending) >= self._max_pending and request_id not in self._pending:
+                # dicts keep insertion order: the first key is the oldest pending request
+                del self._pending[next(iter(self._pending))]
+            self._pending[request_id] = now
+
+    def end_request(self, request_id: Hashable) -> float | None:
+        """Record and return the seconds since ``start_request(request_id)``; None if unknown."""
+        now = self._timer()
+        with self._lock:
+            start = self._pending.pop(request_id, None)
+            if start is None:
+                return None
+            latency = now - start
+            self._total.add(latency)
+            self._recent.append(latency)
+        return latency
+
+    def record(self, seconds: float) -> None:
+        """Record one latency measured elsewhere (seconds)."""
+        with self._lock:
+            self._total.add(seconds)
+            self._recent.append(seconds)
+
+    def record_many(self, values: list[float] | tuple[float, ...]) -> None:
+        """Record several latencies under one lock acquisition (a batch's queue waits, say)."""
+        with self._lock:
+            for seconds in values:
+                self._total.add(seconds)
+                self._recent.append(seconds)
+
+    def record_stages(self, timings: Mapping[str, float], total: float | None = None) -> None:
+        """Record one request's per-stage durations (and, if given, its total) under one lock."""
+        with self._lock:
+            for stage, seconds in timings.items():
+                series = self._stages.get(stage)
+                if series is None:
+                    series = self._stages[stage] = _Series(self._highest_us, self._sig)
+                series.add(seconds)
+            if total is not None:
+                self._total.add(total)
+                self._recent.append(total)
+
+    @contextmanager
+    def time(self) -> Iterator[None]:
+        """Time the ``with`` block and record it, even when the block raises."""
+        start = self._timer()
+        try:
+            yield
+        finally:
+            self.record(self._timer() - start)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def get_stats(self) -> dict[str, float]:
+        """count, min, max, mean, median, p50, p95, p99, p999, std (seconds); ``{"count": 0}``
+        before anything was recorded."""
+        with self._lock:
+            return self._total.stats()
+
+    def stage_stats(self) -> dict[str, dict[str, float]]:
+        """The same statistics per hot-path stage (see :data:`STAGES`)."""
+        with self._lock:
+            return {name: s.stats() for name, s in self._stages.items()}
+
+    def recent(self, n: int = 100) -> list[float]:
+        """The last ``n`` latencies recorded, oldest first (at most ``window_size``)."""
+        with self._lock:
+            if n <= 0:
+                return []
+            items = list(self._recent)
+        return items[-n:]
+
+    def recent_percentile(self, percentile: float) -> float | None:
+        """A percentile over the recent window only (what changed lately); None when empty."""
+        with self._lock:
+            items = sorted(self._recent)
+        if not items:
+            return None
+        index = min(len(items) - 1, max(0, math.ceil(len(items) * percentile / 100.0) - 1))
+        return items[index]
+
+    def pending(self) -> int:
+        """How many started requests have not ended."""
+        with self._lock:
+            return len(self._pending)
+
+    def reset(self) -> None:
+        """Forget every value (pending request starts are kept)."""
+        with self._lock:
+            self._total = _Series(self._highest_us, self._sig)
+            self._recent.clear()
+            self._stages.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Overall and per-stage statistics in one dict (for /metrics, dashboards, stats())."""
+        return {"latency": self.get_stats(), "stages": self.stage_stats()}
+
+
+class StageTimer:
+    """Splits one request's wall time into named stages with one clock read per boundary.
+
+    ``mark(stage)`` charges the time since the previous boundary to ``stage`` (adding up if a stage
+    is visited twice); ``timings`` then holds each stage's seconds, which the Predictor returns in
+    ``Prediction.timings`` (the server's Server-Timing header) and records into the monitor. It is
+    deliberately tiny: it runs on every request.
+    """
+
+    __slots__ = ("_last", "_start", "_timer", "timings")
+
+    def __init__(self, timer: Callable[[], float] = time.perf_counter) -> None:
+        self._timer = timer
+        self._start = self._last = timer()
+        self.timings: dict[str, float] = {}
+
+    def mark(self, stage: str) -> float:
+        """End ``stage`` now; return its duration."""
+        now = self._timer()
+        elapsed = now - self._last
+        self._last = now
+        self.timings[stage] = self.timings.get(stage, 0.0) + elapsed
+        return elapsed
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Charge time measured elsewhere (in a worker thread, say) to ``stage``."""
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+    def total(self) -> float:
+        """Seconds since the timer was created."""
+        return self._timer() - self._start

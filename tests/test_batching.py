@@ -1,0 +1,328 @@
+"""DynamicBatcher: invariants under random arrivals, greedy dispatch, overload, deadlines,
+cancellation, poison inputs, adaptive limits, lifecycle. No timing assertions: every check is on
+results, batch sizes and counters."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from infercache.batching import DynamicBatcher
+from infercache.errors import DeadlineExceeded, InputError, ModelError, Overloaded
+
+
+class Gate:
+    """A sync batch function that blocks until released, recording every batch it sees."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.batches: list[list[Any]] = []
+
+    def __call__(self, items: list[Any]) -> list[Any]:
+        self.batches.append(list(items))
+        self.entered.set()
+        self.release.wait(10)
+        return [("out", x) for x in items]
+
+
+async def wait_entered(gate: Gate) -> None:
+    while not gate.entered.is_set():
+        await asyncio.sleep(0.001)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arrivals=st.lists(st.integers(min_value=0, max_value=3), min_size=1, max_size=60),
+    max_batch=st.integers(min_value=1, max_value=8),
+    concurrency=st.integers(min_value=1, max_value=3),
+    use_async=st.booleans(),
+    greedy=st.booleans(),
+)
+def test_every_caller_gets_its_own_result(
+    arrivals: list[int], max_batch: int, concurrency: int, use_async: bool, greedy: bool
+) -> None:
+    seen_sizes: list[int] = []
+
+    def square(items: list[int]) -> list[int]:
+        seen_sizes.append(len(items))
+        return [x * x for x in items]
+
+    async def asquare(items: list[int]) -> list[int]:
+        await asyncio.sleep(0)
+        return square(items)
+
+    async def main() -> None:
+        fn = asquare if use_async else square
+        async with DynamicBatcher(fn, max_batch_size=max_batch, max_wait_ms=0.5,
+                                  concurrency=concurrency, greedy=greedy) as b:
+
+            async def caller(i: int, pause: int) -> tuple[int, int]:
+                for _ in range(pause):
+                    await asyncio.sleep(0)
+                return i, await b.submit(i)
+
+            results = await asyncio.gather(*(caller(i, p) for i, p in enumerate(arrivals)))
+            assert all(r == i * i for i, r in results)
+            stats = b.stats()
+            assert stats["items"] == len(arrivals)
+            assert sum(stats["batch_sizes"].values()) == stats["batches"]
+        assert all(1 <= s <= max_batch for s in seen_sizes)
+        assert sum(seen_sizes) == len(arrivals)
+
+    asyncio.run(main())
+
+
+async def test_greedy_single_request_is_a_batch_of_one() -> None:
+    # a huge window: if the batcher waited for company the test would hang (and time out)
+    async with DynamicBatcher(lambda xs: [x + 1 for x in xs], max_wait_ms=60_000) as b:
+        assert await asyncio.wait_for(b.submit(41), 30) == 42
+        assert await asyncio.wait_for(b.submit(1), 30) == 2
+        assert b.batch_sizes() == {1: 2}
+
+
+async def test_greedy_batches_what_piled_up_while_busy() -> None:
+    gate = Gate()
+    async with DynamicBatcher(gate, max_batch_size=8) as b:
+        first = asyncio.ensure_future(b.submit(0))
+        await wait_entered(gate)
+        rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 11)]
+        await asyncio.sleep(0)
+        gate.release.set()
+        assert await first == ("out", 0)
+        assert [await f for f in rest] == [("out", i) for i in range(1, 11)]
+    assert [len(x) for x in gate.batches] == [1, 8, 2]
+
+
+async def test_fill_window_mode_waits_for_a_full_batch() -> None:
+    sizes: list[int] = []
+
+    def fn(xs: list[int]) -> list[int]:
+        sizes.append(len(xs))
+        return xs
+
+    async with DynamicBatcher(fn, max_batch_size=4, max_wait_ms=60_000, greedy=False) as b:
+        out = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(8))), 30)
+    assert out == list(range(8))
+    assert sizes == [4, 4]
+
+
+async def test_overload_is_immediate() -> None:
+    gate = Gate()
+    b = DynamicBatcher(gate, max_batch_size=1, max_queue=2)
+    running = asyncio.ensure_future(b.submit("a"))
+    await wait_entered(gate)  # "a" is computing, the queue is empty
+    queued = [asyncio.ensure_future(b.submit(x)) for x in ("b", "c")]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await b.submit("d")
+    assert b.stats()["rejected"] == 1
+    gate.release.set()
+    assert await running == ("out", "a")
+    assert [await q for q in queued] == [("out", "b"), ("out", "c")]
+    await b.close()
+
+
+async def test_expired_items_never_take_a_batch_slot() -> None:
+    gate = Gate()
+    async with DynamicBatcher(gate, max_batch_size=4) as b:
+        running = asyncio.ensure_future(b.submit("first"))
+        await wait_entered(gate)
+        doomed = asyncio.ensure_future(b.submit("late", deadline=b.timer() + 0.01))
+        kept = asyncio.ensure_future(b.submit("kept"))
+        with pytest.raises(DeadlineExceeded):
+            await doomed  # answered at its deadline, while the model is still busy
+        assert not gate.release.is_set()
+        with pytest.raises(DeadlineExceeded):
+            await b.submit("past", deadline=b.timer() - 1)
+        gate.release.set()
+        assert await running == ("out", "first")
+        assert await kept == ("out", "kept")
+        assert b.stats()["timeouts"] == 2
+    assert gate.batches == [["first"], ["kept"]]
+
+
+async def test_default_timeout_applies() -> None:
+    gate = Gate()
+    async with DynamicBatcher(gate, timeout=0.01) as b:
+        running = asyncio.ensure_future(b.submit(1))
+        await wait_entered(gate)
+        with pytest.raises(DeadlineExceeded):
+            await b.submit(2)
+        gate.release.set()
+        assert await running == ("out", 1)
+
+
+async def test_cancelled_callers_are_removed_before_dispatch() -> None:
+    gate = Gate()
+    async with DynamicBatcher(gate, max_batch_size=8, max_queue=3) as b:
+        running = asyncio.ensure_future(b.submit("first"))
+        await wait_entered(gate)
+        gone = [asyncio.ensure_future(b.submit(f"gone{i}")) for i in range(3)]
+        await asyncio.sleep(0)
+        assert b.queued() == 3
+        for g in gone:
+            g.cancel()
+        await asyncio.gather(*gone, return_exceptions=True)
+        assert b.queued() == 0  # their slots are free again: no Overloaded
+        stay = asyncio.ensure_future(b.submit("stay"))
+        await asyncio.sleep(0)
+        gate.release.set()
+        assert await running == ("out", "first")
+        assert await stay == ("out", "stay")
+        assert b.stats()["cancelled"] == 3
+    assert gate.batches == [["first"], ["stay"]]
+
+
+async def test_poison_input_fails_alone() -> None:
+    calls: list[int] = []
+
+    def model(xs: list[int]) -> list[int]:
+        calls.append(len(xs))
+        if 13 in xs:
+            raise ValueError("cannot handle 13")
+        return [x * 10 for x in xs]
+
+    gate = Gate()
+
+    async def pause_then_model(xs: list[int]) -> list[int]:
+        # the first call holds the worker so the other 16 items form one batch
+        if xs == [-1]:
+            while not gate.release.is_set():
+                await asyncio.sleep(0.001)
+            return [-10]
+        return model(xs)
+
+    async with DynamicBatcher(pause_then_model, max_batch_size=16) as b:
+        head = asyncio.ensure_future(b.submit(-1))
+        await asyncio.sleep(0)
+        futs = [asyncio.ensure_future(b.submit(i)) for i in range(16)]
+        await asyncio.sleep(0)
+        gate.release.set()
+        assert await head == -10
+        results = await asyncio.gather(*futs, return_exceptions=True)
+    for i, r in enumerate(results):
+        if i == 13:
+            assert isinstance(r, ModelError)
+            assert isinstance(r.__cause__, ValueError)
+        else:
+            assert r == i * 10
+    assert calls[0] == 16  # one batch, then bisection
+    assert b.stats()["errors"] == 1
+
+
+async def test_no_split_fails_whole_batch_and_infercache_errors_pass_through() -> None:
+    def bad(xs: list[int]) -> list[int]:
+        raise InputError("wrong shape")
+
+    async with DynamicBatcher(bad, split_on_error=False) as b:
+        with pytest.raises(InputError):
+            await b.submit(1)
+
+
+async def test_wrong_result_count_is_a_model_error() -> None:
+    async with DynamicBatcher(lambda xs: [], offload=False) as b:
+        with pytest.raises(ModelError):
+            await b.submit(1)
+
+
+async def test_sync_fn_runs_off_the_event_loop() -> None:
+    loop_thread = threading.get_ident()
+    async with DynamicBatcher(lambda xs: [threading.get_ident() for _ in xs]) as b:
+        assert await b.submit(None) != loop_thread
+    async with DynamicBatcher(lambda xs: [threading.get_ident() for _ in xs], offload=False) as b:
+        assert await b.submit(None) == loop_thread
+
+
+async def test_adaptive_limits_stay_within_bounds() -> None:
+    # a fake clock the model advances: each item costs 1 ms of "time", target 6 ms
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    limits: list[int] = []
+
+    def model(xs: list[int]) -> list[int]:
+        now[0] += 0.001 * len(xs)
+        limits.append(len(xs))
+        return xs
+
+    b = DynamicBatcher(model, max_batch_size=32, min_batch_size=2, adaptive=True,
+                       target_p99_ms=6.0, timer=clock, offload=False)
+    async with b:
+        for _ in range(20):
+            await asyncio.gather(*(b.submit(i) for i in range(40)))
+            assert 2 <= b.batch_limit <= 32
+    stats = b.stats()["limits"]
+    assert stats["decreases"] > 0
+    assert 2 <= stats["batch_limit"] <= 6  # converged near the target
+    assert stats["recent_p99_ms"] is not None
+    assert "target" in stats["last_decision"]
+    assert all(1 <= n <= 32 for n in limits)
+
+
+async def test_adaptive_grows_when_under_target() -> None:
+    def model(xs: list[int]) -> list[int]:
+        return xs
+
+    b = DynamicBatcher(model, max_batch_size=8, min_batch_size=1, adaptive=True,
+                       target_p99_ms=10_000.0, offload=False)
+    b._limit = 1  # start small to watch it grow (AIMD additive increase)
+    async with b:
+        for _ in range(20):
+            await asyncio.gather(*(b.submit(i) for i in range(16)))
+    assert b.batch_limit == 8
+    assert b.stats()["limits"]["increases"] == 7
+
+
+async def test_close_drains_and_rejects_new_items() -> None:
+    gate = Gate()
+    b = DynamicBatcher(gate, max_batch_size=2)
+    futs = [asyncio.ensure_future(b.submit(i)) for i in range(5)]
+    await wait_entered(gate)
+    gate.release.set()
+    await b.close()
+    assert [f.result() for f in futs] == [("out", i) for i in range(5)]
+    with pytest.raises(Overloaded):
+        await b.submit(9)
+
+
+async def test_close_without_drain_fails_queued_items() -> None:
+    gate = Gate()
+    b = DynamicBatcher(gate, max_batch_size=1)
+    first = asyncio.ensure_future(b.submit(0))
+    await wait_entered(gate)
+    queued = asyncio.ensure_future(b.submit(1))
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(b.close(drain=False))
+    await asyncio.sleep(0)
+    gate.release.set()
+    await closing
+    assert first.result() == ("out", 0)
+    with pytest.raises(Overloaded):
+        queued.result()
+
+
+async def test_submit_timed_and_submit_many() -> None:
+    async with DynamicBatcher(lambda xs: [x * 2 for x in xs]) as b:
+        result, queue_s, compute_s = await b.submit_timed(4)
+        assert result == 8 and queue_s >= 0 and compute_s >= 0
+        assert await b.submit_many([1, 2, 3]) == [2, 4, 6]
+        s = b.stats()
+        assert s["queue_wait"]["count"] == 4
+        assert s["compute"]["count"] == s["batches"]
+
+
+def test_invalid_settings() -> None:
+    with pytest.raises(ValueError):
+        DynamicBatcher(lambda xs: xs, max_batch_size=0)
+    with pytest.raises(ValueError):
+        DynamicBatcher(lambda xs: xs, adaptive=True)
+    with pytest.raises(ValueError):
+        DynamicBatcher(lambda xs: xs, min_batch_size=5, max_batch_size=4)
