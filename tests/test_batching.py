@@ -32,8 +32,7 @@ class Gate:
 
 
 async def wait_entered(gate: Gate) -> None:
-    while not gate.entered.is_set():
-        await asyncio.sleep(0.001)
+    assert await asyncio.to_thread(gate.entered.wait, 10)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -188,13 +187,12 @@ async def test_poison_input_fails_alone() -> None:
             raise ValueError("cannot handle 13")
         return [x * 10 for x in xs]
 
-    gate = Gate()
+    release = asyncio.Event()
 
     async def pause_then_model(xs: list[int]) -> list[int]:
         # the first call holds the worker so the other 16 items form one batch
         if xs == [-1]:
-            while not gate.release.is_set():
-                await asyncio.sleep(0.001)
+            await release.wait()
             return [-10]
         return model(xs)
 
@@ -203,7 +201,7 @@ async def test_poison_input_fails_alone() -> None:
         await asyncio.sleep(0)
         futs = [asyncio.ensure_future(b.submit(i)) for i in range(16)]
         await asyncio.sleep(0)
-        gate.release.set()
+        release.set()
         assert await head == -10
         results = await asyncio.gather(*futs, return_exceptions=True)
     for i, r in enumerate(results):
