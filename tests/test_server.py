@@ -125,12 +125,16 @@ async def test_second_identical_request_is_cached(http: httpx.AsyncClient) -> No
 
 
 async def test_ints_and_floats_share_one_cache_entry(http: httpx.AsyncClient) -> None:
-    ints = [1] * 784
-    floats = [1.0] * 784
-    await http.post("/v1/models/sum/predict", json={"input": ints})
-    resp = await http.post("/v1/models/sum/predict", json={"input": floats})
-    assert resp.json()["cached"] is True
-    assert resp.json()["output"] == [784.0]
+    """The input is converted to the model's spec (float32) before the key is computed."""
+    first = await http.post("/v1/models/mlp/predict", json={"input": [3] * 784})
+    resp = await http.post("/v1/models/mlp/predict", json={"input": [3.0] * 784})
+    assert first.json()["cached"] is False and resp.json()["cached"] is True
+
+
+async def test_factory_model_without_spec(http: httpx.AsyncClient) -> None:
+    resp = await http.post("/v1/models/sum/predict", json={"input": [1.5, 2.5, 4]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["output"] == [8.0] and resp.json()["model_version"] == "v1"
 
 
 async def test_batch_inputs(http: httpx.AsyncClient) -> None:
@@ -185,7 +189,7 @@ BAD_BODIES: list[tuple[str, bytes, int, str]] = [
     ("ragged", b'{"input": [[1, 2], [3]]}', 422, "invalid_input"),
     ("strings inside", b'{"input": [' + b'"a",' * 783 + b'"a"]}', 422, "invalid_input"),
     ("overflow", b'{"input": [' + b"1e39," * 783 + b"1e39]}", 422, "invalid_input"),
-    ("huge int", b'{"input": [' + b"1" * 400 + b"]}", 422, "invalid_input"),
+    ("huge int", b'{"input": [' + b"1" * 400 + b"]}", 400, "invalid_json"),
     ("one bad item in inputs", b'{"inputs": [[1, 2]]}', 422, "invalid_input"),
 ]
 

@@ -49,7 +49,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RedisStreamSource", "StreamItem", "StreamProcessor", "WindowResult"]
+__all__ = [
+    "RedisStreamSource",
+    "StreamItem",
+    "StreamProcessor",
+    "WindowResult",
+    "default_extract",
+]
 
 _END = object()
 
@@ -89,7 +95,8 @@ class WindowResult:
         }
 
 
-def _default_extract(value: Any) -> Any:
+def default_extract(value: Any) -> Any:
+    """A stream item's model input: ``item["input"]`` for a dict that has it, else the item."""
     if isinstance(value, dict) and "input" in value:
         return value["input"]
     return value
@@ -140,7 +147,7 @@ class StreamProcessor:
         step: int | None = None,
         duration: float | None = None,
         idle_timeout: float | None = 1.0,
-        extract: Callable[[Any], Any] = _default_extract,
+        extract: Callable[[Any], Any] = default_extract,
         summarize: Callable[[list[Any], list[Any]], dict[str, Any]] | None = None,
         max_buffer: int = 1024,
         publish: Callable[[dict[str, Any]], Any] | None = None,

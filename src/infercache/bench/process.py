@@ -62,6 +62,9 @@ class ServerProcess:
             cwd = self._tmp.name
         self.cwd = Path(cwd)
         self.env = {**os.environ, **(env or {})}
+        if env and "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):
+            # extend, don't replace: the parent's path may be what makes infercache importable
+            self.env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
         self.timeout = timeout
         self.log_path = self.cwd / f"server-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None

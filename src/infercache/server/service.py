@@ -358,7 +358,11 @@ class Service:
         import os
         import socket
 
-        from infercache.streaming import RedisStreamSource, StreamProcessor
+        from infercache.streaming import RedisStreamSource, StreamProcessor, default_extract
+
+        def extract(value: Any) -> Any:
+            # the same conversion as HTTP inputs, so stream items and requests share cache keys
+            return entry.coerce(default_extract(value))
 
         s = self.settings
         consumer = f"{socket.gethostname()}-{os.getpid()}"
@@ -372,6 +376,7 @@ class Service:
                 size=s.stream_size,
                 duration=s.stream_duration if s.stream_window == "time" else None,
                 idle_timeout=s.stream_idle_timeout,
+                extract=extract,
                 publish=functools.partial(self.hub.publish, topic),
             )
             try:
