@@ -19,15 +19,9 @@ torch.set_num_threads(1)
 
 class MLPAPI(ls.LitAPI):  # type: ignore[misc]
     def setup(self, device: str) -> None:
-        from infercache.models.demo import demo_mlp
+        from infercache.models.demo import build_mlp  # the same weights as demo_mlp()
 
-        runner = demo_mlp()
-        for attr in ("model", "module", "_model", "_module"):
-            module = getattr(runner, attr, None)
-            if isinstance(module, torch.nn.Module):
-                self.model = module.eval()
-                return
-        raise RuntimeError("demo_mlp() runner exposes no torch module")
+        self.model = build_mlp(seed=0)
 
     def decode_request(self, request: dict[str, Any]) -> Any:
         return request["input"]

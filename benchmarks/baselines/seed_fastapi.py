@@ -30,19 +30,9 @@ USE_ORJSON = os.environ.get("SEED_JSON", "stdlib") == "orjson"
 GC_FREEZE = os.environ.get("SEED_GC_FREEZE", "0") == "1"
 
 
-def _load_module() -> torch.nn.Module:
-    from infercache.models.demo import demo_mlp
+from infercache.models.demo import build_mlp  # noqa: E402 - the same weights as demo_mlp()
 
-    runner = demo_mlp()
-    for attr in ("model", "module", "_model", "_module"):
-        module = getattr(runner, attr, None)
-        if isinstance(module, torch.nn.Module):
-            module.eval()
-            return module
-    raise RuntimeError("demo_mlp() runner exposes no torch module")
-
-
-model = _load_module()
+model = build_mlp(seed=0)
 with torch.no_grad():  # the tutorial's warm-up: ten forwards
     for _ in range(10):
         model(torch.randn(1, 784))

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import functools
 import gc
-import importlib
 import logging
 import time
 from collections.abc import Mapping
@@ -53,9 +52,14 @@ class ModelEntry:
         return getattr(self.predictor, "batcher", None)
 
     def describe(self) -> dict[str, Any]:
-        spec = getattr(self.runner, "input_spec", None)
         out: dict[str, Any] = {"name": self.name, "version": self.version, "input_spec": None}
-        if spec is not None:
+        runner_describe = getattr(self.runner, "describe", None)
+        if callable(runner_describe):
+            with contextlib.suppress(Exception):  # a description must never break /v1/models
+                out.update(runner_describe())
+            out["name"] = self.name
+        spec = getattr(self.runner, "input_spec", None)
+        if spec is not None and not out.get("input_spec"):
             out["input_spec"] = _describe_spec(spec)
         batcher = self.batcher
         if batcher is not None:
@@ -72,6 +76,14 @@ class ModelEntry:
         Done here, before the key is computed, so that ``[1, 2]`` and ``[1.0, 2.0]`` (equal once
         they are float32) share one cache entry, and a malformed input never reaches the model.
         """
+        validate = getattr(self.runner, "validate", None)
+        if callable(validate):  # ModelRunner.validate: the spec's conversion, or pass-through
+            try:
+                return validate(raw)
+            except InputError:
+                raise
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise InputError(f"invalid input: {exc}") from None
         spec = getattr(self.runner, "input_spec", None)
         if spec is None:
             return raw
@@ -479,7 +491,7 @@ def preflight(settings: Settings) -> None:
             raise ConfigError(f"setting 'models': no module named {module!r} (in {spec!r})")
 
 
-def load_model(spec: str) -> Any:
+def load_model(spec: str, *, threads: int = 1) -> Any:
     """A ModelRunner for one ``--model`` spec (see :func:`infercache.config.parse_model_spec`)."""
     from infercache.models import ModelRunner
 
@@ -489,35 +501,20 @@ def load_model(spec: str) -> Any:
         if lower == "demo":
             from infercache.models.demo import demo_mlp
 
-            runner = demo_mlp()
-            if name:
-                runner = _renamed(runner, name)
-            return runner
-        if lower.endswith(".onnx"):
+            return demo_mlp(name=name or "mlp", threads=threads)
+        if lower.endswith((".onnx", ".pt", ".pth", ".ts")):
             path = Path(body)
             if not path.is_file():
-                raise ConfigError(f"setting 'models': ONNX file {body!r} does not exist")
-            return ModelRunner(str(path), name=name or path.stem)
-        if lower.endswith((".pt", ".pth", ".ts")):
-            path = Path(body)
-            if not path.is_file():
-                raise ConfigError(f"setting 'models': TorchScript file {body!r} does not exist")
-            import torch
-
-            module = torch.jit.load(str(path), map_location="cpu")
-            module.eval()
-            return ModelRunner(module, name=name or path.stem)
-        module_name, _, attr = body.partition(":")
-        mod = importlib.import_module(module_name)
-        obj: Any = mod
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        made = obj() if callable(obj) and not isinstance(obj, ModelRunner) else obj
-        if isinstance(made, ModelRunner):
-            return _renamed(made, name) if name else made
-        return ModelRunner(made, name=name or attr.split(".")[-1])
-    except ConfigError:
-        raise
+                raise ConfigError(f"setting 'models': model file {body!r} does not exist")
+            return ModelRunner(str(path), name=name or path.stem, threads=threads)
+        runner = ModelRunner.load(body)
+        if name:
+            runner = _renamed(runner, name)
+        return runner
+    except ConfigError as exc:
+        if str(exc).startswith("setting "):
+            raise
+        raise ConfigError(f"setting 'models': cannot load {spec!r}: {exc}") from exc
     except Exception as exc:
         raise ConfigError(
             f"setting 'models': cannot load {spec!r}: {type(exc).__name__}: {exc}"
@@ -551,9 +548,9 @@ async def build_service(settings: Settings) -> Service:
     from infercache.predictor import Predictor
     from infercache.tiers.memory import MemoryCache
 
-    specs = list(settings.models) or ["demo"]
-    runners = [load_model(s) for s in specs]
     _set_torch_threads(settings.torch_threads)
+    specs = list(settings.models) or ["demo"]
+    runners = [load_model(s, threads=settings.torch_threads) for s in specs]
     names = [r.name for r in runners]
     if len(set(names)) != len(names):
         raise ConfigError(f"setting 'models': two models are named the same: {names}")
@@ -573,8 +570,10 @@ async def build_service(settings: Settings) -> Service:
     monitor = LatencyMonitor()
     models: dict[str, ModelEntry] = {}
     for runner in runners:
+        # inputs reach the batcher already validated (ModelEntry.coerce): skip a second check
+        fn = getattr(runner, "run_validated", None) or runner.predict_batch
         batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
-            runner.predict_batch,
+            fn,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
