@@ -180,7 +180,10 @@ class InputSpec:
     def _check_values(self, arr: np.ndarray[Any, Any]) -> None:
         if arr.size == 0:
             return
-        if arr.dtype.kind == "f" and not self.allow_nan and not np.isfinite(arr).all():
+        # one reduction first: any NaN/inf makes the sum non-finite; only then (or on an overflow
+        # of a sum of finite values) pay for the element-wise check
+        if (arr.dtype.kind == "f" and not self.allow_nan and not np.isfinite(arr.sum())
+                and not np.isfinite(arr).all()):
             raise InputError("input contains NaN or infinity, which this model does not accept")
         if self.min is not None:
             lo = arr.min()
