@@ -134,7 +134,9 @@ class Predictor:
         self._remote = cache is not None and _has_remote(cache)
         self._owns_batcher = batcher is None
         if batcher is None:
-            opts = {"max_batch_size": 32, "max_wait_ms": 5.0, "name": f"{runner.name}-model"}
+            opts: dict[str, Any] = {
+                "max_batch_size": 32, "max_wait_ms": 5.0, "name": f"{runner.name}-model"
+            }
             opts.update(batch_options or {})
             batcher = DynamicBatcher(runner.run_validated, **opts)
         self.batcher = batcher
