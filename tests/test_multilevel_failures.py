@@ -231,3 +231,66 @@ async def test_sigterm_flushes_write_behind(redis_url: str) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_generations_survive_redis_restart(fresh_redis: Any, tmp_path: Path) -> None:
+    """Generations are durable: Redis restarted empty (no persistence) cannot bring a fresh
+    process back to an old generation whose entries still sit in the SQL tier."""
+    db = f"sqlite:///{tmp_path}/l3.db"
+
+    def build() -> MultiLevelCache:
+        sql = SQLCache(db, namespace="f", purge_interval=None)
+        return MultiLevelCache([MemoryCache(100), fast_redis(fresh_redis.url), sql])
+
+    def k(gen: int) -> str:
+        return f"m\x00{gen}:x"
+
+    a = build()
+    await a.start()
+    try:
+        g0 = a.generation("m")
+        await a.set(k(g0), "old")
+        g1 = await a.invalidate(namespace="m")
+        await a.set(k(g1), "mid")
+        g2 = await a.invalidate(namespace="m")
+        assert g0 < g1 < g2
+    finally:
+        await a.close()
+
+    fresh_redis.kill()
+    fresh_redis.start()  # empty: the generations hash is gone from Redis
+    check = SQLCache(db, namespace="f", purge_interval=None)
+    try:  # the invalidated entries are still in L3: only the generation keeps them out
+        assert await check.get_many([k(g0), k(g1)]) == {k(g0): "old", k(g1): "mid"}
+    finally:
+        await check.close()
+
+    b = build()
+    await b.start()
+    try:
+        assert b.generation("m") == g2
+        assert await b.get(k(b.generation("m"))) is None
+        redis = RedisCache(fresh_redis.url, namespace="f")
+        try:  # loading repaired the restarted Redis
+            assert await redis.read_generations() == {"m": g2}
+        finally:
+            await redis.close()
+        # A bump after the restart never reuses a generation that was handed out before.
+        g3 = await b.invalidate(namespace="m")
+        assert g3 > g2
+        assert await b.get(k(g3)) is None
+
+        fresh_redis.kill()  # a bump while Redis is down still reaches the durable tier
+        g4 = await b.invalidate(namespace="m")
+        assert g4 > g3
+    finally:
+        await b.close()
+
+    fresh_redis.start()
+    c = build()
+    await c.start()
+    try:
+        assert c.generation("m") == g4
+        assert await c.get(k(c.generation("m"))) is None
+    finally:
+        await c.close()

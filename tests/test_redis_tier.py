@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from infercache.errors import ConfigError, TierError, TierUnavailable
-from infercache.tiers.base import AsyncTier, Coordinator
+from infercache.tiers.base import AsyncTier, Coordinator, GenerationStore
 from infercache.tiers.redis import RedisCache
 
 try:
@@ -186,6 +186,16 @@ async def test_lock_counter_and_pubsub(cache: RedisCache, redis_url: str) -> Non
     # coordination keys live outside the cache namespace: clear() keeps them
     await cache.clear()
     assert await cache.read_counters("gens") == {"ns": 2}
+
+    assert isinstance(cache, GenerationStore)
+    assert await cache.read_generations() == {}
+    assert await cache.advance_generation("m") == 1
+    assert await cache.advance_generation("m", floor=10) == 10
+    assert await cache.advance_generation("m", floor=3) == 11  # never backwards
+    assert await cache.raise_generation("m", 5) == 11
+    assert await cache.raise_generation("n", 4) == 4
+    await cache.clear()
+    assert await cache.read_generations() == {"m": 11, "n": 4}
 
     got: list[bytes] = []
     other = RedisCache(redis_url, namespace="t")

@@ -252,3 +252,24 @@ async def test_postgres_stop_and_restart(postgres_server: Any) -> None:
         assert c.breaker.state == "closed"
     finally:
         await c.close()
+
+
+async def test_generations_are_monotonic_and_per_namespace(sql_url: str, ns: str) -> None:
+    a = SQLCache(sql_url, namespace=ns)
+    b = SQLCache(sql_url, namespace=ns)
+    other = SQLCache(sql_url, namespace=ns + "x")
+    try:
+        assert await a.read_generations() == {}
+        assert await a.advance_generation("m") == 1
+        assert await b.advance_generation("m") == 2  # shared through the database
+        assert await a.advance_generation("m", floor=10) == 10
+        assert await a.advance_generation("m", floor=3) == 11  # never backwards
+        assert await a.raise_generation("m", 5) == 11
+        assert await a.raise_generation("n", 4) == 4
+        await a.clear()  # entries only: generations outlive clear()
+        assert await b.read_generations() == {"m": 11, "n": 4}
+        assert await other.read_generations() == {}
+    finally:
+        await a.close()
+        await b.close()
+        await other.close()

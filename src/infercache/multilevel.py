@@ -18,8 +18,9 @@ a serving team needs:
 - **Refresh-ahead**: an entry read in the last ``refresh_ahead`` fraction of its TTL is recomputed
   in the background; callers keep getting the current value meanwhile.
 - **Invalidation**: by key on every tier, by namespace generation (bumping it makes every old key
-  unreachable without a scan), by hand (``clear``), and by events: each delete/invalidate is
-  published on Redis pub/sub and other processes drop the key from their L1.
+  unreachable without a scan; generations are kept in Redis *and* in the durable SQL tier, so a
+  Redis restarted empty cannot send them backwards), by hand (``clear``), and by events: each
+  delete/invalidate is published on Redis pub/sub and other processes drop the key from their L1.
 - **Degraded mode**: a failing slower tier (Redis or PostgreSQL down) is skipped with no exception
   to the caller; its circuit breaker lets it back in once the server returns.
 """
@@ -41,7 +42,13 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from infercache.errors import ConfigError, Overloaded, TierError
-from infercache.tiers.base import MISSING, Coordinator, LatencyWindow, validate_ttl
+from infercache.tiers.base import (
+    MISSING,
+    Coordinator,
+    GenerationStore,
+    LatencyWindow,
+    validate_ttl,
+)
 
 __all__ = ["MultiLevelCache"]
 
@@ -50,8 +57,6 @@ log = logging.getLogger(__name__)
 WritePolicy = Literal["through", "behind", "around"]
 QueueFull = Literal["block", "error", "through"]
 Loader = Callable[[], Any]
-
-_GENERATIONS = "generations"
 
 
 class _SyncTierAdapter:
@@ -152,8 +157,11 @@ class MultiLevelCache:
         write_behind_when_full: when the queue is full, ``"block"`` waits for the flusher to make
             room (backpressure; nothing dropped), ``"error"`` raises Overloaded, ``"through"``
             writes that entry synchronously instead.
-        coordinator: the tier used for locks, pub/sub and generations; by default the first tier
-            that implements :class:`~infercache.tiers.base.Coordinator` (a RedisCache).
+        coordinator: the tier used for locks and pub/sub; by default the first tier that
+            implements :class:`~infercache.tiers.base.Coordinator` (a RedisCache). Namespace
+            generations are kept by it and by every tier that implements
+            :class:`~infercache.tiers.base.GenerationStore` (RedisCache and SQLCache): loading
+            takes the maximum, bumps go to all of them.
         broadcast: publish deletes/invalidations so other processes drop their L1 copies.
         invalidation_channel: the pub/sub channel for those events; by default one derived from
             the coordinator's namespace, so caches sharing a namespace share events.
@@ -235,6 +243,14 @@ class MultiLevelCache:
                     coordinator = slot.tier
                     break
         self._coord: Coordinator | None = coordinator
+        # Where namespace generations live: the coordinator (Redis, shared and fast) first, then
+        # every durable tier (SQL), so a Redis restart cannot send generations backwards.
+        self._gen_stores: list[GenerationStore] = []
+        for candidate in [coordinator, *(slot.tier for slot in self._remote)]:
+            if isinstance(candidate, GenerationStore) and not any(
+                candidate is s for s in self._gen_stores
+            ):
+                self._gen_stores.append(candidate)
 
         self._origin = secrets.token_hex(8)
         self._generations: dict[str, int] = {}
@@ -313,11 +329,9 @@ class MultiLevelCache:
             if self._started:
                 return
             self._started = True
-            coord = self._coord
-            if coord is None:
-                return
             await self._load_generations()
-            if self.broadcast:
+            coord = self._coord
+            if coord is not None and self.broadcast:
                 try:
                     self._stop_subscriber = await coord.subscribe(
                         self._channel(), self._on_event, self._on_resubscribe
@@ -1065,26 +1079,58 @@ class MultiLevelCache:
         await self._load_generations()
 
     async def _load_generations(self) -> None:
-        if self._coord is None:
+        """Take the maximum of every store's generations (and ours), then repair stores that
+        lag behind it (a Redis restarted empty, a bump made while a store was down)."""
+        stores = self._gen_stores
+        if not stores:
             return
-        try:
-            remote = await self._coord.read_counters(_GENERATIONS)
-        except Exception as exc:
-            log.debug("generations not loaded: %s", exc)
-            return
-        for ns, gen in remote.items():
-            self._generations[ns] = max(self._generations.get(ns, 0), gen)
+        reads = await asyncio.gather(
+            *(s.read_generations() for s in stores), return_exceptions=True
+        )
+        merged = dict(self._generations)
+        answered: list[tuple[GenerationStore, dict[str, int]]] = []
+        for store, got in zip(stores, reads, strict=True):
+            if isinstance(got, BaseException):
+                log.debug("generations not loaded from %s: %s", _store_name(store), got)
+                continue
+            answered.append((store, got))
+            for ns, gen in got.items():
+                merged[ns] = max(merged.get(ns, 0), gen)
+        self._generations = merged
+        for store, got in answered:
+            for ns, gen in merged.items():
+                if got.get(ns, 0) < gen:
+                    try:
+                        await store.raise_generation(ns, gen)
+                    except Exception as exc:
+                        log.debug("generation of %r not repaired: %s", ns, exc)
+                        break
 
     async def _bump_generation(self, namespace: str) -> int:
-        local = self._generations.get(namespace, 0) + 1
-        if self._coord is not None:
+        """Advance ``namespace`` past every generation any store (or this process) has seen.
+
+        Each store advances atomically to ``max(its own + 1, what the previous store gave)``,
+        so the result is new everywhere; stores left behind by a later one are raised to it.
+        """
+        gen = self._generations.get(namespace, 0) + 1
+        reached: list[tuple[GenerationStore, int]] = []
+        for store in self._gen_stores:
             try:
-                local = max(local, await self._coord.incr_counter(_GENERATIONS, namespace))
-            except Exception as exc:  # Redis down: bump locally, others catch up on resync
-                log.warning("generation of %r bumped locally only: %s", namespace, exc)
-        self._generations[namespace] = local
-        await self._publish({"t": "gen", "ns": namespace, "g": local})
-        return local
+                got = await store.advance_generation(namespace, gen)
+            except Exception as exc:  # store down: the others (or a later resync) carry it
+                log.warning(
+                    "generation of %r not stored in %s: %s", namespace, _store_name(store), exc
+                )
+                continue
+            gen = max(gen, got)
+            reached.append((store, got))
+        for store, got in reached:
+            if got < gen:
+                with contextlib.suppress(Exception):
+                    await store.raise_generation(namespace, gen)
+        self._generations[namespace] = max(self._generations.get(namespace, 0), gen)
+        await self._publish({"t": "gen", "ns": namespace, "g": gen})
+        return gen
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1106,6 +1152,10 @@ async def _set_items(tier: Any, items: Mapping[str, tuple[Any, float | None]]) -
         groups.setdefault(t, {})[k] = v
     for t, mapping in groups.items():
         await tier.set_many(mapping, t)
+
+
+def _store_name(store: Any) -> str:
+    return str(getattr(store, "name", type(store).__name__))
 
 
 def _consume_exception(fut: asyncio.Future[Any]) -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "MISSING",
     "AsyncTier",
     "Coordinator",
+    "GenerationStore",
     "LatencyWindow",
     "escape_glob",
     "validate_ttl",
@@ -95,6 +96,26 @@ class Coordinator(Protocol):
     ) -> Callable[[], Awaitable[None]]: ...
     async def incr_counter(self, hash_name: str, field: str) -> int: ...
     async def read_counters(self, hash_name: str) -> dict[str, int]: ...
+
+
+@runtime_checkable
+class GenerationStore(Protocol):
+    """Shared, monotonic namespace generations (the counters behind ``invalidate(namespace=)``).
+
+    RedisCache keeps them beside its coordination keys, SQLCache in a small table next to its
+    entries, so they survive a Redis restart without persistence. MultiLevelCache reads every
+    store and takes the maximum, and writes each bump to all of them. Both writes are atomic
+    read-modify-writes, so concurrent bumps in several processes never go backwards.
+    """
+
+    async def read_generations(self) -> dict[str, int]: ...
+    async def advance_generation(self, name: str, floor: int = 0) -> int:
+        """Set the generation to ``max(current + 1, floor)`` and return it."""
+        ...
+
+    async def raise_generation(self, name: str, value: int) -> int:
+        """Set the generation to ``max(current, value)`` and return it."""
+        ...
 
 
 def validate_ttl(ttl: float | None, *, what: str = "ttl") -> float | None:

@@ -15,8 +15,9 @@ Why it looks the way it does:
   back when Redis returns.
 - It also implements the :class:`~infercache.tiers.base.Coordinator` protocol (short locks,
   pub/sub, shared counters) that MultiLevelCache uses for cross-process single-flight, invalidation
-  events and namespace generations. Those keys live outside the cache namespace
-  (``__infercache__:{namespace}:...``) so ``clear()`` does not reset them.
+  events, and the :class:`~infercache.tiers.base.GenerationStore` protocol for namespace
+  generations. Those keys live outside the cache namespace (``__infercache__:{namespace}:...``)
+  so ``clear()`` does not reset them.
 """
 
 from __future__ import annotations
@@ -91,6 +92,19 @@ for i, k in ipairs(KEYS) do
 end
 return out
 """
+
+# max(current + step, floor) on one hash field, atomically: a generation never goes backwards,
+# and concurrent advances (step 1) all get distinct values.
+_ADVANCE_FIELD = """
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local new = math.max(cur + tonumber(ARGV[2]), tonumber(ARGV[3]))
+if new ~= cur then
+    redis.call('HSET', KEYS[1], ARGV[1], new)
+end
+return new
+"""
+
+_GENERATIONS = "generations"
 
 _UNLINK_BATCH = 500
 
@@ -478,6 +492,27 @@ class RedisCache:
         key = self._coord_prefix + hash_name
         raw = await self._run("HGETALL", self._client.hgetall(key))
         return {(f.decode() if isinstance(f, bytes) else str(f)): int(v) for f, v in raw.items()}
+
+    # ----------------------------------------------------------------- GenerationStore protocol
+
+    async def read_generations(self) -> dict[str, int]:
+        """Every namespace generation kept here (outside the cache namespace)."""
+        return await self.read_counters(_GENERATIONS)
+
+    async def _advance(self, name: str, step: int, floor: int) -> int:
+        key = self._coord_prefix + _GENERATIONS
+        res = await self._run(
+            "EVAL", self._client.eval(_ADVANCE_FIELD, 1, key, name, str(step), str(floor))
+        )
+        return int(res)
+
+    async def advance_generation(self, name: str, floor: int = 0) -> int:
+        """Set ``name``'s generation to ``max(current + 1, floor)`` atomically; return it."""
+        return await self._advance(name, 1, floor)
+
+    async def raise_generation(self, name: str, value: int) -> int:
+        """Set ``name``'s generation to ``max(current, value)`` atomically; return it."""
+        return await self._advance(name, 0, value)
 
     def channel(self, suffix: str) -> str:
         """A pub/sub channel name scoped to this namespace."""

@@ -12,6 +12,9 @@ Why it looks the way it does:
 - SQLite is synchronous, so all its work runs on one dedicated worker thread owning the one
   connection (WAL mode: readers in other processes are not blocked by our writer). The event loop
   never blocks on disk.
+- Namespace generations (``invalidate(namespace=...)``) are also kept here, in a small
+  ``{table}_generations`` table, so they are as durable as the entries they make unreachable:
+  a Redis restart without persistence cannot bring old L3 entries back.
 - PostgreSQL goes through psycopg 3's AsyncConnectionPool with short timeouts and the same
   circuit breaker as Redis, so a stopped server degrades MultiLevelCache instead of stalling it.
 """
@@ -46,6 +49,14 @@ Row = tuple[str, bytes, float | None]  # key, encoded value, expires_at (None: n
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _SQLITE_CHUNK = 500  # stays far below SQLite's bound-parameter limit
 
+# Namespace generations (GenerationStore): a few rows per namespace, beside the entries so they
+# are as durable as the entries they invalidate. BIGINT: the same DDL works in both databases.
+_GENERATIONS_DDL = (
+    "CREATE TABLE IF NOT EXISTS {table}_generations ("
+    " namespace TEXT NOT NULL, name TEXT NOT NULL, generation BIGINT NOT NULL,"
+    " PRIMARY KEY (namespace, name))"
+)
+
 
 class _Backend(Protocol):
     name: str
@@ -59,6 +70,8 @@ class _Backend(Protocol):
     async def set_expiry(self, ns: str, key: str, expires_at: float, now: float) -> bool: ...
     async def purge(self, now: float, limit: int) -> int: ...
     async def count(self, ns: str, now: float) -> int: ...
+    async def read_generations(self, ns: str) -> dict[str, int]: ...
+    async def advance_generation(self, ns: str, name: str, step: int, floor: int) -> int: ...
     async def close(self) -> None: ...
 
 
@@ -106,6 +119,7 @@ class _SQLiteBackend:
             f"CREATE INDEX IF NOT EXISTS {t}_expires ON {t}(expires_at)"
             " WHERE expires_at IS NOT NULL"
         )
+        db.execute(_GENERATIONS_DDL.format(table=t))
 
     async def setup(self) -> None:
         await self._call(self._setup)
@@ -219,6 +233,38 @@ class _SQLiteBackend:
     async def count(self, ns: str, now: float) -> int:
         return await self._call(self._count, ns, now)
 
+    def _read_generations(self, ns: str) -> dict[str, int]:
+        cur = self._db().execute(
+            f"SELECT name, generation FROM {self.table}_generations WHERE namespace = ?", (ns,)
+        )
+        return {name: int(gen) for name, gen in cur.fetchall()}
+
+    async def read_generations(self, ns: str) -> dict[str, int]:
+        return await self._call(self._read_generations, ns)
+
+    def _advance_generation(self, ns: str, name: str, step: int, floor: int) -> int:
+        db = self._db()
+        t = f"{self.table}_generations"
+        db.execute("BEGIN IMMEDIATE")  # read-modify-write without another writer in between
+        try:
+            db.execute(
+                f"INSERT INTO {t} (namespace, name, generation) VALUES (?, ?, ?)"
+                " ON CONFLICT(namespace, name) DO UPDATE SET"
+                " generation = max(generation + ?, ?)",
+                (ns, name, max(step, floor), step, floor),
+            )
+            row = db.execute(
+                f"SELECT generation FROM {t} WHERE namespace = ? AND name = ?", (ns, name)
+            ).fetchone()
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return int(row[0])
+
+    async def advance_generation(self, ns: str, name: str, step: int, floor: int) -> int:
+        return await self._call(self._advance_generation, ns, name, step, floor)
+
     def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -308,6 +354,7 @@ class _PostgresBackend:
                 f"CREATE INDEX IF NOT EXISTS {t}_expires ON {t}(expires_at)"
                 " WHERE expires_at IS NOT NULL"
             )
+            await conn.execute(_GENERATIONS_DDL.format(table=t))
 
     async def get_many(self, ns: str, keys: Sequence[str], now: float) -> list[Row]:
         rows = await self._fetch(
@@ -364,6 +411,22 @@ class _PostgresBackend:
             f"SELECT count(*) FROM {self.table} WHERE namespace = %s"
             " AND (expires_at IS NULL OR expires_at > %s)",
             (ns, now),
+        )
+        return int(rows[0][0])
+
+    async def read_generations(self, ns: str) -> dict[str, int]:
+        rows = await self._fetch(
+            f"SELECT name, generation FROM {self.table}_generations WHERE namespace = %s", (ns,)
+        )
+        return {name: int(gen) for name, gen in rows}
+
+    async def advance_generation(self, ns: str, name: str, step: int, floor: int) -> int:
+        t = f"{self.table}_generations"
+        rows = await self._fetch(  # one statement: atomic under concurrent advances
+            f"INSERT INTO {t} (namespace, name, generation) VALUES (%s, %s, %s)"
+            " ON CONFLICT (namespace, name) DO UPDATE SET"
+            f" generation = GREATEST({t}.generation + %s, %s) RETURNING generation",
+            (ns, name, max(step, floor), step, floor),
         )
         return int(rows[0][0])
 
@@ -625,6 +688,34 @@ class SQLCache:
     async def clear(self) -> int:
         """Delete this namespace's rows only."""
         return int(await self._guarded("clear", lambda: self.backend.clear(self.namespace)))
+
+    # ----------------------------------------------------------------- GenerationStore protocol
+
+    async def read_generations(self) -> dict[str, int]:
+        """Every namespace generation stored under this cache's namespace."""
+        return dict(
+            await self._guarded(
+                "generations", lambda: self.backend.read_generations(self.namespace)
+            )
+        )
+
+    async def advance_generation(self, name: str, floor: int = 0) -> int:
+        """Set ``name``'s generation to ``max(current + 1, floor)`` atomically; return it."""
+        return int(
+            await self._guarded(
+                "generations",
+                lambda: self.backend.advance_generation(self.namespace, name, 1, floor),
+            )
+        )
+
+    async def raise_generation(self, name: str, value: int) -> int:
+        """Set ``name``'s generation to ``max(current, value)`` atomically; return it."""
+        return int(
+            await self._guarded(
+                "generations",
+                lambda: self.backend.advance_generation(self.namespace, name, 0, value),
+            )
+        )
 
     async def purge_expired(self) -> int:
         """Delete expired rows (every namespace) in batches; returns how many were removed."""
