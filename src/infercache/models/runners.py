@@ -327,7 +327,9 @@ class ModelRunner:
             if path.suffix in (".pt", ".pth", ".ts", ".jit"):
                 import torch
 
-                module = torch.jit.load(str(path), map_location="cpu")
+                with warnings.catch_warnings():  # torch 2.9+ marks TorchScript deprecated
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    module = torch.jit.load(str(path), map_location="cpu")
                 return _TorchBackend(module, device=device, threads=threads, compile=compile,
                                      quantize=quantize, digest=_file_digest(path),
                                      kind="torchscript")

