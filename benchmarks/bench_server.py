@@ -27,8 +27,6 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,16 +88,6 @@ PATHS = {
 }
 
 
-@contextmanager
-def running(name: str, workdir: Path) -> Iterator[ServerProcess]:
-    proc = contender(name, workdir)
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
 class Bench:
     def __init__(self, seconds: float, warmup: float) -> None:
         self.seconds = seconds
@@ -136,6 +124,7 @@ class Bench:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 s per point instead of 8")
+    parser.add_argument("--rounds", type=int, default=None, help="repeats of the ratio points")
     parser.add_argument("--json", type=Path, help="also write every result here")
     parser.add_argument(
         "--skip", action="append", default=[], help="contender to skip (repeatable)"
@@ -144,55 +133,75 @@ def main(argv: list[str] | None = None) -> int:
     if LOADGEN_CPU and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, LOADGEN_CPU)
     bench = Bench(3.0 if args.quick else 8.0, 1.0)
-    rates = [200, 1000, 2000, 4000] if args.quick else [200, 1000, 2000, 3000, 4000, 6000]
+    rounds = args.rounds or (1 if args.quick else 2)
+    rates = [200, 1000, 2000] if args.quick else [200, 1000, 2000, 3000, 4000]
     conc = 64
-    capacity: dict[str, float] = {}
     litserve_ok = _has("litserve") and "litserve" not in args.skip
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"infercache-bench-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     print(f"bench_server: python {platform.python_version()}, cpus {CPUS}, server cpu "
-          f"{SERVER_CPU or 'any'}, loadgen cpu {LOADGEN_CPU or 'any'}", flush=True)  # fmt: skip
+          f"{SERVER_CPU or 'any'}, loadgen cpu {LOADGEN_CPU or 'any'}, rounds {rounds}, "
+          f"{bench.seconds:g} s per point", flush=True)  # fmt: skip
+    if not litserve_ok:
+        print("litserve: not installed (or skipped): left out", flush=True)
 
-    contenders = ["infercache", "infercache-l1", "seed", "seed-orjson"]
+    names = ["infercache", "infercache-l1", "seed", "seed-orjson"]
     if litserve_ok:
-        contenders.append("litserve")
-    contenders = [c for c in contenders if c not in args.skip]
-
-    for name in contenders:
-        print(f"{name}:", flush=True)
-        with running(name, workdir) as srv:
-            closed = bench.run(name, srv.url, f"closed c={conc} distinct", mode="closed",
-                               concurrency=conc)  # fmt: skip
-            capacity[name] = closed.throughput
-            for rate in rates:
-                if rate > 1.6 * max(capacity[name], 1):
-                    continue  # far past saturation: the answer is "it queues"
-                bench.run(name, srv.url, f"open {rate}/s distinct", mode="open", rate=rate)
-            if name.startswith("infercache"):
-                r70 = round(0.7 * capacity[name])
-                bench.run(name, srv.url, f"open {r70}/s (70% cap) distinct", mode="open",
-                          rate=r70)  # fmt: skip
-                bench.run(name, srv.url, f"closed c={conc} zipf", mode="closed",
-                          concurrency=conc, inputs="zipf")  # fmt: skip
-                bench.run(name, srv.url, f"open {r70}/s zipf", mode="open", rate=r70,
-                          inputs="zipf")  # fmt: skip
-                bench.run(name, srv.url, f"ws closed c={conc} distinct", mode="closed",
-                          concurrency=conc, transport="ws")  # fmt: skip
-                bench.run(name, srv.url, f"ws open {r70}/s distinct", mode="open", rate=r70,
-                          transport="ws")  # fmt: skip
-                bench.run(name, srv.url, f"closed c={conc} hits", mode="closed",
-                          concurrency=conc, inputs="same")  # fmt: skip
-                bench.run(name, srv.url, f"ws closed c={conc} hits", mode="closed",
-                          concurrency=conc, inputs="same", transport="ws")  # fmt: skip
-    if "floor" not in args.skip:
-        print("floor:", flush=True)
-        with running("floor", workdir) as srv:
-            bench.run("floor", srv.url, f"closed c={conc} const", mode="closed", concurrency=conc,
-                      inputs="same")  # fmt: skip
+        names.append("litserve")
+    names = [c for c in names if c not in args.skip]
+    ours = [n for n in names if n.startswith("infercache")]
+    # All contenders run at once (idle ones cost nothing) so that every workload is measured for
+    # all of them back to back, round after round: on a shared machine, load from elsewhere then
+    # hits every contender alike instead of whichever happened to run at the time.
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for name in names:
+            servers[name] = contender(name, workdir).start()
+        urls = {n: p.url for n, p in servers.items()}
+        capacity: dict[str, list[float]] = {n: [] for n in names}
+        hits: dict[str, list[float]] = {n: [] for n in [*ours, "floor"]}
+        for rnd in range(rounds):
+            print(f"round {rnd + 1}: closed loop, distinct inputs (miss path)", flush=True)
+            for name in names:
+                r = bench.run(name, urls[name], f"closed c={conc} distinct", mode="closed",
+                              concurrency=conc)  # fmt: skip
+                capacity[name].append(r.throughput)
+            print(f"round {rnd + 1}: closed loop, cached hits vs the HTTP floor", flush=True)
+            for name in ours:
+                r = bench.run(name, urls[name], f"closed c={conc} hits", mode="closed",
+                              concurrency=conc, inputs="same")  # fmt: skip
+                hits[name].append(r.throughput)
+            if "seed" in urls:
+                r = bench.run("floor", urls["seed"], f"closed c={conc} const", mode="closed",
+                              concurrency=conc, inputs="same")  # fmt: skip
+                hits["floor"].append(r.throughput)
+        cap = {n: _median(v) for n, v in capacity.items() if v}
+        print("open loop (Poisson), distinct inputs", flush=True)
+        for rate in rates:
+            for name in names:
+                if rate <= 1.3 * cap.get(name, 0):  # far past saturation it only queues
+                    bench.run(name, urls[name], f"open {rate}/s distinct", mode="open", rate=rate)
+        for name in ours:
+            r70 = round(0.7 * cap[name])
+            print(f"{name}: 70 % of capacity ({r70}/s), Zipf(0.9), WebSocket", flush=True)
+            bench.run(name, urls[name], f"open {r70}/s (70%) distinct", mode="open", rate=r70)
+            bench.run(name, urls[name], f"closed c={conc} zipf", mode="closed", concurrency=conc,
+                      inputs="zipf")  # fmt: skip
+            bench.run(name, urls[name], f"open {r70}/s (70%) zipf", mode="open", rate=r70,
+                      inputs="zipf")  # fmt: skip
+            bench.run(name, urls[name], f"ws closed c={conc} distinct", mode="closed",
+                      concurrency=conc, transport="ws")  # fmt: skip
+            bench.run(name, urls[name], f"ws open {r70}/s (70%) distinct", mode="open", rate=r70,
+                      transport="ws")  # fmt: skip
+            bench.run(name, urls[name], f"ws closed c={conc} hits", mode="closed",
+                      concurrency=conc, inputs="same", transport="ws")  # fmt: skip
+    finally:
+        for proc in servers.values():
+            proc.stop()
 
     print(f"\ntotal {time.time() - started:.0f} s")
-    summary = _ratios(bench.results, capacity)
+    summary = _ratios(bench.results, capacity, hits)
     for line in summary:
         print(line)
     if args.json:
@@ -201,35 +210,62 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def _find(results: list[dict[str, Any]], server: str, label: str) -> dict[str, Any] | None:
     return next((r for r in results if r["server"] == server and r["label"] == label), None)
 
 
-def _ratios(results: list[dict[str, Any]], capacity: dict[str, float]) -> list[str]:
+def _ratios(
+    results: list[dict[str, Any]],
+    capacity: dict[str, list[float]],
+    hits: dict[str, list[float]],
+) -> list[str]:
+    """Ratios of medians over the rounds (each round measured all contenders back to back)."""
     out = []
-
-    def ratio(a: str, b: str, what: str) -> None:
-        if capacity.get(a) and capacity.get(b):
-            out.append(f"{what}: {a} / {b} = {capacity[a] / capacity[b]:.2f}x")
-
-    for base in ("seed-orjson", "seed", "litserve"):
-        ratio("infercache", base, "miss path, closed loop throughput")
-        ratio("infercache-l1", base, "miss path, closed loop throughput")
-    floor = _find(results, "floor", "closed c=64 const")
-    for name in ("infercache", "infercache-l1"):
-        hits = _find(results, name, "closed c=64 hits")
-        if floor and hits and floor["throughput"]:
+    cap = {n: _median(v) for n, v in capacity.items() if v}
+    for ours in ("infercache", "infercache-l1"):
+        for base in ("seed-orjson", "seed", "litserve"):
+            if cap.get(ours) and cap.get(base):
+                per_round = [a / b for a, b in zip(capacity[ours], capacity[base], strict=False)]
+                out.append(
+                    f"miss path, closed loop: {ours} / {base} = {cap[ours] / cap[base]:.2f}x "
+                    f"(per round {', '.join(f'{x:.2f}' for x in per_round)})"
+                )
+    floor = hits.get("floor") or []
+    for ours in ("infercache", "infercache-l1"):
+        mine = hits.get(ours) or []
+        if mine and floor:
+            per_round = [a / b for a, b in zip(mine, floor, strict=False)]
             out.append(
-                f"cached hits / HTTP floor ({name}): {hits['throughput'] / floor['throughput']:.2f}"
+                f"cached hits / HTTP floor ({ours}): {_median(mine) / _median(floor):.2f} "
+                f"(per round {', '.join(f'{x:.2f}' for x in per_round)})"
             )
-    for name in ("infercache", "infercache-l1"):
-        a = _find(results, name, "open 200/s distinct")
+    for ours in ("infercache", "infercache-l1"):
+        a = _find(results, ours, "open 200/s distinct")
         b = _find(results, "seed-orjson", "open 200/s distinct")
         if a and b and a["p50_ms"] is not None and b["p50_ms"] is not None:
             out.append(
-                f"p50 at 200 req/s: {name} {a['p50_ms']:.2f} ms vs seed-orjson "
-                f"{b['p50_ms']:.2f} ms (diff {a['p50_ms'] - b['p50_ms']:+.2f} ms)"
+                f"p50 at 200 req/s: {ours} {a['p50_ms']:.2f} ms vs seed-orjson "
+                f"{b['p50_ms']:.2f} ms ({a['p50_ms'] - b['p50_ms']:+.2f} ms)"
             )
+        r70 = next(
+            (
+                r
+                for r in results
+                if r["server"] == ours
+                and r["label"].endswith("(70%) distinct")
+                and r["transport"] == "http"
+            ),
+            None,
+        )
+        if r70 and r70["p99_ms"] is not None:
+            out.append(f"p99 at 70 % of capacity ({ours}, {r70['offered_rate']:.0f}/s): "
+                       f"{r70['p99_ms']:.2f} ms")  # fmt: skip
     return out
 
 

@@ -25,6 +25,7 @@ from infercache.server.service import Service
 router = APIRouter()
 
 _JSON = "application/json"
+PREDICT_PATH = "/v1/models/{name}/predict"
 _PREDICT_FIELDS = frozenset({"input", "inputs", "use_cache"})
 _INVALIDATE_FIELDS = frozenset({"all", "model", "version", "key", "input"})
 
@@ -130,6 +131,28 @@ _PREDICT_BODY_SCHEMA: dict[str, Any] = {
 )
 async def predict(name: str, request: Request) -> Response:
     """Predict one input (`{"input": ...}`) or several (`{"inputs": [...]}`) with model `name`."""
+    return await _predict(name, request)
+
+
+async def fast_predict(request: Request) -> Response:
+    """The same route as a plain Starlette endpoint (see :func:`install_fast_routes`)."""
+    request.scope["infercache.route"] = PREDICT_PATH  # the metrics label (route template)
+    return await _predict(request.path_params["name"], request)
+
+
+def install_fast_routes(app: Any) -> None:
+    """Serve ``POST /v1/models/{name}/predict`` through a plain Starlette route.
+
+    FastAPI's per-request dependency solving (parameter extraction, validation of the path
+    parameter) costs more than a cached answer itself; the predict route needs none of it. The
+    FastAPI route stays registered behind it for the OpenAPI document, so ``/docs`` is unchanged.
+    """
+    from starlette.routing import Route
+
+    app.router.routes.insert(0, Route(PREDICT_PATH, fast_predict, methods=["POST"]))
+
+
+async def _predict(name: str, request: Request) -> Response:
     service = _service(request)
     if service.api_auth.enabled:
         service.api_auth.check(request.headers.get("authorization"))

@@ -44,6 +44,11 @@ class ModelEntry:
     runner: Any
 
     @property
+    def validates(self) -> bool:
+        """Whether the predictor validates inputs itself (a ModelRunner behind it does)."""
+        return callable(getattr(self.runner, "validate", None))
+
+    @property
     def version(self) -> str:
         return str(getattr(self.runner, "version", "") or "")
 
@@ -176,9 +181,9 @@ class Service:
     ) -> dict[str, Any]:
         """One prediction as a JSON-able dict (``output``, ``cached``, ``tier``, ``timings``)."""
         entry = self.entry(model)
-        t0 = time.perf_counter()
-        x = entry.coerce(raw)
-        decode_s = time.perf_counter() - t0
+        # The Predictor validates and converts the input itself (ModelRunner.validate) before
+        # computing the key; converting it here too would do the work twice.
+        x = raw if entry.validates else entry.coerce(raw)
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 pred = await entry.predictor.predict(x, use_cache=use_cache)
@@ -188,8 +193,7 @@ class Service:
             raise DeadlineExceeded(
                 f"prediction took longer than {self.settings.request_timeout_s:g} s"
             ) from None
-        timings = dict(pred.timings)
-        timings["decode"] = timings.get("decode", 0.0) + decode_s
+        timings = pred.timings
         self.metrics.observe_prediction(entry.name, pred.tier, timings)
         return {
             "model": entry.name,
@@ -205,14 +209,14 @@ class Service:
     ) -> dict[str, Any]:
         """Several predictions in one call: parallel lists ``outputs``, ``cached``, ``tier``."""
         entry = self.entry(model)
-        t0 = time.perf_counter()
-        xs = []
-        for i, raw in enumerate(raws):
-            try:
-                xs.append(entry.coerce(raw))
-            except InputError as exc:
-                raise InputError(f"inputs[{i}]: {exc}") from None
-        decode_s = time.perf_counter() - t0
+        xs = raws
+        if not entry.validates:
+            xs = []
+            for i, raw in enumerate(raws):
+                try:
+                    xs.append(entry.coerce(raw))
+                except InputError as exc:
+                    raise InputError(f"inputs[{i}]: {exc}") from None
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 preds = await _predict_many(entry.predictor, xs, use_cache)
@@ -222,7 +226,7 @@ class Service:
             raise DeadlineExceeded(
                 f"prediction took longer than {self.settings.request_timeout_s:g} s"
             ) from None
-        timings: dict[str, float] = {"decode": decode_s}
+        timings: dict[str, float] = {}
         for p in preds:
             self.metrics.observe_prediction(entry.name, p.tier, p.timings)
             for stage, s in p.timings.items():
