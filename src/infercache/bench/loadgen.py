@@ -61,8 +61,10 @@ class Inputs:
         rng = np.random.default_rng(seed)
         vec = rng.random(dim, dtype=np.float32)
         # 4 decimals: realistic pixel values, ~7 bytes per number
-        rest = ",".join(f"{v:.4f}" for v in vec[1:])
-        self._suffix = ("," + rest + "]").encode() if dim > 1 else b"]"
+        # The index goes into the first TWO elements (index // 4096, index % 4096): one element
+        # holding a large index would collide once converted to float32 (24-bit mantissa).
+        rest = ",".join(f"{v:.4f}" for v in vec[2:])
+        self._suffix = ("," + rest + "]").encode() if dim > 2 else b"]"
         self.kind = kind
         self.keys = keys
         self._counter = itertools.count(offset)
@@ -84,8 +86,8 @@ class Inputs:
         return int(self._draws.pop())
 
     def input_json(self, index: int) -> bytes:
-        """The JSON array for input ``index``."""
-        return b"[" + str(index).encode() + self._suffix
+        """The JSON array for input ``index`` (exact in float32 for indices below 2**36)."""
+        return f"[{index >> 12},{index & 4095}".encode() + self._suffix
 
     def input_list(self, index: int) -> list[float]:
         return [float(x) for x in json.loads(self.input_json(index))]
