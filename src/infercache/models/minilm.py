@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from infercache.errors import ConfigError
-from infercache.models.runners import ModelRunner, _file_digest
+from infercache.models.runners import ModelRunner, _file_digest, ensure_torch_threads
 from infercache.models.spec import InputSpec
 
 __all__ = ["EMBEDDING_DIM", "available", "minilm"]
@@ -72,6 +72,7 @@ def minilm(
     version = _file_digest(weights) + ("-norm" if normalize else "")
 
     def encode(texts: list[str]) -> Any:
+        ensure_torch_threads(threads)  # it runs in the batcher's worker thread
         with torch.inference_mode():
             return model.encode(
                 list(texts),
