@@ -112,6 +112,7 @@ async def run_all_miss(label: str, runner: ModelRunner, seed: SeedModelServer,
         async with Predictor(runner, MemoryCache(max_size=max(n, 10)),
                              batch_options=opts) as p:
             res = await closed_loop(lambda i, p=p: p.predict(make_input(i)), n, concurrency)
+            name = f"{name} [model on {'a thread' if p.batcher.offload else 'the loop'}]"
             results[name] = res
             batch_info[name] = fmt(p.batcher.stats()["mean_batch_size"], 1)
 

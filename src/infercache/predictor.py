@@ -156,7 +156,7 @@ class Predictor:
         self._closed = False
 
     #: a model whose warm-up forward (2 inputs) took less than this runs on the event loop
-    INLINE_BELOW_S = 0.0005
+    INLINE_BELOW_S = 0.001
 
     @classmethod
     def _cheap_model(cls, runner: Any) -> bool:
