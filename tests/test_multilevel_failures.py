@@ -149,21 +149,124 @@ async def test_postgres_stopped_then_back(
         await cache.close()
 
 
-async def test_write_behind_with_redis_down_keeps_going(fresh_redis: Any, tmp_path: Path) -> None:
+async def test_write_behind_survives_redis_outage(fresh_redis: Any, tmp_path: Path) -> None:
+    """Writes flushed while Redis is down wait for it (with backoff) and land once it is back."""
     redis = fast_redis(fresh_redis.url)
     sql = SQLCache(f"sqlite:///{tmp_path}/l3.db", namespace="f", purge_interval=None)
     cache = MultiLevelCache(
-        [MemoryCache(100), redis, sql], write="behind", write_behind_interval=60
+        [MemoryCache(100), redis, sql],
+        write="behind",
+        write_behind_interval=60,
+        write_behind_retries=10_000,  # the test bounds the outage, not the retry budget
+        write_behind_retry_delay=0.01,
+        write_behind_retry_max_delay=0.05,
     )
     await cache.start()
     try:
-        fresh_redis.kill()
+        await cache.set("before", 0)
+        await cache.flush()
+        fresh_redis.stop()
         await cache.set_many({f"w{i}": i for i in range(10)})
-        await cache.flush()  # no exception; SQLite still gets the batch
+        await cache.flush()  # no exception; SQLite gets the batch, Redis's copy waits
         assert len(await sql.get_many([f"w{i}" for i in range(10)])) == 10
         s = await cache.stats()
-        assert s["tiers"]["redis"]["write_behind_failed"] == 10
-        assert s["write_behind"]["queue_depth"] == 0
+        assert s["tiers"]["redis"]["write_behind_retrying"] == 10
+        assert s["tiers"]["sqlite"]["write_behind_retrying"] == 0
+        assert s["write_behind"]["queue_depth"] == 0 and s["write_behind"]["retrying"] == 10
+        await cache.set("w3", "newer")  # queued behind the waiting ones: the newest must win
+        await cache.delete("w4")  # and a delete must not be undone by a retry
+        await cache.flush()
+        cache.l1.clear()  # type: ignore[union-attr]
+        assert await cache.get("w3") == "newer"
+
+        fresh_redis.start()  # empty (no persistence): only the retries can refill it
+        want = {f"w{i}": i for i in range(10) if i != 4} | {"w3": "newer"}
+
+        async def landed() -> bool:
+            try:
+                return await redis.get_many([f"w{i}" for i in range(10)]) == want
+            except TierError:
+                return False
+
+        await wait_until(landed)  # the flusher retried on its own, nothing was lost
+        s = await cache.stats()
+        assert s["tiers"]["redis"]["write_behind_retrying"] == 0
+        assert s["tiers"]["redis"]["write_behind_failed"] == 0
+        assert s["tiers"]["redis"]["write_behind_dropped"] == 0
+        assert s["tiers"]["redis"]["write_behind_retried"] == 9
+    finally:
+        await cache.close()
+
+
+async def test_write_behind_survives_postgres_outage(redis_url: str, postgres_server: Any) -> None:
+    ns = f"pgwb{next(_ns)}"
+    pg = SQLCache(
+        postgres_server.url, namespace=ns, timeout=0.5, failure_threshold=1, recovery_time=0.05
+    )
+    cache = MultiLevelCache(
+        [MemoryCache(100), RedisCache(redis_url, namespace=ns), pg],
+        write="behind",
+        write_behind_interval=60,
+        write_behind_retries=10_000,
+        write_behind_retry_delay=0.01,
+        write_behind_retry_max_delay=0.1,
+    )
+    await cache.start()
+    try:
+        postgres_server.stop()
+        try:
+            await cache.set_many({f"p{i}": i for i in range(20)})
+            await cache.flush()
+            s = await cache.stats()
+            assert s["tiers"]["postgres"]["write_behind_retrying"] == 20
+            assert s["tiers"]["redis"]["write_behind_retrying"] == 0
+        finally:
+            postgres_server.start()
+
+        async def landed() -> bool:
+            try:
+                return len(await pg.get_many([f"p{i}" for i in range(20)])) == 20
+            except TierError:
+                return False
+
+        await wait_until(landed, limit=30)
+        assert (await cache.stats())["tiers"]["postgres"]["write_behind_failed"] == 0
+    finally:
+        await cache.close()
+
+
+async def test_write_behind_retries_are_bounded() -> None:
+    """A tier that stays down: its waiting writes are capped (oldest dropped first, counted),
+    and each is given up after its retries (counted); the caller never sees an error."""
+    from servers import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nobody listens there
+    cache = MultiLevelCache(
+        [MemoryCache(100), fast_redis(url)],
+        write="behind",
+        write_behind_max_queue=5,
+        write_behind_interval=60,
+        write_behind_retries=2,
+        write_behind_retry_delay=3600,  # only flush() retries here
+    )
+    try:
+        await cache.set_many({f"b{i}": i for i in range(8)})  # through a queue of 5
+        await cache.flush()
+        s = (await cache.stats())["tiers"]["redis"]
+        assert s["write_behind_retrying"] == 5 and s["write_behind_dropped"] == 3
+        cache.l1.clear()  # type: ignore[union-attr]
+        assert await cache.get_many([f"b{i}" for i in range(8)]) == {
+            f"b{i}": i
+            for i in range(3, 8)  # the newest stay readable
+        }
+        # b3, b4 failed in the first flush and once more in flush() above; b5-b7 were queued
+        # behind them unattempted and failed once in flush() above.
+        await cache.flush()  # b3, b4 fail a third time: their two retries are used up
+        s = (await cache.stats())["tiers"]["redis"]
+        assert s["write_behind_retrying"] == 3 and s["write_behind_failed"] == 2
+        await cache.flush()
+        s = (await cache.stats())["tiers"]["redis"]
+        assert s["write_behind_retrying"] == 0 and s["write_behind_failed"] == 5
     finally:
         await cache.close()
 

@@ -39,7 +39,7 @@ import signal
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from infercache.errors import ConfigError, Overloaded, TierError
 from infercache.tiers.base import (
@@ -100,19 +100,180 @@ class _SyncTierAdapter:
         return None
 
 
+class _Retry(NamedTuple):
+    value: Any
+    ttl: float | None  # the tier's effective TTL when written (None: no expiry)
+    since: float  # monotonic time the TTL started running
+    attempts: int  # failed attempts so far
+
+
+class _RetryBuffer:
+    """Write-behind entries one tier missed (it was down), kept for later attempts.
+
+    Bounded: beyond ``capacity`` entries the oldest are dropped (counted in ``dropped``). An
+    entry is tried at most ``retries`` more times after its first failure, with exponential
+    backoff (per tier) between attempts; then it is given up (counted in ``failed``). A newer
+    write or a delete of a key makes its entry obsolete (:meth:`discard`, :meth:`replace`).
+    An entry keeps the rest of its TTL, never a fresh one, and is skipped once it expired.
+    """
+
+    __slots__ = (
+        "_entries",
+        "_flying",
+        "capacity",
+        "delay",
+        "dropped",
+        "failed",
+        "failures",
+        "max_delay",
+        "next_at",
+        "retried",
+        "retries",
+    )
+
+    def __init__(self, capacity: int, retries: int, delay: float, max_delay: float) -> None:
+        self._entries: OrderedDict[str, _Retry] = OrderedDict()
+        self._flying: dict[str, _Retry] = {}  # taken for the attempt in progress
+        self.capacity = capacity
+        self.retries = retries
+        self.delay = delay
+        self.max_delay = max_delay
+        self.failures = 0  # consecutive failed attempts: the backoff exponent
+        self.next_at = 0.0
+        self.dropped = 0
+        self.failed = 0
+        self.retried = 0
+
+    def __len__(self) -> int:
+        return len(self._entries) + len(self._flying)
+
+    def due(self, now: float) -> bool:
+        return bool(self._entries) and now >= self.next_at
+
+    def wait_time(self, now: float) -> float | None:
+        """Seconds until the next attempt is due (None: nothing waits)."""
+        return max(0.0, self.next_at - now) if self._entries else None
+
+    def holds(self, keys: Iterable[str] | None) -> bool:
+        """Whether an attempt in progress carries one of ``keys`` (None: any)."""
+        if not self._flying:
+            return False
+        return keys is None or any(k in self._flying for k in keys)
+
+    def add(
+        self, items: Mapping[str, tuple[Any, float | None]], now: float, *, attempts: int = 0
+    ) -> None:
+        """Queue writes for this tier behind those already waiting (the newest value wins)."""
+        for k, (v, t) in items.items():
+            self._entries.pop(k, None)
+            self._flying.pop(k, None)
+            if attempts > self.retries:
+                self.failed += 1
+                continue
+            self._entries[k] = _Retry(v, t, now, attempts)
+        self._trim()
+
+    def failed_write(self, items: Mapping[str, tuple[Any, float | None]], now: float) -> None:
+        """A first write of ``items`` failed: keep them for retries and back off."""
+        self.add(items, now, attempts=1)
+        self._back_off(now)
+
+    def replace(self, items: Mapping[str, tuple[Any, float | None]], now: float) -> None:
+        """Newer values for keys that already wait here (a write that did not reach the tier)."""
+        waiting = {k: e for k, e in items.items() if k in self._entries or k in self._flying}
+        if waiting:
+            self.add(waiting, now)
+
+    def discard(self, keys: Iterable[str]) -> None:
+        """Forget keys (deleted, or written to the tier by a newer write)."""
+        for k in keys:
+            self._entries.pop(k, None)
+            self._flying.pop(k, None)
+
+    def clear(self) -> int:
+        n = len(self)
+        self._entries.clear()
+        self._flying.clear()
+        return n
+
+    def get(self, key: str, now: float) -> Any:
+        """The value waiting for ``key`` (MISSING if none, or if it expired)."""
+        e = self._entries.get(key) or self._flying.get(key)
+        if e is None or _remaining(e, now) is MISSING:
+            return MISSING
+        return e.value
+
+    def take(self, n: int, now: float) -> dict[str, tuple[Any, float | None]]:
+        """Up to ``n`` oldest entries for an attempt, with what is left of their TTL."""
+        out: dict[str, tuple[Any, float | None]] = {}
+        while self._entries and len(out) < n:
+            k, e = self._entries.popitem(last=False)
+            rem = _remaining(e, now)
+            if rem is MISSING:  # expired while waiting: nothing left to write
+                continue
+            self._flying[k] = e
+            out[k] = (e.value, rem)
+        return out
+
+    def succeeded(self) -> None:
+        self.retried += len(self._flying)
+        self._flying.clear()
+        self.failures = 0
+        self.next_at = 0.0
+
+    def attempt_failed(self, now: float) -> None:
+        """Requeue the attempt's entries ahead of newer ones (if attempts remain); back off."""
+        requeue = [(k, e._replace(attempts=e.attempts + 1)) for k, e in self._flying.items()]
+        self._flying.clear()
+        for k, e in reversed(requeue):
+            if k in self._entries:  # a newer value arrived meanwhile
+                continue
+            if e.attempts > self.retries:
+                self.failed += 1
+                continue
+            self._entries[k] = e
+            self._entries.move_to_end(k, last=False)
+        self._back_off(now)
+        self._trim()
+
+    def give_up(self) -> int:
+        """Drop everything (on close, when the tier is still down); returns how many."""
+        n = self.clear()
+        self.failed += n
+        return n
+
+    def _back_off(self, now: float) -> None:
+        self.failures += 1
+        step = self.delay * 2 ** min(self.failures - 1, 30)
+        self.next_at = now + min(step, self.max_delay)
+
+    def _trim(self) -> None:
+        while self._entries and len(self) > self.capacity:
+            self._entries.popitem(last=False)
+            self.dropped += 1
+
+
+def _remaining(e: _Retry, now: float) -> Any:
+    """What is left of an entry's TTL (None: no expiry; MISSING: expired)."""
+    if e.ttl is None:
+        return None
+    rem = e.ttl - (now - e.since)
+    return rem if rem > 0.001 else MISSING
+
+
 class _Slot:
     """One tier plus the counters MultiLevelCache keeps about it."""
 
-    __slots__ = ("errors", "hits", "lat", "misses", "name", "promotions", "tier", "wb_failed")
+    __slots__ = ("errors", "hits", "lat", "misses", "name", "promotions", "retry", "tier")
 
-    def __init__(self, tier: Any, name: str) -> None:
+    def __init__(self, tier: Any, name: str, retry: _RetryBuffer) -> None:
         self.tier = tier
         self.name = name
         self.hits = 0
         self.misses = 0
         self.errors = 0
         self.promotions = 0
-        self.wb_failed = 0
+        self.retry = retry
         self.lat = LatencyWindow()
 
 
@@ -157,6 +318,11 @@ class MultiLevelCache:
         write_behind_when_full: when the queue is full, ``"block"`` waits for the flusher to make
             room (backpressure; nothing dropped), ``"error"`` raises Overloaded, ``"through"``
             writes that entry synchronously instead.
+        write_behind_retries: how many more times a flush that a tier missed (it was down) is
+            tried on that tier, with exponential backoff from ``write_behind_retry_delay`` up to
+            ``write_behind_retry_max_delay`` seconds; so a brief outage loses nothing. Each tier
+            keeps at most ``write_behind_max_queue`` such entries and drops the oldest beyond
+            that (counted in ``stats()``); 0 gives up at the first failure.
         coordinator: the tier used for locks and pub/sub; by default the first tier that
             implements :class:`~infercache.tiers.base.Coordinator` (a RedisCache). Namespace
             generations are kept by it and by every tier that implements
@@ -185,6 +351,9 @@ class MultiLevelCache:
         write_behind_batch: int = 256,
         write_behind_interval: float = 0.05,
         write_behind_when_full: QueueFull = "block",
+        write_behind_retries: int = 10,
+        write_behind_retry_delay: float = 0.1,
+        write_behind_retry_max_delay: float = 5.0,
         coordinator: Coordinator | None = None,
         broadcast: bool = True,
         invalidation_channel: str | None = None,
@@ -215,6 +384,13 @@ class MultiLevelCache:
         self.write_behind_batch = write_behind_batch
         self.write_behind_interval = write_behind_interval
         self.write_behind_when_full = write_behind_when_full
+        if write_behind_retries < 0 or write_behind_retry_delay < 0:
+            raise ConfigError("write_behind_retries and write_behind_retry_delay must be >= 0")
+        self.write_behind_retries = write_behind_retries
+        self.write_behind_retry_delay = write_behind_retry_delay
+        self.write_behind_retry_max_delay = max(
+            write_behind_retry_max_delay, write_behind_retry_delay
+        )
         self.broadcast = broadcast
         self.invalidation_channel = invalidation_channel
         self.broadcast_sets = broadcast_sets
@@ -227,7 +403,7 @@ class MultiLevelCache:
         self._tiers = list(tiers)
         first = self._tiers[0]
         self._l1: Any | None = first if _is_sync_tier(first) else None
-        self._l1_slot = _Slot(first, "l1") if self._l1 is not None else None
+        self._l1_slot = _Slot(first, "l1", self._retry_buffer()) if self._l1 is not None else None
         names: set[str] = {"l1"} if self._l1 is not None else set()
         self._remote: list[_Slot] = []
         for tier in self._tiers[1:] if self._l1 is not None else self._tiers:
@@ -236,7 +412,7 @@ class MultiLevelCache:
             if name in names:
                 name = f"{name}{len(self._remote) + 1}"
             names.add(name)
-            self._remote.append(_Slot(t, name))
+            self._remote.append(_Slot(t, name, self._retry_buffer()))
         if coordinator is None:
             for slot in self._remote:
                 if isinstance(slot.tier, Coordinator):
@@ -297,6 +473,14 @@ class MultiLevelCache:
             0,
         )
 
+    def _retry_buffer(self) -> _RetryBuffer:
+        return _RetryBuffer(
+            self.write_behind_max_queue,
+            self.write_behind_retries,
+            self.write_behind_retry_delay,
+            self.write_behind_retry_max_delay,
+        )
+
     # ================================================================= public properties
 
     @property
@@ -349,7 +533,17 @@ class MultiLevelCache:
             return
         await self.flush()
         self._closed = True
+        for slot in self._remote:
+            if slot.retry:
+                lost = slot.retry.give_up()
+                log.warning(
+                    "tier %s still down at close: %d write-behind entries lost", slot.name, lost
+                )
         if self._flusher is not None:
+            # Wake it to see _closed and return, and cancel it too. Either alone can be lost:
+            # Python 3.11's wait_for swallows a cancellation that races with its inner wait.
+            if self._wake is not None:
+                self._wake.set()
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._flusher
@@ -438,7 +632,7 @@ class MultiLevelCache:
             return out
         if not self._started:
             await self.start()
-        if self._pending or self._flushing:
+        if self._pending or self._flushing or self._retrying():
             for k in missing:
                 v = self._pending_value(k)
                 if v is not MISSING:
@@ -551,6 +745,8 @@ class MultiLevelCache:
             if self._pending.pop(k, None) is not None:
                 found += 1
         await self._wait_flushing(uniq)
+        for slot in self._remote:
+            slot.retry.discard(uniq)
         counts = await self._each_remote("delete", lambda s: s.tier.delete_many(uniq))
         found = max([found, *(int(c) for c in counts if c is not None)])
         await self._publish({"t": "del", "k": uniq})
@@ -596,15 +792,18 @@ class MultiLevelCache:
         removed += len(self._pending)
         self._pending.clear()
         await self._wait_flushing(None)
+        for slot in self._remote:
+            slot.retry.clear()
         counts = await self._each_remote("clear", lambda s: s.tier.clear())
         removed += sum(int(c) for c in counts if c is not None)
         await self._publish({"t": "clear"})
         return removed
 
     async def flush(self) -> None:
-        """Write every queued write-behind entry to the slower tiers now."""
-        if self._pending or self._flushing:
-            await self._drain()
+        """Write every queued write-behind entry to the slower tiers now, and try once more,
+        without waiting for the backoff, what a tier missed while it was down."""
+        if self._pending or self._flushing or self._retrying():
+            await self._drain(force=True)
 
     # ================================================================= stats
 
@@ -632,7 +831,10 @@ class MultiLevelCache:
                 "misses": slot.misses,
                 "errors": slot.errors,
                 "promotions": slot.promotions,
-                "write_behind_failed": slot.wb_failed,
+                "write_behind_retrying": len(slot.retry),
+                "write_behind_retried": slot.retry.retried,
+                "write_behind_dropped": slot.retry.dropped,
+                "write_behind_failed": slot.retry.failed,
                 "latency": slot.lat.summary(),
                 "tier": own,
             }
@@ -649,6 +851,8 @@ class MultiLevelCache:
                 "full_waits": c["wb_full_waits"],
                 "full_errors": c["wb_full_errors"],
                 "full_through": c["wb_full_through"],
+                "retrying": sum(len(slot.retry) for slot in self._remote),
+                "retries": self.write_behind_retries,
             },
             "single_flight": {
                 "loads": c["loads"],
@@ -738,7 +942,19 @@ class MultiLevelCache:
     def _pending_value(self, key: str) -> Any:
         """A write-behind entry not yet in the slower tiers (read-your-writes after L1 eviction)."""
         hit = self._pending.get(key) or self._flushing.get(key)
-        return MISSING if hit is None else hit[0]
+        if hit is not None:
+            return hit[0]
+        if self._retrying():
+            now = time.monotonic()
+            for slot in self._remote:
+                value = slot.retry.get(key, now)
+                if value is not MISSING:
+                    return value
+        return MISSING
+
+    def _retrying(self) -> bool:
+        """Whether some tier holds write-behind entries it missed while down."""
+        return any(slot.retry for slot in self._remote)
 
     # ================================================================= internals: writes
 
@@ -760,7 +976,16 @@ class MultiLevelCache:
 
         async def one(slot: _Slot) -> None:
             per = {k: (v, _eff_ttl(slot.tier, t)) for k, (v, t) in items.items()}
-            await _set_items(slot.tier, per)
+            if not slot.retry:
+                await _set_items(slot.tier, per)
+                return
+            # An older write-behind value waits for this tier: the newer one must win.
+            try:
+                await _set_items(slot.tier, per)
+            except Exception:
+                slot.retry.replace(per, time.monotonic())
+                raise
+            slot.retry.discard(per)
 
         await self._each_remote("write", one, slots=self._remote)
 
@@ -774,6 +999,8 @@ class MultiLevelCache:
         if self._l1 is not None:
             for k in keys:
                 self._l1.delete(k)
+        for slot in self._remote:
+            slot.retry.discard(keys)
         written_at: int | None = None
         for i in range(len(self._remote) - 1, -1, -1):
             slot = self._remote[i]
@@ -877,19 +1104,42 @@ class MultiLevelCache:
     async def _flush_loop(self) -> None:
         assert self._wake is not None and self._batch_ready is not None
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self.write_behind_interval > 0 and len(self._pending) < self.write_behind_batch:
+            retry_in = self._next_retry_in()
+            if retry_in is None:
+                await self._wake.wait()
+            elif retry_in > 0:  # a tier's retry is due then, unless new writes come first
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._batch_ready.wait(), self.write_behind_interval)
+                    await asyncio.wait_for(self._wake.wait(), retry_in)
+            if self._closed:
+                return
+            self._wake.clear()
+            if (
+                self._pending
+                and self.write_behind_interval > 0
+                and len(self._pending) < self.write_behind_batch
+            ):
+                # Gather a batch, but not past a tier's next retry.
+                retry_in = self._next_retry_in()
+                wait = self.write_behind_interval
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(
+                        self._batch_ready.wait(), wait if retry_in is None else min(wait, retry_in)
+                    )
             self._batch_ready.clear()
             try:
                 await self._drain()
             except Exception:  # keep the flusher alive whatever a tier does
                 log.exception("write-behind flush failed")
 
-    async def _drain(self) -> None:
-        """Write queued entries in batches: one set per slower tier per batch."""
+    def _next_retry_in(self) -> float | None:
+        """Seconds until some tier's write-behind retry is due (None: none waits)."""
+        now = time.monotonic()
+        waits = [w for s in self._remote if (w := s.retry.wait_time(now)) is not None]
+        return min(waits) if waits else None
+
+    async def _drain(self, *, force: bool = False) -> None:
+        """Write queued entries in batches (one set per slower tier per batch), then retry what
+        tiers missed while down: when due, or (``force``) now."""
         self._ensure_flusher()
         assert self._drain_lock is not None and self._flush_idle is not None
         assert self._space is not None
@@ -908,27 +1158,61 @@ class MultiLevelCache:
                 finally:
                     self._flushing = {}
                     self._flush_idle.set()
+            now = time.monotonic()
+            due = [s for s in self._remote if (s.retry if force else s.retry.due(now))]
+            if due:
+                self._flush_idle.clear()
+                try:
+                    await self._each_remote(
+                        "write-behind retry", lambda s: self._retry(s, force=force), slots=due
+                    )
+                finally:
+                    self._flush_idle.set()
 
     async def _write_behind_batch(self, batch: dict[str, tuple[Any, float | None]]) -> None:
         async def one(slot: _Slot) -> None:
+            now = time.monotonic()
             per = {k: (v, _eff_ttl(slot.tier, t)) for k, (v, t) in batch.items()}
+            if slot.retry:  # older writes wait for this tier: queue behind them, keep order
+                slot.retry.add(per, now)
+                if slot.retry.due(now):
+                    await self._retry(slot)
+                return
             try:
                 await _set_items(slot.tier, per)
             except Exception:
-                # The tier is a cache and is down: its copy is lost, the other tiers have theirs.
-                slot.wb_failed += len(per)
+                # The tier is down: keep its copy for retries; the other tiers have theirs.
+                slot.retry.failed_write(per, now)
                 raise
 
         await self._each_remote("write-behind", one, slots=self._remote)
         self._counters["wb_flushed"] += len(batch)
         self._counters["wb_batches"] += 1
 
+    async def _retry(self, slot: _Slot, *, force: bool = False) -> None:
+        """Write what ``slot`` missed, oldest first, in batches; stop at the first failure."""
+        buf = slot.retry
+        while buf.due(time.monotonic()) or (force and buf):
+            items = buf.take(self.write_behind_batch, time.monotonic())
+            if not items:
+                continue
+            try:
+                await _set_items(slot.tier, items)
+            except Exception:
+                buf.attempt_failed(time.monotonic())
+                raise
+            buf.succeeded()
+
     async def _wait_flushing(self, keys: list[str] | None) -> None:
         """Let an in-flight flush holding these keys (None: any) land before deleting them,
         so a queued write can never resurrect a key deleted after it."""
-        if not self._flushing or self._flush_idle is None:
+        if self._flush_idle is None or self._flush_idle.is_set():
             return
-        if keys is None or any(k in self._flushing for k in keys):
+        if (
+            keys is None
+            or any(k in self._flushing for k in keys)
+            or any(slot.retry.holds(keys) for slot in self._remote)
+        ):
             await self._flush_idle.wait()
 
     # ----------------------------------------------------------------- read-through
