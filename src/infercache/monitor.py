@@ -196,12 +196,16 @@ class LatencyMonitor:
 
     def record_stages(self, timings: Mapping[str, float], total: float | None = None) -> None:
         """Record one request's per-stage durations (and, if given, its total) under one lock."""
+        stages = self._stages
         with self._lock:
             for stage, seconds in timings.items():
-                series = self._stages.get(stage)
+                series = stages.get(stage)
                 if series is None:
-                    series = self._stages[stage] = _Series(self._highest_us, self._sig)
-                series.add(seconds)
+                    series = stages[stage] = _Series(self._highest_us, self._sig)
+                buf = series.buf  # _Series.add inlined: this runs for every stage of every request
+                buf.append(seconds)
+                if len(buf) >= _FLUSH_EVERY:
+                    series.flush()
             if total is not None:
                 self._total.add(total)
                 self._recent.append(total)
