@@ -56,17 +56,18 @@ class ServerProcess:
         self.port = port or free_port()
         self.argv = [a.replace("{port}", str(self.port)) for a in argv]
         self.ready_path = ready_path
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        if cwd is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="infercache-server-")
-            cwd = self._tmp.name
-        self.cwd = Path(cwd)
+        # the log (and, without a cwd, the working directory) live in a temp dir of their own, so
+        # that a server started from a checkout never leaves files in it
+        self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
+            prefix="infercache-server-"
+        )
+        self.cwd = Path(cwd) if cwd is not None else Path(self._tmp.name)
         self.env = {**os.environ, **(env or {})}
         if env and "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):
             # extend, don't replace: the parent's path may be what makes infercache importable
             self.env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
         self.timeout = timeout
-        self.log_path = self.cwd / f"server-{self.port}.log"
+        self.log_path = Path(self._tmp.name) / f"server-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
