@@ -8,13 +8,14 @@ as well; MultiLevelCache finds one by its methods, so importing this module neve
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
-from infercache.errors import ConfigError
+from infercache.errors import ConfigError, DecodeError, TierError
 
 __all__ = [
     "MISSING",
@@ -22,9 +23,15 @@ __all__ = [
     "Coordinator",
     "GenerationStore",
     "LatencyWindow",
+    "TierMetrics",
     "escape_glob",
     "validate_ttl",
 ]
+
+
+log = logging.getLogger("infercache.tiers")
+
+T = TypeVar("T")
 
 
 class _Missing:
@@ -185,6 +192,60 @@ class LatencyWindow:
             "p95_ms": pct(0.95),
             "p99_ms": pct(0.99),
             "max_ms": round(data[-1] * 1000, 4),
+        }
+
+
+class TierMetrics:
+    """The counters every remote tier reports in ``stats()``, and the bookkeeping of a call."""
+
+    __slots__ = ("corrupt", "deletes", "errors", "hits", "lat", "misses", "sets")
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+        self.errors = 0
+        self.corrupt = 0
+        self.sets = 0
+        self.deletes = 0
+        self.lat = LatencyWindow()
+
+    def lookups(self, asked: int, found: int) -> None:
+        self.hits += found
+        self.misses += asked - found
+
+    async def timed(self, call: Awaitable[T]) -> T:
+        """Await ``call``: its latency is recorded on success, a TierError counted."""
+        start = time.perf_counter()
+        try:
+            result = await call
+        except TierError:
+            self.errors += 1
+            raise
+        self.lat.record(time.perf_counter() - start)
+        return result
+
+    def decode(self, codec: Any, tier: str, key: str, raw: bytes, corrupt: list[str]) -> Any:
+        """``raw`` decoded, or MISSING: undecodable bytes are counted, logged and their key
+        added to ``corrupt`` (the tier deletes them: a cache never executes what it reads)."""
+        try:
+            return codec.decode(raw)
+        except DecodeError as exc:
+            self.corrupt += 1
+            corrupt.append(key)
+            log.warning("%s: dropping undecodable value for %r: %s", tier, key, exc)
+            return MISSING
+
+    def snapshot(self) -> dict[str, Any]:
+        total = self.hits + self.misses
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_ratio": self.hits / total if total else 0.0,
+            "sets": self.sets,
+            "deletes": self.deletes,
+            "errors": self.errors,
+            "corrupt": self.corrupt,
+            "latency": self.lat.summary(),
         }
 
 

@@ -9,14 +9,17 @@ success closes the circuit, failure opens it again.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from infercache.errors import ConfigError, TierUnavailable
+from infercache.errors import ConfigError, TierError, TierUnavailable
 
 __all__ = ["CircuitBreaker"]
+
+T = TypeVar("T")
 
 CLOSED = "closed"
 OPEN = "open"
@@ -96,6 +99,40 @@ class CircuitBreaker:
         """End a probe that neither succeeded nor failed at the connection level."""
         with self._lock:
             self._probe_in_flight = False
+
+    async def run(
+        self,
+        what: str,
+        call: Awaitable[T],
+        *,
+        outage: tuple[type[BaseException], ...],
+        answered: tuple[type[BaseException], ...] = (),
+    ) -> T:
+        """Await ``call`` through the breaker and map its errors to TierError.
+
+        While the circuit is open, raise TierUnavailable without awaiting it (a coroutine is
+        closed). ``outage`` errors (unreachable, timed out) count as failures and open the
+        circuit; ``answered`` errors (the server replied with an error) count as a success.
+        """
+        try:
+            self.before_call()
+        except TierUnavailable:
+            if inspect.iscoroutine(call):
+                call.close()  # never awaited: close it so Python does not warn
+            raise
+        try:
+            result = await call
+        except outage as exc:
+            self.record_failure()
+            raise TierError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+        except answered as exc:
+            self.record_success()
+            raise TierError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            self.release_probe()
+            raise
+        self.record_success()
+        return result
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -51,8 +51,8 @@ from redis.exceptions import (
 )
 
 from infercache.codec import Codec
-from infercache.errors import ConfigError, DecodeError, TierError, TierUnavailable
-from infercache.tiers.base import LatencyWindow, escape_glob, ttl_ms, validate_ttl
+from infercache.errors import ConfigError, TierError
+from infercache.tiers.base import MISSING, TierMetrics, escape_glob, ttl_ms, validate_ttl
 from infercache.tiers.breaker import CircuitBreaker
 
 __all__ = ["RedisCache"]
@@ -168,13 +168,7 @@ class RedisCache:
             self._client = AsyncRedisCluster.from_url(url, **common)
         else:
             self._client = aioredis.Redis.from_url(url, **common)
-        self._hits = 0
-        self._misses = 0
-        self._errors = 0
-        self._corrupt = 0
-        self._sets = 0
-        self._deletes = 0
-        self._lat = LatencyWindow()
+        self._m = TierMetrics()
         self._subscribers: list[asyncio.Task[None]] = []
         self._closed = False
         self._get_with_pttl = None if self.cluster else self._client.register_script(_GET_WITH_PTTL)
@@ -185,44 +179,29 @@ class RedisCache:
         return self._prefix + key
 
     async def _run(self, op: str, coro: Coroutine[Any, Any, T]) -> T:
-        """Run one Redis call through the breaker, timing it and mapping errors to TierError."""
-        try:
-            self.breaker.before_call()
-        except TierUnavailable:
-            coro.close()  # never awaited: close it so Python does not warn
-            self._errors += 1
-            raise
-        start = time.perf_counter()
-        try:
-            result = await coro
-        except _CONNECTION_ERRORS as exc:
-            self.breaker.record_failure()
-            self._errors += 1
-            raise TierError(f"redis {op} failed: {type(exc).__name__}: {exc}") from exc
-        except RedisError as exc:  # the server answered, with an error: not an outage
-            self.breaker.record_success()
-            self._errors += 1
-            raise TierError(f"redis {op} failed: {exc}") from exc
-        except BaseException:
-            self.breaker.release_probe()
-            raise
-        self.breaker.record_success()
-        self._lat.record(time.perf_counter() - start)
-        return result
+        """Run one Redis call through the breaker, timing it and mapping errors to TierError
+        (a RedisError is the server answering with an error: not an outage)."""
+        return await self._m.timed(
+            self.breaker.run(f"redis {op}", coro, outage=_CONNECTION_ERRORS, answered=(RedisError,))
+        )
 
-    def _decode(self, key: str, raw: bytes, corrupt: list[str]) -> Any | None:
-        try:
-            return self.codec.decode(raw)
-        except DecodeError as exc:
-            self._corrupt += 1
-            corrupt.append(key)
-            log.warning("redis %s: dropping undecodable value for %r: %s", self.name, key, exc)
-            return None
+    async def _decode_hits(self, keys: Sequence[str], raws: Sequence[Any]) -> dict[str, Any]:
+        """Decode what was found for ``keys`` (None: absent) and count hits and misses.
 
-    async def _drop_corrupt(self, keys: list[str]) -> None:
-        if keys:
+        Undecodable bytes are a miss and are deleted: a cache never executes what it reads.
+        """
+        out: dict[str, Any] = {}
+        corrupt: list[str] = []
+        for key, raw in zip(keys, raws, strict=True):
+            if raw is not None:
+                value = self._m.decode(self.codec, f"redis {self.name}", key, raw, corrupt)
+                if value is not MISSING:
+                    out[key] = value
+        if corrupt:
             with contextlib.suppress(TierError):
-                await self.delete_many(keys)
+                await self.delete_many(corrupt)
+        self._m.lookups(len(keys), len(out))
+        return out
 
     def _effective_ttl(self, ttl: float | None) -> float | None:
         return self.default_ttl if ttl is None else validate_ttl(ttl)
@@ -232,17 +211,7 @@ class RedisCache:
     async def get(self, key: str) -> Any | None:
         """The value under ``key``, or None on a miss (corrupt bytes are a miss, and deleted)."""
         raw = await self._run("GET", self._client.get(self._k(key)))
-        if raw is None:
-            self._misses += 1
-            return None
-        corrupt: list[str] = []
-        value = self._decode(key, raw, corrupt)
-        await self._drop_corrupt(corrupt)
-        if value is None:
-            self._misses += 1
-        else:
-            self._hits += 1
-        return value
+        return (await self._decode_hits([key], [raw])).get(key)
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
         """Hits among ``keys`` in one MGET (one pipeline per node in a cluster)."""
@@ -254,18 +223,7 @@ class RedisCache:
             raws = await self._run("MGET", self._client.mget_nonatomic(full))
         else:
             raws = await self._run("MGET", self._client.mget(full))
-        out: dict[str, Any] = {}
-        corrupt: list[str] = []
-        for key, raw in zip(uniq, raws, strict=True):
-            if raw is None:
-                continue
-            value = self._decode(key, raw, corrupt)
-            if value is not None:
-                out[key] = value
-        await self._drop_corrupt(corrupt)
-        self._hits += len(out)
-        self._misses += len(uniq) - len(out)
-        return out
+        return await self._decode_hits(uniq, raws)
 
     async def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[Any, float | None]]:
         """Hits with their remaining TTL (None: no expiry), in one round trip (a Lua script;
@@ -295,18 +253,14 @@ class RedisCache:
 
         res = await self._run("MGET+PTTL", go())
         raws, pttls = res[0], res[1:]
-        out: dict[str, tuple[Any, float | None]] = {}
-        corrupt: list[str] = []
-        for key, raw, pttl in zip(uniq, raws, pttls, strict=True):
-            if raw is None or pttl == -2:  # absent, or expired between MGET and PTTL
-                continue
-            value = self._decode(key, raw, corrupt)
-            if value is not None:
-                out[key] = (value, None if pttl < 0 else pttl / 1000.0)
-        await self._drop_corrupt(corrupt)
-        self._hits += len(out)
-        self._misses += len(uniq) - len(out)
-        return out
+        # pttl -2: expired between the GET and the PTTL
+        hits = await self._decode_hits(
+            uniq, [None if p == -2 else r for r, p in zip(raws, pttls, strict=True)]
+        )
+        remaining = dict(zip(uniq, pttls, strict=True))
+        return {
+            k: (v, None if remaining[k] < 0 else remaining[k] / 1000.0) for k, v in hits.items()
+        }
 
     async def exists(self, key: str) -> bool:
         return bool(await self._run("EXISTS", self._client.exists(self._k(key))))
@@ -328,7 +282,7 @@ class RedisCache:
         eff = self._effective_ttl(ttl)
         px = ttl_ms(eff) if eff is not None else None
         await self._run("SET", self._client.set(self._k(key), raw, px=px))
-        self._sets += 1
+        self._m.sets += 1
 
     async def set_many(self, mapping: Mapping[str, Any], ttl: float | None = None) -> None:
         """Store every pair in one pipeline (one round trip; per node in a cluster)."""
@@ -351,7 +305,7 @@ class RedisCache:
         if len(encoded) == 1:  # a pipeline costs more client CPU than one plain SET
             fk, raw, px = encoded[0]
             await self._run("SET", self._client.set(fk, raw, px=px))
-            self._sets += 1
+            self._m.sets += 1
             return
 
         async def go() -> None:
@@ -361,11 +315,11 @@ class RedisCache:
             await pipe.execute()
 
         await self._run("SET*", go())
-        self._sets += len(encoded)
+        self._m.sets += len(encoded)
 
     async def delete(self, key: str) -> bool:
         n = await self._run("UNLINK", self._client.unlink(self._k(key)))
-        self._deletes += 1
+        self._m.deletes += 1
         return bool(n)
 
     async def delete_many(self, keys: Sequence[str]) -> int:
@@ -375,7 +329,7 @@ class RedisCache:
         for i in range(0, len(uniq), _UNLINK_BATCH):
             chunk = [self._k(k) for k in uniq[i : i + _UNLINK_BATCH]]
             total += int(await self._run("UNLINK", self._client.unlink(*chunk)))
-        self._deletes += len(uniq)
+        self._m.deletes += len(uniq)
         return total
 
     async def expire(self, key: str, ttl: float) -> bool:
@@ -409,19 +363,11 @@ class RedisCache:
 
     async def stats(self) -> dict[str, Any]:
         """Our counters and latency, the breaker, and INFO memory/keyspace when reachable."""
-        total = self._hits + self._misses
         out: dict[str, Any] = {
             "name": self.name,
             "backend": "redis-cluster" if self.cluster else "redis",
             "namespace": self.namespace,
-            "hits": self._hits,
-            "misses": self._misses,
-            "hit_ratio": self._hits / total if total else 0.0,
-            "sets": self._sets,
-            "deletes": self._deletes,
-            "errors": self._errors,
-            "corrupt": self._corrupt,
-            "latency": self._lat.summary(),
+            **self._m.snapshot(),
             "breaker": self.breaker.snapshot(),
         }
         try:

@@ -28,14 +28,14 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from infercache.codec import Codec
-from infercache.errors import ConfigError, DecodeError, TierError, TierUnavailable
-from infercache.tiers.base import LatencyWindow, validate_ttl
+from infercache.errors import ConfigError, TierError
+from infercache.tiers.base import MISSING, TierMetrics, validate_ttl
 from infercache.tiers.breaker import CircuitBreaker
 
 __all__ = ["SQLCache"]
@@ -76,6 +76,25 @@ class _Backend(Protocol):
 
 
 # --------------------------------------------------------------------------- SQLite
+
+
+def _chunks(keys: Sequence[str]) -> Iterator[tuple[list[str], str]]:
+    """Keys in chunks that fit SQLite's bound-parameter limit, with their ``?,?,...`` marks."""
+    for i in range(0, len(keys), _SQLITE_CHUNK):
+        chunk = list(keys[i : i + _SQLITE_CHUNK])
+        yield chunk, ",".join("?" * len(chunk))
+
+
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction taken at once (BEGIN IMMEDIATE), rolled back on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class _SQLiteBackend:
@@ -127,9 +146,7 @@ class _SQLiteBackend:
     def _get_many(self, ns: str, keys: Sequence[str], now: float) -> list[Row]:
         db = self._db()
         out: list[Row] = []
-        for i in range(0, len(keys), _SQLITE_CHUNK):
-            chunk = list(keys[i : i + _SQLITE_CHUNK])
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _chunks(keys):
             cur = db.execute(
                 f"SELECT key, value, expires_at FROM {self.table} WHERE namespace = ?"
                 f" AND key IN ({marks}) AND (expires_at IS NULL OR expires_at > ?)",
@@ -142,9 +159,7 @@ class _SQLiteBackend:
         return await self._call(self._get_many, ns, keys, now)
 
     def _upsert(self, ns: str, rows: Sequence[Row], now: float) -> None:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(self._db()) as db:
             db.executemany(
                 f"INSERT INTO {self.table} (namespace, key, value, expires_at, created_at)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT(namespace, key) DO UPDATE SET"
@@ -152,10 +167,6 @@ class _SQLiteBackend:
                 " created_at = excluded.created_at",
                 [(ns, k, v, e, now) for k, v, e in rows],
             )
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     async def upsert(self, ns: str, rows: Sequence[Row], now: float) -> None:
         await self._call(self._upsert, ns, rows, now)
@@ -163,9 +174,7 @@ class _SQLiteBackend:
     def _delete(self, ns: str, keys: Sequence[str]) -> int:
         db = self._db()
         n = 0
-        for i in range(0, len(keys), _SQLITE_CHUNK):
-            chunk = list(keys[i : i + _SQLITE_CHUNK])
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _chunks(keys):
             cur = db.execute(
                 f"DELETE FROM {self.table} WHERE namespace = ? AND key IN ({marks})", (ns, *chunk)
             )
@@ -243,10 +252,8 @@ class _SQLiteBackend:
         return await self._call(self._read_generations, ns)
 
     def _advance_generation(self, ns: str, name: str, step: int, floor: int) -> int:
-        db = self._db()
         t = f"{self.table}_generations"
-        db.execute("BEGIN IMMEDIATE")  # read-modify-write without another writer in between
-        try:
+        with _immediate(self._db()) as db:  # read-modify-write with no writer in between
             db.execute(
                 f"INSERT INTO {t} (namespace, name, generation) VALUES (?, ?, ?)"
                 " ON CONFLICT(namespace, name) DO UPDATE SET"
@@ -256,10 +263,6 @@ class _SQLiteBackend:
             row = db.execute(
                 f"SELECT generation FROM {t} WHERE namespace = ? AND name = ?", (ns, name)
             ).fetchone()
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
         return int(row[0])
 
     async def advance_generation(self, ns: str, name: str, step: int, floor: int) -> int:
@@ -510,14 +513,8 @@ class SQLCache:
         self._setup_lock: asyncio.Lock | None = None
         self._purger: asyncio.Task[None] | None = None
         self._closed = False
-        self._hits = 0
-        self._misses = 0
-        self._errors = 0
-        self._corrupt = 0
-        self._sets = 0
-        self._deletes = 0
+        self._m = TierMetrics()
         self._purged = 0
-        self._lat = LatencyWindow()
 
     # ----------------------------------------------------------------- plumbing
 
@@ -525,30 +522,21 @@ class SQLCache:
         """Run ``fn()`` (a coroutine factory) through the breaker; map errors to TierError."""
         if self._closed:
             raise TierError(f"{self.name} cache is closed")
-        try:
-            self.breaker.before_call()
-        except TierUnavailable:
-            self._errors += 1
-            raise
-        start = time.perf_counter()
-        try:
+
+        async def call() -> Any:
             if not self._ready:
                 await self._setup()
-            result = await fn()
-        except self.backend.failure_errors as exc:
-            self.breaker.record_failure()
-            self._errors += 1
-            raise TierError(f"{self.name} {op} failed: {type(exc).__name__}: {exc}") from exc
-        except self.backend.errors as exc:
-            self.breaker.record_success()
-            self._errors += 1
-            raise TierError(f"{self.name} {op} failed: {type(exc).__name__}: {exc}") from exc
-        except BaseException:
-            self.breaker.release_probe()
-            raise
-        self.breaker.record_success()
-        self._lat.record(time.perf_counter() - start)
-        return result
+            return await fn()
+
+        backend = self.backend
+        return await self._m.timed(
+            self.breaker.run(
+                f"{self.name} {op}",
+                call(),
+                outage=backend.failure_errors,
+                answered=backend.errors,
+            )
+        )
 
     async def _setup(self) -> None:
         if self._setup_lock is None:
@@ -584,14 +572,9 @@ class SQLCache:
         out: dict[str, tuple[Any, float | None]] = {}
         corrupt: list[str] = []
         for key, raw, exp in rows:
-            try:
-                value = self.codec.decode(raw)
-            except DecodeError as exc:
-                self._corrupt += 1
-                corrupt.append(key)
-                log.warning("%s: dropping undecodable value for %r: %s", self.name, key, exc)
-                continue
-            out[key] = (value, exp)
+            value = self._m.decode(self.codec, self.name, key, raw, corrupt)
+            if value is not MISSING:
+                out[key] = (value, exp)
         return out, corrupt
 
     # ----------------------------------------------------------------- reads
@@ -617,8 +600,7 @@ class SQLCache:
         if corrupt:
             with contextlib.suppress(TierError):
                 await self.delete_many(corrupt)
-        self._hits += len(found)
-        self._misses += len(uniq) - len(found)
+        self._m.lookups(len(uniq), len(found))
         return {
             k: (v, None if exp is None else max(exp - now, 0.0)) for k, (v, exp) in found.items()
         }
@@ -662,7 +644,7 @@ class SQLCache:
         if not rows:
             return
         await self._guarded("upsert", lambda: self.backend.upsert(self.namespace, rows, now))
-        self._sets += len(rows)
+        self._m.sets += len(rows)
 
     async def delete(self, key: str) -> bool:
         return bool(await self.delete_many([key]))
@@ -672,7 +654,7 @@ class SQLCache:
         if not uniq:
             return 0
         n = await self._guarded("delete", lambda: self.backend.delete(self.namespace, uniq))
-        self._deletes += len(uniq)
+        self._m.deletes += len(uniq)
         return int(n)
 
     async def expire(self, key: str, ttl: float) -> bool:
@@ -734,20 +716,12 @@ class SQLCache:
     # ----------------------------------------------------------------- introspection
 
     async def stats(self) -> dict[str, Any]:
-        total = self._hits + self._misses
         out: dict[str, Any] = {
             "name": self.name,
             "backend": self.backend.name,
             "namespace": self.namespace,
-            "hits": self._hits,
-            "misses": self._misses,
-            "hit_ratio": self._hits / total if total else 0.0,
-            "sets": self._sets,
-            "deletes": self._deletes,
-            "errors": self._errors,
-            "corrupt": self._corrupt,
+            **self._m.snapshot(),
             "purged": self._purged,
-            "latency": self._lat.summary(),
             "breaker": self.breaker.snapshot(),
         }
         try:
