@@ -413,13 +413,15 @@ class Service:
             with contextlib.suppress(BaseException):
                 await task
         for entry in self.models.values():
-            batcher = entry.batcher
-            close = getattr(batcher, "close", None)
+            # The Predictor drains its model batcher and flushes its pending cache writes; a
+            # ready-made Predictor given a batcher of the caller's leaves that one to its owner.
+            target = entry.predictor if hasattr(entry.predictor, "close") else entry.batcher
+            close = getattr(target, "close", None)
             if close is not None:
                 try:
                     await close()
                 except Exception:
-                    log.exception("closing the batcher of %s failed", entry.name)
+                    log.exception("closing the predictor of %s failed", entry.name)
         for obj in self.owned:
             close = getattr(obj, "close", None)
             if close is None:
@@ -546,7 +548,6 @@ def _set_torch_threads(n: int) -> None:
 
 async def build_service(settings: Settings) -> Service:
     """Load the models, build the cache tiers and a Predictor per model."""
-    from infercache.batching import DynamicBatcher
     from infercache.monitor import LatencyMonitor
     from infercache.multilevel import MultiLevelCache
     from infercache.predictor import Predictor
@@ -574,16 +575,20 @@ async def build_service(settings: Settings) -> Service:
     monitor = LatencyMonitor()
     models: dict[str, ModelEntry] = {}
     for runner in runners:
-        # inputs reach the batcher already validated (ModelEntry.coerce): skip a second check
-        fn = getattr(runner, "run_validated", None) or runner.predict_batch
-        batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
-            fn,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue=settings.max_queue,
-            name=runner.name,
+        # The Predictor builds the model batcher itself: it runs a cheap model (the MLP's forward
+        # is ~30 µs) on the event loop and offloads only slow ones, which a thread hop per batch
+        # would otherwise cost more than the forward (docs/bench_predictor.md).
+        predictor = Predictor(
+            runner,
+            cache,
+            monitor=monitor,
+            batch_options={
+                "max_batch_size": settings.max_batch_size,
+                "max_wait_ms": settings.max_wait_ms,
+                "max_queue": settings.max_queue,
+                "name": runner.name,
+            },
         )
-        predictor = Predictor(runner, cache, batcher=batcher, monitor=monitor)
         models[runner.name] = ModelEntry(runner.name, predictor, runner)
     return Service(settings=settings, models=models, cache=cache, monitor=monitor, owned=[cache])
 
