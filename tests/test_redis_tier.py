@@ -45,6 +45,7 @@ async def test_set_get_delete_roundtrip(cache: RedisCache, raw: aioredis.Redis) 
     value = {"label": "cat", "scores": [0.9, 0.1], "arr": arr}
     await cache.set("k", value)
     got = await cache.get("k")
+    assert got is not None
     assert got["label"] == "cat" and got["scores"] == [0.9, 0.1]
     assert got["arr"].dtype == np.int32 and got["arr"].shape == (2, 3)
     assert await raw.exists("t:k") == 1  # stored under the namespace

@@ -77,6 +77,7 @@ async def test_roundtrip_upsert_delete(cache: SQLCache) -> None:
     arr = np.linspace(0, 1, 5, dtype=np.float32)
     await cache.set("k", {"out": arr, "tag": "x"})
     got = await cache.get("k")
+    assert got is not None
     assert got["tag"] == "x" and got["out"].dtype == np.float32
     np.testing.assert_array_equal(got["out"], arr)
     await cache.set("k", "new")  # UPSERT
