@@ -351,8 +351,11 @@ class TinyLFUPolicy:
         while probation:
             key = next(iter(probation))
             entry = data[key]
-            if not self._flush(key, entry):
+            new = entry[4] - entry[6]
+            if not new:
                 return key
+            entry[6] = entry[4]
+            self.sketch.add(key, new)
             del probation[key]
             protected[key] = None
             entry[5] = _PROTECTED
@@ -363,36 +366,45 @@ class TinyLFUPolicy:
             return next(iter(probation))
         return NO_KEY
 
-    def _admit(self, key: Hashable, entry: Entry) -> None:
-        self._probation[key] = None
-        entry[5] = _PROBATION
-
     # -- policy interface -------------------------------------------------------------------
 
     def insert(self, key: Hashable, entry: Entry) -> object:
+        # The hot write path: _pop_window and _flush are inlined here.
         sketch = self.sketch
         sketch.add(key)
         entry[5] = _WINDOW
         entry[6] = entry[4]
         window = self._window
         window[key] = None
-        self._size += 1
+        size = self._size = self._size + 1
         if len(window) <= self._wcap:
-            if self._size <= self._cap:
+            if size <= self._cap:
                 return NO_KEY
             return self.evict()  # window under quota after deletes; the main area pays
-        candidate = self._pop_window()
-        cand_entry = self._data[candidate]
-        if self._size <= self._cap:
-            self._admit(candidate, cand_entry)
+        data = self._data
+        while True:  # the window's CLOCK victim becomes the candidate
+            candidate = next(iter(window))
+            cand_entry = data[candidate]
+            new = cand_entry[4] - cand_entry[6]
+            if not new:
+                break
+            cand_entry[6] = cand_entry[4]
+            sketch.add(candidate, new)
+            window.move_to_end(candidate)
+        del window[candidate]
+        probation = self._probation
+        if size <= self._cap:
+            probation[candidate] = None
+            cand_entry[5] = _PROBATION
             return NO_KEY
+        self._size = size - 1
         victim = self._main_victim()
-        self._size -= 1
         if victim is NO_KEY:
             return candidate
         if sketch.estimate(candidate) > sketch.estimate(victim):
-            del self._segments[self._data[victim][5]][victim]
-            self._admit(candidate, cand_entry)
+            del self._segments[data[victim][5]][victim]
+            probation[candidate] = None
+            cand_entry[5] = _PROBATION
             return victim
         return candidate
 

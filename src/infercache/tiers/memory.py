@@ -5,10 +5,10 @@ one C-level policy call under a single ``threading.Lock``. Eviction policies liv
 ``_policies.py``; this module owns values, TTLs, weights and statistics.
 
 Expiry is lazy plus amortised: an expired entry is never returned (every read checks it), and each
-``set`` removes up to a few expired entries from the front of per-TTL FIFO queues. Entries stored
-with the same TTL expire in the order they were written, so one queue per distinct TTL finds them
-without looking at any live entry. No operation scans the cache (the seed's ``set`` did: O(n) per
-write).
+``set`` reclaims up to a few expired entries from the front of per-TTL FIFO queues of expiry
+records. Entries written with the same TTL expire in the order they were written, so one queue per
+distinct TTL finds them without looking at any live entry. No operation scans the cache (the
+seed's ``set`` did: O(n) per write).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 import sys
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
@@ -122,9 +122,11 @@ class MemoryCache:
         self._data: dict[Hashable, Entry] = {}
         self._policy = factory(self._data, max_size)
         self._touch: Callable[[Hashable], None] | None = self._policy.touch
-        # ttl -> keys stored with that ttl, oldest first; the ring visits the queues in turn.
-        self._ttlq: dict[float, OrderedDict[Hashable, None]] = {}
+        # ttl -> (expire_at, key, entry) records in write order, which for one TTL on a monotonic
+        # clock is expiry order; the ring visits the queues in turn (see _reap).
+        self._ttlq: dict[float, deque[tuple[float, Hashable, Entry]]] = {}
         self._ring: deque[float] = deque()
+        self._qlimit = 2 * max_size + 64
         self._bytes = 0
         self._hits = 0
         self._misses = 0
@@ -317,15 +319,18 @@ class MemoryCache:
         if old is not None:
             self._bytes += weight - old[3]
             old[0] = value
+            old[1] = expire
+            old[2] = ttl
             old[3] = weight
-            self._requeue(key, old, expire, ttl)
+            if ttl is not None:
+                self._track(key, old, expire, ttl)  # type: ignore[arg-type]
             self._policy.update(key, old)
         else:
-            e: Entry = [value, expire, None, weight, 0, 0, 0]
+            e: Entry = [value, expire, ttl, weight, 0, 0, 0]
             data[key] = e
             self._bytes += weight
             if ttl is not None:
-                self._requeue(key, e, expire, ttl)
+                self._track(key, e, expire, ttl)  # type: ignore[arg-type]
             victim = self._policy.insert(key, e)
             if victim is not NO_KEY:
                 self._drop(victim)
@@ -333,23 +338,23 @@ class MemoryCache:
             while self._bytes > max_bytes:
                 self._drop(self._policy.evict())
 
-    def _requeue(self, key: Hashable, e: Entry, expire: float | None, ttl: float | None) -> None:
-        old_ttl = e[2]
-        if old_ttl is not None:
-            q = self._ttlq.get(old_ttl)
-            if q is not None:
-                q.pop(key, None)
-        e[1] = expire
-        e[2] = ttl
-        if ttl is not None:
-            q = self._ttlq.get(ttl)
-            if q is None:
-                self._ttlq[ttl] = q = OrderedDict()
-                self._ring.append(ttl)
-            q[key] = None
+    def _track(self, key: Hashable, e: Entry, expire: float, ttl: float) -> None:
+        """Queue an expiry record. Records are never searched or removed early: a deleted,
+        evicted or rewritten entry leaves a stale record that _reap skips (O(1) per write)."""
+        q = self._ttlq.get(ttl)
+        if q is None:
+            self._ttlq[ttl] = q = deque()
+            self._ring.append(ttl)
+        q.append((expire, key, e))
+        if len(q) > self._qlimit:
+            # Mostly stale records (many writes per TTL period). Dropping the oldest only means
+            # its entry, if still live, is not reclaimed early: reads still check its expiry and
+            # the policy still evicts it.
+            q.popleft()
 
     def _reap(self, now: float) -> None:
-        """Remove up to 4 expired entries from each of up to 2 TTL queues (round robin)."""
+        """Pop up to 4 due records from each of up to 2 TTL queues (round robin), expiring the
+        entries that are still the ones recorded. O(1) per call, amortised over writes."""
         ring = self._ring
         queues = self._ttlq
         data = self._data
@@ -359,11 +364,12 @@ class MemoryCache:
             for _ in range(4):
                 if not q:
                     break
-                key = next(iter(q))
-                e = data[key]
-                if e[1] > now:
+                expire, key, e = q[0]
+                if expire > now:
                     break
-                self._expire(key, e)
+                q.popleft()
+                if e[1] == expire and data.get(key) is e:
+                    self._expire(key, e)
             if q:
                 ring.append(ttl)
             else:
@@ -373,11 +379,6 @@ class MemoryCache:
         """Forget ``key`` in the cache's own structures (not the policy's)."""
         del self._data[key]
         self._bytes -= e[3]
-        ttl = e[2]
-        if ttl is not None:
-            q = self._ttlq.get(ttl)
-            if q is not None:
-                q.pop(key, None)
 
     def _remove(self, key: Hashable, e: Entry) -> None:
         self._policy.remove(key, e)
