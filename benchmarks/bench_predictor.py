@@ -66,8 +66,12 @@ async def closed_loop(request: Request, n: int, concurrency: int) -> dict[str, f
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.perf_counter() - start
     arr = np.asarray(latencies) * 1000
-    return {"rps": n / wall, "p50": float(np.percentile(arr, 50)),
-            "p99": float(np.percentile(arr, 99)), "wall": wall}
+    return {
+        "rps": n / wall,
+        "p50": float(np.percentile(arr, 50)),
+        "p99": float(np.percentile(arr, 99)),
+        "wall": wall,
+    }
 
 
 def fmt(x: float, digits: int = 2) -> str:
@@ -86,16 +90,24 @@ def use_our_gc() -> None:
 # -- section 1 & 2 helpers ------------------------------------------------------------------------
 
 
-async def run_all_miss(label: str, runner: ModelRunner, seed: SeedModelServer,
-                       make_input: Callable[[int], Any], n: int, n_seed_single: int,
-                       concurrency: int, rows: list[list[Any]]) -> None:
+async def run_all_miss(
+    label: str,
+    runner: ModelRunner,
+    seed: SeedModelServer,
+    make_input: Callable[[int], Any],
+    n: int,
+    n_seed_single: int,
+    concurrency: int,
+    rows: list[list[Any]],
+) -> None:
     results: dict[str, dict[str, float]] = {}
     batch_info: dict[str, str] = {}
 
     # the tutorial's one forward per request
     use_seed_gc()
     results["seed predict_single (1 forward/request)"] = await closed_loop(
-        lambda i: seed.predict_async(make_input(i)), n_seed_single, concurrency)
+        lambda i: seed.predict_async(make_input(i)), n_seed_single, concurrency
+    )
     batch_info["seed predict_single (1 forward/request)"] = "1"
 
     # the tutorial's RequestBatcher (5 ms window, batch 32, RLock so it runs)
@@ -109,8 +121,7 @@ async def run_all_miss(label: str, runner: ModelRunner, seed: SeedModelServer,
         ("Predictor, greedy batching", {}),
         ("Predictor, 5 ms fill window", {"greedy": False, "max_wait_ms": 5.0}),
     ):
-        async with Predictor(runner, MemoryCache(max_size=max(n, 10)),
-                             batch_options=opts) as p:
+        async with Predictor(runner, MemoryCache(max_size=max(n, 10)), batch_options=opts) as p:
             res = await closed_loop(lambda i, p=p: p.predict(make_input(i)), n, concurrency)
             name = f"{name} [model on {'a thread' if p.batcher.offload else 'the loop'}]"
             results[name] = res
@@ -118,31 +129,80 @@ async def run_all_miss(label: str, runner: ModelRunner, seed: SeedModelServer,
 
     base = results["seed predict_single (1 forward/request)"]["rps"]
     for name, r in results.items():
-        rows.append([label, concurrency, name, fmt(r["rps"], 0), fmt(r["p50"]), fmt(r["p99"]),
-                     batch_info[name], fmt(r["rps"] / base) + "x"])
+        rows.append(
+            [
+                label,
+                concurrency,
+                name,
+                fmt(r["rps"], 0),
+                fmt(r["p50"]),
+                fmt(r["p99"]),
+                batch_info[name],
+                fmt(r["rps"] / base) + "x",
+            ]
+        )
 
 
-async def run_zipf(label: str, runner: ModelRunner, seed: SeedModelServer,
-                   pool_input: Callable[[int], Any], n: int, n_keys: int, concurrency: int,
-                   rows: list[list[Any]]) -> None:
+async def run_zipf(
+    label: str,
+    runner: ModelRunner,
+    seed: SeedModelServer,
+    pool_input: Callable[[int], Any],
+    n: int,
+    n_keys: int,
+    concurrency: int,
+    rows: list[list[Any]],
+) -> None:
     trace = zipf(n_keys, n, 0.9, seed=7)
     use_seed_gc()
-    seed_res = await closed_loop(lambda i: seed.predict_async(pool_input(int(trace[i]))),
-                                 n, concurrency)
+    seed_res = await closed_loop(
+        lambda i: seed.predict_async(pool_input(int(trace[i]))), n, concurrency
+    )
     use_our_gc()
     async with Predictor(runner, MemoryCache(max_size=n_keys)) as p:
         ours = await closed_loop(lambda i: p.predict(pool_input(int(trace[i]))), n, concurrency)
         s = p.stats()
     distinct = len(np.unique(trace))
-    rows.append([label, "seed predict_single (no cache)", fmt(seed_res["rps"], 0),
-                 fmt(seed_res["p50"]), fmt(seed_res["p99"]), "0 %", n, n, "1.00x"])
+    rows.append(
+        [
+            label,
+            "seed predict_single (no cache)",
+            fmt(seed_res["rps"], 0),
+            fmt(seed_res["p50"]),
+            fmt(seed_res["p99"]),
+            "0 %",
+            n,
+            n,
+            "1.00x",
+        ]
+    )
     hit = (s["hits"].get("l1", 0) + s["coalesced"]) / s["predictions"]
-    rows.append([label, "Predictor + MemoryCache", fmt(ours["rps"], 0), fmt(ours["p50"]),
-                 fmt(ours["p99"]), f"{hit * 100:.1f} %", s["computed"], s["model_calls"],
-                 fmt(ours["rps"] / seed_res["rps"]) + "x"])
-    rows.append([label, f"(distinct inputs in the trace: {distinct})", "", "", "", "",
-                 f"saved {n - s['computed']} computations", f"saved {n - s['model_calls']} calls",
-                 ""])
+    rows.append(
+        [
+            label,
+            "Predictor + MemoryCache",
+            fmt(ours["rps"], 0),
+            fmt(ours["p50"]),
+            fmt(ours["p99"]),
+            f"{hit * 100:.1f} %",
+            s["computed"],
+            s["model_calls"],
+            fmt(ours["rps"] / seed_res["rps"]) + "x",
+        ]
+    )
+    rows.append(
+        [
+            label,
+            f"(distinct inputs in the trace: {distinct})",
+            "",
+            "",
+            "",
+            "",
+            f"saved {n - s['computed']} computations",
+            f"saved {n - s['model_calls']} calls",
+            "",
+        ]
+    )
 
 
 # -- section 3 & 4 --------------------------------------------------------------------------------
@@ -158,8 +218,9 @@ async def batcher_overhead(n: int) -> list[list[Any]]:
             async with DynamicBatcher(fn, max_batch_size=32, offload=offload) as b:
                 over: list[float] = []
 
-                async def one(i: int, b: DynamicBatcher[Any, Any] = b,
-                              over: list[float] = over) -> None:
+                async def one(
+                    i: int, b: DynamicBatcher[Any, Any] = b, over: list[float] = over
+                ) -> None:
                     t0 = time.perf_counter()
                     _, _, compute = await b.submit_timed(i)
                     over.append(time.perf_counter() - t0 - compute)
@@ -167,10 +228,16 @@ async def batcher_overhead(n: int) -> list[list[Any]]:
                 await closed_loop(one, n, conc)
                 sizes = b.stats()["mean_batch_size"]
             arr = np.asarray(over) * 1e6
-            rows.append([label, conc, fmt(float(np.median(arr)), 1),
-                         fmt(float(np.percentile(arr, 99)), 1), fmt(sizes, 1),
-                         fmt(float(np.median(arr)) / sizes if conc > 1 else float(np.median(arr)),
-                             1)])
+            rows.append(
+                [
+                    label,
+                    conc,
+                    fmt(float(np.median(arr)), 1),
+                    fmt(float(np.percentile(arr, 99)), 1),
+                    fmt(sizes, 1),
+                    fmt(float(np.median(arr)) / sizes if conc > 1 else float(np.median(arr)), 1),
+                ]
+            )
     return rows
 
 
@@ -183,8 +250,14 @@ async def coalescing(runner: ModelRunner) -> list[list[Any]]:
     tiers: dict[str, int] = {}
     for pr in preds:
         tiers[str(pr.tier)] = tiers.get(str(pr.tier), 0) + 1
-    rows.append(["100 concurrent identical", s["model_calls"], s["computed"],
-                 ", ".join(f"{k}: {v}" for k, v in sorted(tiers.items()))])
+    rows.append(
+        [
+            "100 concurrent identical",
+            s["model_calls"],
+            s["computed"],
+            ", ".join(f"{k}: {v}" for k, v in sorted(tiers.items())),
+        ]
+    )
     return rows
 
 
@@ -220,8 +293,17 @@ def forward_costs(with_compile: bool, quick: bool) -> list[list[Any]]:
                 runs.append((time.perf_counter() - t) / (reps // 5))
             per[size] = statistics.median(runs) * 1e6
         err = float(np.abs(r.predict_batch(x) - ref).max())
-        rows.append([name, fmt(per[1], 1), fmt(per[32], 1), fmt(per[32] / 32, 2),
-                     fmt(per[1] / per[32] * 32, 1) + "x", f"{err:.1e}", fmt(load_s, 1)])
+        rows.append(
+            [
+                name,
+                fmt(per[1], 1),
+                fmt(per[32], 1),
+                fmt(per[32] / 32, 2),
+                fmt(per[1] / per[32] * 32, 1) + "x",
+                f"{err:.1e}",
+                fmt(load_s, 1),
+            ]
+        )
     return rows
 
 
@@ -243,33 +325,82 @@ async def main(args: argparse.Namespace) -> None:
     miss_pool = np.random.default_rng(12).standard_normal((n_miss, 784)).astype(np.float32)
 
     rows: list[list[Any]] = []
-    await run_all_miss("mlp", runner, seed, lambda i: miss_pool[i].tolist(), n_miss,
-                       n_seed_single, 64, rows)
-    await run_all_miss("mlp", runner, seed, lambda i: miss_pool[i].tolist(), n_miss // 10,
-                       n_miss // 10, 1, rows)
+    await run_all_miss(
+        "mlp", runner, seed, lambda i: miss_pool[i].tolist(), n_miss, n_seed_single, 64, rows
+    )
+    await run_all_miss(
+        "mlp", runner, seed, lambda i: miss_pool[i].tolist(), n_miss // 10, n_miss // 10, 1, rows
+    )
     print("\n## 1. all-miss closed loop (inputs sent as Python lists of 784 floats)\n")
-    print(table(rows, ["model", "concurrency", "variant", "req/s", "p50 ms", "p99 ms",
-                       "mean batch", "vs 1 forward/request"]))
+    print(
+        table(
+            rows,
+            [
+                "model",
+                "concurrency",
+                "variant",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "mean batch",
+                "vs 1 forward/request",
+            ],
+        )
+    )
 
     zrows: list[list[Any]] = []
     await run_zipf("mlp", runner, seed, lambda k: pool[k].tolist(), n_zipf, 10_000, 64, zrows)
     print(f"\n## 2. Zipf(0.9) over 10k distinct inputs, {n_zipf} requests, concurrency 64\n")
-    print(table(zrows, ["model", "variant", "req/s", "p50 ms", "p99 ms", "hit ratio",
-                        "computed", "model calls", "throughput ratio"]))
+    print(
+        table(
+            zrows,
+            [
+                "model",
+                "variant",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "hit ratio",
+                "computed",
+                "model calls",
+                "throughput ratio",
+            ],
+        )
+    )
 
     print("\n## 3. batcher overhead per item (submit-to-result minus compute), µs\n")
-    print(table(await batcher_overhead(3000 if quick else 20000),
-                ["function", "concurrency", "median µs", "p99 µs", "mean batch",
-                 "median µs per item of a batch"]))
+    print(
+        table(
+            await batcher_overhead(3000 if quick else 20000),
+            [
+                "function",
+                "concurrency",
+                "median µs",
+                "p99 µs",
+                "mean batch",
+                "median µs per item of a batch",
+            ],
+        )
+    )
 
     print("\n## 4. coalescing\n")
-    print(table(await coalescing(runner), ["requests", "model calls", "items computed",
-                                           "tiers"]))
+    print(table(await coalescing(runner), ["requests", "model calls", "items computed", "tiers"]))
 
     print("\n## 5. MLP forward per call (µs), one torch thread\n")
-    print(table(forward_costs(args.compile, quick),
-                ["variant", "batch 1 µs", "batch 32 µs", "µs/sample @32", "batching gain",
-                 "max |diff| vs eager", "load s"]))
+    print(
+        table(
+            forward_costs(args.compile, quick),
+            [
+                "variant",
+                "batch 1 µs",
+                "batch 32 µs",
+                "µs/sample @32",
+                "batching gain",
+                "max |diff| vs eager",
+                "load s",
+            ],
+        )
+    )
     seed.close()
 
     from infercache.models import minilm
@@ -277,8 +408,10 @@ async def main(args: argparse.Namespace) -> None:
     if args.no_minilm or not minilm.available():
         print("\n(MiniLM skipped: extra not installed or --no-minilm)")
         return
-    texts = [f"sentence number {i} about topic {i % 97} and item {i * 7919 % 10007}"
-             for i in range(10_000)]
+    texts = [
+        f"sentence number {i} about topic {i % 97} and item {i * 7919 % 10007}"
+        for i in range(10_000)
+    ]
     m = minilm.minilm()
 
     class SeedText:
@@ -289,8 +422,9 @@ async def main(args: argparse.Namespace) -> None:
 
             import torch
 
-            self.executor = ThreadPoolExecutor(max_workers=4, initializer=torch.set_num_threads,
-                                               initargs=(1,))
+            self.executor = ThreadPoolExecutor(
+                max_workers=4, initializer=torch.set_num_threads, initargs=(1,)
+            )
 
         def predict_single(self, text: str) -> Any:
             return m.predict_batch([text]).tolist()
@@ -307,20 +441,50 @@ async def main(args: argparse.Namespace) -> None:
     n_text = 200 if quick else 600
     await run_all_miss("minilm", m, st, lambda i: texts[i], n_text, n_text // 2, 64, mrows)
     print("\n## 6a. MiniLM all-miss closed loop (short texts)\n")
-    print(table(mrows, ["model", "concurrency", "variant", "req/s", "p50 ms", "p99 ms",
-                        "mean batch", "vs 1 forward/request"]))
+    print(
+        table(
+            mrows,
+            [
+                "model",
+                "concurrency",
+                "variant",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "mean batch",
+                "vs 1 forward/request",
+            ],
+        )
+    )
     mz: list[list[Any]] = []
     await run_zipf("minilm", m, st, lambda k: texts[k], 600 if quick else 2000, 10_000, 64, mz)
     print("\n## 6b. MiniLM Zipf(0.9) over 10k distinct texts, concurrency 64\n")
-    print(table(mz, ["model", "variant", "req/s", "p50 ms", "p99 ms", "hit ratio",
-                     "computed", "model calls", "throughput ratio"]))
+    print(
+        table(
+            mz,
+            [
+                "model",
+                "variant",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "hit ratio",
+                "computed",
+                "model calls",
+                "throughput ratio",
+            ],
+        )
+    )
     st.executor.shutdown(wait=False)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs (~1-2 min)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also measure torch.compile (compiling takes ~1 min on 2 cores)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also measure torch.compile (compiling takes ~1 min on 2 cores)",
+    )
     parser.add_argument("--no-minilm", action="store_true", help="skip the MiniLM sections")
     asyncio.run(main(parser.parse_args()))

@@ -58,8 +58,9 @@ def test_every_caller_gets_its_own_result(
 
     async def main() -> None:
         fn = asquare if use_async else square
-        async with DynamicBatcher(fn, max_batch_size=max_batch, max_wait_ms=0.5,
-                                  concurrency=concurrency, greedy=greedy) as b:
+        async with DynamicBatcher(
+            fn, max_batch_size=max_batch, max_wait_ms=0.5, concurrency=concurrency, greedy=greedy
+        ) as b:
 
             async def caller(i: int, pause: int) -> tuple[int, int]:
                 for _ in range(pause):
@@ -251,8 +252,15 @@ async def test_adaptive_limits_stay_within_bounds() -> None:
         limits.append(len(xs))
         return xs
 
-    b = DynamicBatcher(model, max_batch_size=32, min_batch_size=2, adaptive=True,
-                       target_p99_ms=6.0, timer=clock, offload=False)
+    b = DynamicBatcher(
+        model,
+        max_batch_size=32,
+        min_batch_size=2,
+        adaptive=True,
+        target_p99_ms=6.0,
+        timer=clock,
+        offload=False,
+    )
     async with b:
         for _ in range(20):
             await asyncio.gather(*(b.submit(i) for i in range(40)))
@@ -269,8 +277,14 @@ async def test_adaptive_grows_when_under_target() -> None:
     def model(xs: list[int]) -> list[int]:
         return xs
 
-    b = DynamicBatcher(model, max_batch_size=8, min_batch_size=1, adaptive=True,
-                       target_p99_ms=10_000.0, offload=False)
+    b = DynamicBatcher(
+        model,
+        max_batch_size=8,
+        min_batch_size=1,
+        adaptive=True,
+        target_p99_ms=10_000.0,
+        offload=False,
+    )
     b._limit = 1  # start small to watch it grow (AIMD additive increase)
     async with b:
         for _ in range(20):

@@ -53,7 +53,8 @@ def export_onnx(model: Any, path: Path) -> None:
             nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
             prev = f"r{i}"
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 784])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
         inits,
@@ -109,8 +110,7 @@ def test_torchscript_file(tmp_path: Path, mlp: Any) -> None:
     with warnings.catch_warnings():  # torch.jit is deprecated, but TorchScript files exist
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.trace(mlp, torch.zeros(1, 784)).save(str(path))
-    r = ModelRunner.load(str(path), name="ts", input_spec=InputSpec(shape=(784,)),
-                         freeze_gc=False)
+    r = ModelRunner.load(str(path), name="ts", input_spec=InputSpec(shape=(784,)), freeze_gc=False)
     assert r.kind == "torchscript"
     np.testing.assert_allclose(r.predict_batch(XS), reference(mlp, XS), rtol=1e-5, atol=1e-6)
     again = ModelRunner(path, freeze_gc=False, warmup=False)
@@ -127,8 +127,9 @@ def test_onnx_file(tmp_path: Path, mlp: Any) -> None:
     assert r.kind == "onnx"
     assert r.input_spec == InputSpec(shape=(784,), dtype="float32")  # read from the graph
     np.testing.assert_allclose(r.predict_batch(XS), reference(mlp, XS), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(r.predict_single(XS[1]), reference(mlp, XS[1:2])[0],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        r.predict_single(XS[1]), reference(mlp, XS[1:2])[0], rtol=1e-4, atol=1e-5
+    )
     with pytest.raises(InputError, match=r"expected float32 array of shape \(784,\)"):
         r.predict_single(np.zeros(10, np.float32))
     with pytest.raises(ConfigError):
@@ -230,8 +231,12 @@ def test_input_spec_limits_and_batches() -> None:
 def test_load_factories_and_errors() -> None:
     r = ModelRunner.load("infercache.models.demo:demo_mlp", freeze_gc=False)
     assert r.name == "mlp"
-    r2 = ModelRunner.load("infercache.models.demo:build_mlp", name="m2", freeze_gc=False,
-                          example_input=np.zeros(784, np.float32))
+    r2 = ModelRunner.load(
+        "infercache.models.demo:build_mlp",
+        name="m2",
+        freeze_gc=False,
+        example_input=np.zeros(784, np.float32),
+    )
     assert r2.version == r.version and r2.name == "m2"
     assert r2.input_spec == InputSpec(shape=(784,), dtype="float32")
     for bad in ("nonsense", "no.such.module:f", "infercache.models.demo:nope", "missing.onnx"):
@@ -258,9 +263,7 @@ async def test_predict_async_and_benchmark(runner: ModelRunner) -> None:
     report = runner.benchmark(list(XS), num_runs=5, batch_size=4)
     assert report["batch_prediction"]["batch_size"] == 4
     for part in ("single_prediction", "batch_prediction"):
-        assert {"mean", "std", "min", "max", "p50", "p95", "p99", "throughput"} <= set(
-            report[part]
-        )
+        assert {"mean", "std", "min", "max", "p50", "p95", "p99", "throughput"} <= set(report[part])
     assert report["comparison"]["speedup_per_item"] > 0
     runner.close()
 

@@ -47,8 +47,14 @@ class CountingModel:
 
 
 def counting_runner(model: CountingModel, version: str = "1") -> ModelRunner:
-    return ModelRunner(model, name="sum", version=version, freeze_gc=False, warmup=False,
-                       input_spec=InputSpec(shape=(4,), dtype="float64"))
+    return ModelRunner(
+        model,
+        name="sum",
+        version=version,
+        freeze_gc=False,
+        warmup=False,
+        input_spec=InputSpec(shape=(4,), dtype="float64"),
+    )
 
 
 async def test_outputs_match_the_model_and_second_call_is_l1(mlp_runner: ModelRunner) -> None:

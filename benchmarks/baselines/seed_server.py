@@ -34,8 +34,9 @@ import torch
 class SeedModelServer:
     """Like the tutorial's OptimizedModelServer (device, eval, warm-up, single/batch/async)."""
 
-    def __init__(self, model: torch.nn.Module, batch_size: int = 32,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, batch_size: int = 32, threads: int | None = None
+    ) -> None:
         self.model = model
         self.batch_size = batch_size
         # threads=None is the tutorial (torch's default in every thread); the benchmark passes 1
@@ -43,8 +44,9 @@ class SeedModelServer:
         self.executor = (
             ThreadPoolExecutor(max_workers=4)
             if threads is None
-            else ThreadPoolExecutor(max_workers=4, initializer=torch.set_num_threads,
-                                    initargs=(threads,))
+            else ThreadPoolExecutor(
+                max_workers=4, initializer=torch.set_num_threads, initargs=(threads,)
+            )
         )
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
@@ -61,8 +63,11 @@ class SeedModelServer:
             tensor = tensor.unsqueeze(0)
         with torch.no_grad():
             prediction = self.model(tensor).cpu().numpy().tolist()
-        return {"prediction": prediction, "inference_time": time.time() - start,
-                "device": str(self.device)}
+        return {
+            "prediction": prediction,
+            "inference_time": time.time() - start,
+            "device": str(self.device),
+        }
 
     def predict_batch(self, batch_data: list[list[float]]) -> dict[str, Any]:
         start = time.time()
@@ -70,8 +75,12 @@ class SeedModelServer:
         with torch.no_grad():
             predictions = self.model(tensor).cpu().numpy().tolist()
         elapsed = time.time() - start
-        return {"predictions": predictions, "batch_size": len(batch_data),
-                "inference_time": elapsed, "throughput": len(batch_data) / max(elapsed, 1e-9)}
+        return {
+            "predictions": predictions,
+            "batch_size": len(batch_data),
+            "inference_time": elapsed,
+            "throughput": len(batch_data) / max(elapsed, 1e-9),
+        }
 
     async def predict_async(self, input_data: list[float]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -84,8 +93,12 @@ class SeedModelServer:
 class SeedRequestBatcher:
     """Like the tutorial's RequestBatcher (see the module doc for the one change: RLock)."""
 
-    def __init__(self, process: Callable[[list[Any]], list[Any]], batch_size: int = 32,
-                 max_wait_time: float = 0.1) -> None:
+    def __init__(
+        self,
+        process: Callable[[list[Any]], list[Any]],
+        batch_size: int = 32,
+        max_wait_time: float = 0.1,
+    ) -> None:
         self.process = process
         self.batch_size = batch_size
         self.max_wait_time = max_wait_time
@@ -97,8 +110,14 @@ class SeedRequestBatcher:
     async def add_request(self, request_data: Any, request_id: str) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         with self.lock:
-            self.batch_queue.append({"data": request_data, "request_id": request_id,
-                                     "future": future, "timestamp": time.time()})
+            self.batch_queue.append(
+                {
+                    "data": request_data,
+                    "request_id": request_id,
+                    "future": future,
+                    "timestamp": time.time(),
+                }
+            )
             if len(self.batch_queue) >= self.batch_size:
                 await self._process_batch()
             else:
@@ -148,4 +167,3 @@ def seed_batch_fn(server: SeedModelServer) -> Callable[[list[Any]], list[Any]]:
 
 
 __all__ = ["SeedModelServer", "SeedRequestBatcher", "seed_batch_fn"]
-

@@ -68,11 +68,20 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 class _Item:
     """One submitted item and its caller's future. Plain slots: created on every submit."""
 
-    __slots__ = ("compute_s", "deadline", "dispatched", "enqueued", "future", "handle", "state",
-                 "value")
+    __slots__ = (
+        "compute_s",
+        "deadline",
+        "dispatched",
+        "enqueued",
+        "future",
+        "handle",
+        "state",
+        "value",
+    )
 
-    def __init__(self, value: Any, future: asyncio.Future[Any], enqueued: float,
-                 deadline: float | None) -> None:
+    def __init__(
+        self, value: Any, future: asyncio.Future[Any], enqueued: float, deadline: float | None
+    ) -> None:
         self.value = value
         self.future = future
         self.enqueued = enqueued
@@ -266,8 +275,9 @@ class DynamicBatcher(Generic[T, R]):
             self._drop_cancelled(entry)
             raise
 
-    async def submit_timed(self, item: T, *, deadline: float | None = None
-                           ) -> tuple[R, float, float]:
+    async def submit_timed(
+        self, item: T, *, deadline: float | None = None
+    ) -> tuple[R, float, float]:
         """Like :meth:`submit`, also returning (queue wait, compute time of its batch) in seconds.
 
         The Predictor uses it for its ``queue`` and ``compute`` stage timings.
@@ -280,8 +290,7 @@ class DynamicBatcher(Generic[T, R]):
             raise
         return result, entry.dispatched - entry.enqueued, entry.compute_s
 
-    async def submit_many(self, items: Iterable[T], *, deadline: float | None = None
-                          ) -> list[R]:
+    async def submit_many(self, items: Iterable[T], *, deadline: float | None = None) -> list[R]:
         """Submit several items at once; results in order (the first failure is raised)."""
         entries = [self._enqueue(it, deadline) for it in items]
         try:
@@ -356,8 +365,10 @@ class DynamicBatcher(Generic[T, R]):
         self._timeouts += 1
         if not entry.future.done():
             entry.future.set_exception(
-                DeadlineExceeded(f"{self.name}: deadline passed after "
-                                 f"{(self._timer() - entry.enqueued) * 1000:.1f} ms in the queue")
+                DeadlineExceeded(
+                    f"{self.name}: deadline passed after "
+                    f"{(self._timer() - entry.enqueued) * 1000:.1f} ms in the queue"
+                )
             )
 
     def _resolve_fill_waiters(self) -> None:
@@ -414,9 +425,11 @@ class DynamicBatcher(Generic[T, R]):
                     return
                 wakeup.clear()
                 await wakeup.wait()
-            if self._wait_s > 0 and (
-                not self.greedy or (self.concurrency > 1 and self._busy > 0)
-            ) and not self._closing:
+            if (
+                self._wait_s > 0
+                and (not self.greedy or (self.concurrency > 1 and self._busy > 0))
+                and not self._closing
+            ):
                 await self._wait_for_company()
             batch = self._take(self._limit)
             if not batch:
@@ -530,8 +543,9 @@ class DynamicBatcher(Generic[T, R]):
             if new != self._limit:
                 self._increases += 1
             self._limit = new
-            self._wait_s = min(self.max_wait_ms / 1000.0,
-                               self._wait_s + 0.1 * self.max_wait_ms / 1000.0)
+            self._wait_s = min(
+                self.max_wait_ms / 1000.0, self._wait_s + 0.1 * self.max_wait_ms / 1000.0
+            )
             self._last_decision = (
                 f"increase: full batch of {size} within target "
                 f"({worst_s * 1000:.2f} <= {self.target_p99_ms:.2f} ms)"
@@ -602,4 +616,3 @@ class DynamicBatcher(Generic[T, R]):
                 "last_decision": self._last_decision,
             },
         }
-

@@ -18,7 +18,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -101,6 +101,29 @@ class _Series:
         h.total_count += n
         h.min_value = min(h.min_value, int(us.min()))
         h.max_value = max(h.max_value, int(us.max()))
+
+    def cumulative(self, bounds_us: np.ndarray[Any, Any]) -> tuple[list[int], int, float]:
+        """Counts of values <= each bound (µs), the total count and the sum in seconds.
+
+        Reads hdrh's counts array with numpy: each slot's lowest equivalent value decides which
+        bounds it falls under, so the answer is exact to the histogram's precision.
+        """
+        self.flush()
+        h = self.hist
+        counts = self.counts[: h.counts_len]
+        index = np.arange(counts.size, dtype=np.int64)
+        half_mag = h.sub_bucket_half_count_magnitude
+        bucket = (index >> half_mag) - 1
+        sub = (index & (h.sub_bucket_half_count - 1)) + h.sub_bucket_half_count
+        low = bucket < 0
+        sub = np.where(low, sub - h.sub_bucket_half_count, sub)
+        bucket = np.where(low, 0, bucket)
+        values = sub << (bucket + h.unit_magnitude)
+        order = np.argsort(values, kind="stable")
+        cum = np.cumsum(counts[order])
+        pos = np.searchsorted(values[order], bounds_us, side="right")
+        out = [int(cum[p - 1]) if p > 0 else 0 for p in pos]
+        return out, self.count, self.mean * self.count
 
     def stats(self) -> dict[str, float]:
         self.flush()
@@ -260,6 +283,28 @@ class LatencyMonitor:
             self._total = _Series(self._highest_us, self._sig)
             self._recent.clear()
             self._stages.clear()
+
+    def histogram(
+        self, bounds: Sequence[float], stage: str | None = None
+    ) -> tuple[list[int], int, float]:
+        """Cumulative counts of recorded values <= each bound (seconds), their count and sum.
+
+        This is what a Prometheus histogram exposes; computing it at scrape time from the
+        HdrHistogram keeps the request path at one buffered append per value instead of a
+        prometheus-client ``observe()`` (a lock and a bucket walk) per stage per request.
+        ``stage=None`` reads the overall latency.
+        """
+        bounds_us = np.asarray([b * 1e6 for b in bounds], dtype=np.float64)
+        with self._lock:
+            series = self._total if stage is None else self._stages.get(stage)
+            if series is None:
+                return [0] * len(bounds), 0, 0.0
+            return series.cumulative(bounds_us)
+
+    def stages(self) -> list[str]:
+        """The stages recorded so far."""
+        with self._lock:
+            return list(self._stages)
 
     def snapshot(self) -> dict[str, Any]:
         """Overall and per-stage statistics in one dict (for /metrics, dashboards, stats())."""

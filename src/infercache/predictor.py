@@ -43,10 +43,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import blake3
+
 from infercache.batching import DynamicBatcher
 from infercache.errors import InfercacheError
 from infercache.keys import fingerprint
 from infercache.monitor import LatencyMonitor, StageTimer
+from infercache.tiers.memory import MemoryCache
 
 __all__ = ["Prediction", "Predictor"]
 
@@ -69,13 +72,22 @@ class Prediction:
     model: str
     version: str
     timings: dict[str, float] = field(default_factory=dict)
+    #: the key namespace (model, version, generations) ``key`` was computed in
+    namespace: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out = self.output
         if hasattr(out, "tolist"):
             out = out.tolist()
-        return {"output": out, "cached": self.cached, "tier": self.tier, "key": self.key,
-                "model": self.model, "version": self.version, "timings": dict(self.timings)}
+        return {
+            "output": out,
+            "cached": self.cached,
+            "tier": self.tier,
+            "key": self.key,
+            "model": self.model,
+            "version": self.version,
+            "timings": dict(self.timings),
+        }
 
 
 def _has_remote(cache: Any) -> bool:
@@ -114,6 +126,7 @@ class Predictor:
         ttl: float | None = None,
         lookup_batch_size: int = 256,
         timer: Callable[[], float] = time.perf_counter,
+        raw_index_size: int = 10_000,
     ) -> None:
         self.runner = runner
         if cache is not None and not hasattr(cache, "get_many_with_tier"):
@@ -126,7 +139,9 @@ class Predictor:
         self._owns_batcher = batcher is None
         if batcher is None:
             opts: dict[str, Any] = {
-                "max_batch_size": 32, "max_wait_ms": 5.0, "name": f"{runner.name}-model"
+                "max_batch_size": 32,
+                "max_wait_ms": 5.0,
+                "name": f"{runner.name}-model",
             }
             opts.update(batch_options or {})
             if "offload" not in opts:
@@ -137,23 +152,41 @@ class Predictor:
         self._writer: DynamicBatcher[tuple[str, Any], None] | None = None
         if self._remote:
             self._lookup = DynamicBatcher(
-                self._lookup_batch, max_batch_size=lookup_batch_size, concurrency=2,
-                split_on_error=False, max_queue=100_000, name=f"{runner.name}-lookup",
+                self._lookup_batch,
+                max_batch_size=lookup_batch_size,
+                concurrency=2,
+                split_on_error=False,
+                max_queue=100_000,
+                name=f"{runner.name}-lookup",
             )
             self._writer = DynamicBatcher(
-                self._write_batch, max_batch_size=lookup_batch_size, concurrency=2,
-                split_on_error=False, max_queue=100_000, name=f"{runner.name}-write",
+                self._write_batch,
+                max_batch_size=lookup_batch_size,
+                concurrency=2,
+                split_on_error=False,
+                max_queue=100_000,
+                name=f"{runner.name}-write",
             )
         self.monitor = monitor if monitor is not None else LatencyMonitor()
         self.ttl = ttl
         self._timer = timer
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._counts: dict[str, int] = {
-            "predictions": 0, "computed": 0, "coalesced": 0, "errors": 0,
-            "lookup_errors": 0, "write_errors": 0,
+            "predictions": 0,
+            "computed": 0,
+            "coalesced": 0,
+            "errors": 0,
+            "lookup_errors": 0,
+            "write_errors": 0,
         }
         self._hits: dict[str, int] = {}
         self._closed = False
+        # request bytes (BLAKE3-128 digest) -> (namespace, key); see lookup_raw()
+        self._raw_index: MemoryCache | None = (
+            MemoryCache(raw_index_size, policy="lru", name=f"{runner.name}-raw-index")
+            if raw_index_size and self._l1 is not None
+            else None
+        )
 
     #: a model whose warm-up forward (2 inputs) took less than this runs on the event loop
     INLINE_BELOW_S = 0.001
@@ -196,8 +229,9 @@ class Predictor:
 
     # -- predicting ------------------------------------------------------------------------------
 
-    async def predict(self, x: Any, *, use_cache: bool = True,
-                      deadline: float | None = None) -> Prediction:
+    async def predict(
+        self, x: Any, *, use_cache: bool = True, deadline: float | None = None
+    ) -> Prediction:
         """Predict one input. ``deadline`` is absolute, on ``self.batcher.timer``'s clock.
 
         Raises InputError (bad input), Overloaded (queue full), DeadlineExceeded, ModelError.
@@ -207,8 +241,9 @@ class Predictor:
         st.mark("decode")
         return await self._predict_validated(item, st, use_cache, deadline)
 
-    async def predict_many(self, xs: Sequence[Any], *, use_cache: bool = True,
-                           deadline: float | None = None) -> list[Prediction]:
+    async def predict_many(
+        self, xs: Sequence[Any], *, use_cache: bool = True, deadline: float | None = None
+    ) -> list[Prediction]:
         """Predict a client's own batch: every input is validated before anything is queued
         (one bad input fails the call with an InputError naming its index); hits, duplicates and
         misses are then handled per item, and the misses share model batches."""
@@ -225,21 +260,27 @@ class Predictor:
             st = StageTimer(self._timer)
             st.add("decode", decode)
             timers.append(st)
-        return list(await asyncio.gather(*(
-            self._predict_validated(item, st, use_cache, deadline)
-            for item, st in zip(items, timers, strict=True)
-        )))
+        return list(
+            await asyncio.gather(
+                *(
+                    self._predict_validated(item, st, use_cache, deadline)
+                    for item, st in zip(items, timers, strict=True)
+                )
+            )
+        )
 
-    async def _predict_validated(self, item: Any, st: StageTimer, use_cache: bool,
-                                 deadline: float | None) -> Prediction:
-        key = fingerprint(item, namespace=self.namespace())
+    async def _predict_validated(
+        self, item: Any, st: StageTimer, use_cache: bool, deadline: float | None
+    ) -> Prediction:
+        ns = self.namespace()
+        key = fingerprint(item, namespace=ns)
         st.mark("key")
         self._counts["predictions"] += 1
         if use_cache and self._l1 is not None:
             value = self._l1.get(key)
             if value is not None:
                 st.mark("cache")
-                return self._done(value, True, "l1", key, st)
+                return self._done(value, True, "l1", key, st, ns)
         loop = asyncio.get_running_loop()
         while True:
             flight = self._inflight.get(key)
@@ -254,7 +295,7 @@ class Predictor:
                 raise
             self._counts["coalesced"] += 1
             st.mark("queue")
-            return self._done(value, False, "coalesced", key, st)
+            return self._done(value, False, "coalesced", key, st, ns)
         # this request leads: it runs the miss path inline (no task per miss) and shares the
         # result through a future that identical requests arriving meanwhile await
         flight = loop.create_future()
@@ -277,11 +318,12 @@ class Predictor:
         flight.set_result(value)
         if tier is None:
             self._counts["computed"] += 1
-            return self._done(value, False, None, key, st)
-        return self._done(value, True, tier, key, st)
+            return self._done(value, False, None, key, st, ns)
+        return self._done(value, True, tier, key, st, ns)
 
-    async def _resolve(self, key: str, item: Any, use_cache: bool, deadline: float | None,
-                       st: StageTimer) -> tuple[Any, str | None]:
+    async def _resolve(
+        self, key: str, item: Any, use_cache: bool, deadline: float | None, st: StageTimer
+    ) -> tuple[Any, str | None]:
         """The miss path: remote lookup, model, write-back. Returns (value, tier or None)."""
         if use_cache and self._lookup is not None:
             try:
@@ -326,14 +368,63 @@ class Predictor:
         await self.cache.set_many(dict(pairs), ttl=self.ttl)
         return [None] * len(pairs)
 
-    def _done(self, value: Any, cached: bool, tier: str | None, key: str,
-              st: StageTimer) -> Prediction:
+    def _done(
+        self,
+        value: Any,
+        cached: bool,
+        tier: str | None,
+        key: str,
+        st: StageTimer,
+        namespace: str = "",
+    ) -> Prediction:
         if tier is not None:
             self._hits[tier] = self._hits.get(tier, 0) + 1
         total = st.total()
         self.monitor.record_stages(st.timings, total)
-        return Prediction(value, cached, tier, key, self.runner.name, self.runner.version,
-                          st.timings)
+        return Prediction(
+            value, cached, tier, key, self.runner.name, self.runner.version, st.timings, namespace
+        )
+
+    # -- the request-bytes index -----------------------------------------------------------------
+
+    def lookup_raw(self, raw: bytes) -> Prediction | None:
+        """An L1 hit for request bytes seen before, without decoding them; None otherwise.
+
+        A server receives the same request bytes again and again (retries, popular inputs, one
+        client library serializing the same input identically). Parsing 784 floats from JSON,
+        converting and validating them and fingerprinting the array costs ~60 µs; hashing the
+        raw bytes costs ~3 µs. The index maps BLAKE3-128(raw) to the canonical key it produced
+        (and the namespace that key was computed in), so a repeat skips straight to L1. The
+        canonical key stays the truth: a stale namespace (invalidated model or version) or an
+        entry gone from L1 falls back to the full path, and BLAKE3 makes a forged collision with
+        another client's bytes infeasible. Only the caller knows which bytes denote an input, so
+        it records them with :meth:`remember_raw` after a successful prediction.
+        """
+        index = self._raw_index
+        if index is None:
+            return None
+        st = StageTimer(self._timer)
+        found = index.get(blake3.blake3(raw).digest(16))
+        if found is None:
+            return None
+        st.mark("key")
+        ns, key = found
+        l1 = self._l1
+        if ns != self.namespace() or l1 is None or key not in l1:
+            return None
+        value = l1.get(key)
+        if value is None:
+            return None
+        st.mark("cache")
+        self._counts["predictions"] += 1
+        return self._done(value, True, "l1", key, st, ns)
+
+    def remember_raw(self, raw: bytes, prediction: Prediction) -> None:
+        """Record that request bytes ``raw`` denote ``prediction``'s input (see lookup_raw)."""
+        if self._raw_index is not None and prediction.namespace:
+            self._raw_index.set(
+                blake3.blake3(raw).digest(16), (prediction.namespace, prediction.key)
+            )
 
     # -- lifecycle and stats ---------------------------------------------------------------------
 

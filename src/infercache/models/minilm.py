@@ -87,5 +87,11 @@ def minilm(
         "input_spec", InputSpec(shape=(), dtype="str", max_length=max_length, max_batch=max_batch)
     )
     runner_options.setdefault("warmup_runs", 1)
-    return ModelRunner(encode, name=name, device=dev, threads=threads, kind="sentence-transformers",
-                       **runner_options)
+    return ModelRunner(
+        encode,
+        name=name,
+        device=dev,
+        threads=threads,
+        kind="sentence-transformers",
+        **runner_options,
+    )

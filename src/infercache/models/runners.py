@@ -114,9 +114,11 @@ def _torch_digest(module: Any) -> str:
 def _callable_digest(fn: Callable[..., Any]) -> str:
     h = _digest()
     target = getattr(fn, "__func__", fn)
-    code = getattr(target, "__code__", None) or getattr(
-        getattr(type(fn), "__call__", None), "__code__", None  # noqa: B004
+    # the __call__ the instance's class resolves to (inherited ones too)
+    call = next(
+        (k.__dict__["__call__"] for k in type(fn).__mro__ if "__call__" in k.__dict__), None
     )
+    code = getattr(target, "__code__", None) or getattr(call, "__code__", None)
     h.update(getattr(target, "__qualname__", type(fn).__qualname__).encode())
     if code is not None:
         h.update(code.co_code)
@@ -143,8 +145,17 @@ class _Backend:
 class _TorchBackend(_Backend):
     kind = "torch"
 
-    def __init__(self, module: Any, *, device: str | None, threads: int, compile: bool,
-                 quantize: str | None, digest: str | None = None, kind: str = "torch") -> None:
+    def __init__(
+        self,
+        module: Any,
+        *,
+        device: str | None,
+        threads: int,
+        compile: bool,
+        quantize: str | None,
+        digest: str | None = None,
+        kind: str = "torch",
+    ) -> None:
         import torch
 
         self.kind = kind
@@ -195,8 +206,11 @@ class _TorchBackend(_Backend):
             return out
 
     def describe(self) -> dict[str, Any]:
-        return {"compiled": self.compiled, "quantized": self.quantized,
-                "threads": self._torch.get_num_threads()}
+        return {
+            "compiled": self.compiled,
+            "quantized": self.quantized,
+            "threads": self._torch.get_num_threads(),
+        }
 
 
 class _OnnxBackend(_Backend):
@@ -228,8 +242,13 @@ class _OnnxBackend(_Backend):
         self.path = path
 
     def inferred_spec(self) -> InputSpec | None:
-        types = {"tensor(float)": "float32", "tensor(double)": "float64",
-                 "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float16)": "float16"}
+        types = {
+            "tensor(float)": "float32",
+            "tensor(double)": "float64",
+            "tensor(int64)": "int64",
+            "tensor(int32)": "int32",
+            "tensor(float16)": "float16",
+        }
         dtype = types.get(self.input_type)
         if dtype is None or not self.input_shape:
             return None
@@ -244,8 +263,9 @@ class _OnnxBackend(_Backend):
 
 
 class _CallableBackend(_Backend):
-    def __init__(self, fn: Callable[[Any], Any], *, kind: str = "callable",
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, fn: Callable[[Any], Any], *, kind: str = "callable", device: str = "cpu"
+    ) -> None:
         self.fn = fn
         self.kind = kind
         self.device = device
@@ -299,8 +319,9 @@ class ModelRunner:
             raise ConfigError("threads must be >= 1")
         self.name = name
         self.threads = threads
-        backend = self._make_backend(model, device=device, threads=threads, compile=compile,
-                                     quantize=quantize, kind=kind)
+        backend = self._make_backend(
+            model, device=device, threads=threads, compile=compile, quantize=quantize, kind=kind
+        )
         self._backend = backend
         if input_spec is None and isinstance(backend, _OnnxBackend):
             input_spec = backend.inferred_spec()
@@ -317,8 +338,9 @@ class ModelRunner:
                     "so new weights mean new cache keys.",
                     stacklevel=2,
                 )
-                backend.digest = _callable_digest(backend.forward if not isinstance(
-                    backend, _CallableBackend) else backend.fn)
+                backend.digest = _callable_digest(
+                    backend.forward if not isinstance(backend, _CallableBackend) else backend.fn
+                )
             version = backend.digest
         self.version = version
         self._executor: ThreadPoolExecutor | None = None
@@ -342,8 +364,15 @@ class ModelRunner:
             _freeze_gc_now()
 
     @staticmethod
-    def _make_backend(model: Any, *, device: str | None, threads: int, compile: bool,
-                      quantize: str | None, kind: str | None) -> _Backend:
+    def _make_backend(
+        model: Any,
+        *,
+        device: str | None,
+        threads: int,
+        compile: bool,
+        quantize: str | None,
+        kind: str | None,
+    ) -> _Backend:
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
             if not path.is_file():
@@ -358,17 +387,24 @@ class ModelRunner:
                 with warnings.catch_warnings():  # torch 2.9+ marks TorchScript deprecated
                     warnings.simplefilter("ignore", DeprecationWarning)
                     module = torch.jit.load(str(path), map_location="cpu")
-                return _TorchBackend(module, device=device, threads=threads, compile=compile,
-                                     quantize=quantize, digest=_file_digest(path),
-                                     kind="torchscript")
+                return _TorchBackend(
+                    module,
+                    device=device,
+                    threads=threads,
+                    compile=compile,
+                    quantize=quantize,
+                    digest=_file_digest(path),
+                    kind="torchscript",
+                )
             raise ConfigError(f"unknown model file type {path.suffix!r}: expected .pt or .onnx")
         try:
             import torch
         except ImportError:  # pragma: no cover - torch is an extra
             torch = None  # type: ignore[assignment]
         if torch is not None and isinstance(model, torch.nn.Module):
-            return _TorchBackend(model, device=device, threads=threads, compile=compile,
-                                 quantize=quantize)
+            return _TorchBackend(
+                model, device=device, threads=threads, compile=compile, quantize=quantize
+            )
         if callable(model):
             if compile or quantize:
                 raise ConfigError("compile/quantize apply to torch models, not callables")
@@ -473,8 +509,9 @@ class ModelRunner:
         try:
             count = len(out)
         except TypeError:
-            raise ModelError(f"model {self.name!r} returned {type(out).__name__}, "
-                             "expected one output per input") from None
+            raise ModelError(
+                f"model {self.name!r} returned {type(out).__name__}, expected one output per input"
+            ) from None
         if count != n:
             raise ModelError(f"model {self.name!r} returned {count} outputs for {n} inputs")
         if isinstance(out, np.ndarray):
@@ -531,8 +568,9 @@ class ModelRunner:
 
     # -- measurement -----------------------------------------------------------------------------
 
-    def benchmark(self, test_data: Sequence[Any], num_runs: int = 100,
-                  batch_size: int = 32) -> dict[str, dict[str, float]]:
+    def benchmark(
+        self, test_data: Sequence[Any], num_runs: int = 100, batch_size: int = 32
+    ) -> dict[str, dict[str, float]]:
         """Single vs batch latency (mean, std, min, max, p50, p95, p99; seconds) and throughput.
 
         Like the user's ``OptimizedModelServer.benchmark``, plus percentiles and a per-item
@@ -557,10 +595,15 @@ class ModelRunner:
         def summary(times: list[float], items: int) -> dict[str, float]:
             arr = np.asarray(times)
             return {
-                "mean": float(arr.mean()), "std": float(arr.std()), "min": float(arr.min()),
-                "max": float(arr.max()), "p50": float(np.percentile(arr, 50)),
-                "p95": float(np.percentile(arr, 95)), "p99": float(np.percentile(arr, 99)),
-                "throughput": items / float(arr.mean()), "batch_size": float(items),
+                "mean": float(arr.mean()),
+                "std": float(arr.std()),
+                "min": float(arr.min()),
+                "max": float(arr.max()),
+                "p50": float(np.percentile(arr, 50)),
+                "p95": float(np.percentile(arr, 95)),
+                "p99": float(np.percentile(arr, 99)),
+                "throughput": items / float(arr.mean()),
+                "batch_size": float(items),
             }
 
         s, b = summary(single, 1), summary(batched, len(batch))

@@ -27,8 +27,12 @@ _TEXT_DTYPES = frozenset({"str", "text"})
 
 
 def _describe_shape(shape: Sequence[int | None]) -> str:
-    return "(" + ", ".join("*" if d is None else str(d) for d in shape) + ("," if len(shape) == 1
-                                                                            else "") + ")"
+    return (
+        "("
+        + ", ".join("*" if d is None else str(d) for d in shape)
+        + ("," if len(shape) == 1 else "")
+        + ")"
+    )
 
 
 @dataclass(frozen=True)
@@ -182,8 +186,12 @@ class InputSpec:
             return
         # one reduction first: any NaN/inf makes the sum non-finite; only then (or on an overflow
         # of a sum of finite values) pay for the element-wise check
-        if (arr.dtype.kind == "f" and not self.allow_nan and not np.isfinite(arr.sum())
-                and not np.isfinite(arr).all()):
+        if (
+            arr.dtype.kind == "f"
+            and not self.allow_nan
+            and not np.isfinite(arr.sum())
+            and not np.isfinite(arr).all()
+        ):
             raise InputError("input contains NaN or infinity, which this model does not accept")
         if self.min is not None:
             lo = arr.min()

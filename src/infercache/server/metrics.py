@@ -17,7 +17,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
@@ -28,6 +27,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from infercache.monitor import LatencyMonitor
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -40,6 +41,13 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 _BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def _buckets(counts: list[int], total: int) -> list[tuple[str, float]]:
+    return [
+        *((str(b), float(c)) for b, c in zip(LATENCY_BUCKETS, counts, strict=True)),
+        ("+Inf", float(total)),
+    ]
 
 
 class _RuntimeCollector(Collector):
@@ -88,6 +96,35 @@ class _RuntimeCollector(Collector):
         yield rejected
         yield sizes
 
+        stage_hist = HistogramMetricFamily(
+            "infercache_stage_duration_seconds",
+            "Hot-path stage durations (decode, key, cache, queue, compute, write)",
+            labels=["stage"],
+        )
+        monitors = {id(m): m for m in sources.get("monitors", ()) if m is not None}
+        merged: dict[str, tuple[list[int], int, float]] = {}
+        for monitor in monitors.values():
+            for stage in monitor.stages():
+                counts, n, total = monitor.histogram(LATENCY_BUCKETS, stage)
+                prev = merged.get(stage)
+                if prev is not None:
+                    counts = [a + b for a, b in zip(prev[0], counts, strict=True)]
+                    n, total = n + prev[1], total + prev[2]
+                merged[stage] = (counts, n, total)
+        for stage, (counts, n, total) in merged.items():
+            stage_hist.add_metric([stage], _buckets(counts, n), total)
+        yield stage_hist
+
+        request_hist = HistogramMetricFamily(
+            "infercache_http_request_duration_seconds", "HTTP request latency by route",
+            labels=["route"],
+        )  # fmt: skip
+        routes: Mapping[str, Any] = sources.get("routes", {})
+        for route, monitor in list(routes.items()):
+            counts, n, total = monitor.histogram(LATENCY_BUCKETS)
+            request_hist.add_metric([route], _buckets(counts, n), total)
+        yield request_hist
+
         l1 = sources.get("l1")
         if l1 is not None:
             try:
@@ -116,14 +153,6 @@ class ServerMetrics:
             "infercache_http_requests", "HTTP requests by route and status",
             ["route", "status"], registry=r,
         )  # fmt: skip
-        self.request_seconds = Histogram(
-            "infercache_http_request_duration_seconds", "HTTP request latency by route",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.stage_seconds = Histogram(
-            "infercache_stage_duration_seconds", "Hot-path stage durations (decode, key, cache, "
-            "queue, compute, write)", ["stage"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
         self.predictions = Counter(
             "infercache_predictions", "Predictions by model and serving tier "
             "(l1, redis, sqlite, ..., coalesced, computed)", ["model", "tier"], registry=r,
@@ -141,16 +170,22 @@ class ServerMetrics:
         self.ws_disconnected = Counter(
             "infercache_ws_slow_disconnects", "Subscribers disconnected for being slow", registry=r
         )
-        if sources is not None:
-            r.register(_RuntimeCollector(sources))
+        #: Per-route request latencies, exported as histograms at scrape time (see
+        #: LatencyMonitor.histogram): recording is a buffered append, not a locked bucket walk.
+        self.route_latency: dict[str, LatencyMonitor] = {}
+        self._sources = sources
+        r.register(_RuntimeCollector(self._all_sources))
         self._req_children: dict[tuple[str, int], Any] = {}
-        self._lat_children: dict[str, Any] = {}
-        self._stage_children: dict[str, Any] = {}
         self._pred_children: dict[tuple[str, str], Any] = {}
         #: Plain counters mirrored for the dashboard (reading prometheus values needs private API).
         self.prediction_counts: dict[tuple[str, str], int] = {}
         self.status_counts: dict[int, int] = {}
         self.ws_open = 0
+
+    def _all_sources(self) -> Mapping[str, Any]:
+        sources = dict(self._sources()) if self._sources is not None else {}
+        sources["routes"] = self.route_latency
+        return sources
 
     def ws_opened(self) -> None:
         self.ws_open += 1
@@ -167,10 +202,10 @@ class ServerMetrics:
             child = self._req_children[key] = self.requests.labels(route, str(status))
         child.inc()
         self.status_counts[status] = self.status_counts.get(status, 0) + 1
-        lat = self._lat_children.get(route)
+        lat = self.route_latency.get(route)
         if lat is None:
-            lat = self._lat_children[route] = self.request_seconds.labels(route)
-        lat.observe(seconds)
+            lat = self.route_latency[route] = LatencyMonitor(window_size=1)
+        lat.record(seconds)
 
     def observe_prediction(
         self, model: str, tier: str | None, timings: Mapping[str, float]
@@ -181,11 +216,6 @@ class ServerMetrics:
             child = self._pred_children[key] = self.predictions.labels(*key)
         child.inc()
         self.prediction_counts[key] = self.prediction_counts.get(key, 0) + 1
-        for stage, seconds in timings.items():
-            st = self._stage_children.get(stage)
-            if st is None:
-                st = self._stage_children[stage] = self.stage_seconds.labels(stage)
-            st.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -158,6 +158,12 @@ async def _predict(name: str, request: Request) -> Response:
         service.api_auth.check(request.headers.get("authorization"))
     service.entry(name)  # 404 before reading the body
     body = await read_body(request, service.settings.max_body_bytes)
+    cached = service.cached_json(name, body)
+    if cached is not None:  # these exact bytes were answered before and are still in L1
+        hit_timings = {"decode": 0.0, **cached.pop("timings")}  # nothing was decoded
+        return Response(
+            dumps(cached), media_type=_JSON, headers={"Server-Timing": server_timing(hit_timings)}
+        )
     t0 = time.perf_counter()
     data = _decode_object(body)
     decode_s = time.perf_counter() - t0
@@ -170,7 +176,10 @@ async def _predict(name: str, request: Request) -> Response:
     if "input" in data:
         if "inputs" in data:
             raise APIError(422, "invalid_request", "give either 'input' or 'inputs', not both")
-        result = await service.predict_json(name, data["input"], use_cache=use_cache)
+        # bytes that are exactly {"input": ...} may be remembered for the raw-bytes fast path
+        result = await service.predict_json(
+            name, data["input"], use_cache=use_cache, body=body if len(data) == 1 else None
+        )
     elif "inputs" in data:
         inputs = data["inputs"]
         if not isinstance(inputs, list) or not inputs:

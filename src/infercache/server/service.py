@@ -166,7 +166,12 @@ class Service:
         l1 = getattr(self.cache, "l1", None)
         if l1 is None and self.cache is not None and hasattr(self.cache, "hits"):
             l1 = self.cache
-        return {"batchers": {n: e.batcher for n, e in self.models.items()}, "l1": l1}
+        monitors = [getattr(e.predictor, "monitor", None) for e in self.models.values()]
+        return {
+            "batchers": {n: e.batcher for n, e in self.models.items()},
+            "l1": l1,
+            "monitors": [self.monitor, *monitors],
+        }
 
     # -- predictions ---------------------------------------------------------------------------
 
@@ -176,10 +181,40 @@ class Service:
             raise ModelNotFound(f"no model named {name[:100]!r}; see GET /v1/models")
         return entry
 
+    def cached_json(self, model: str, body: bytes) -> dict[str, Any] | None:
+        """The answer for request bytes seen before, from L1 without decoding them; None when
+        the bytes are new or their entry is gone (see Predictor.lookup_raw)."""
+        entry = self.entry(model)
+        lookup = getattr(entry.predictor, "lookup_raw", None)
+        if lookup is None:
+            return None
+        pred = lookup(body)
+        if pred is None:
+            return None
+        self.metrics.observe_prediction(entry.name, pred.tier, pred.timings)
+        return {
+            "model": entry.name,
+            "model_version": pred.version,
+            "output": pred.output,
+            "cached": pred.cached,
+            "tier": pred.tier,
+            "timings": pred.timings,
+        }
+
     async def predict_json(
-        self, model: str, raw: Any, *, use_cache: bool = True, transport: str = "http"
+        self,
+        model: str,
+        raw: Any,
+        *,
+        use_cache: bool = True,
+        transport: str = "http",
+        body: bytes | None = None,
     ) -> dict[str, Any]:
-        """One prediction as a JSON-able dict (``output``, ``cached``, ``tier``, ``timings``)."""
+        """One prediction as a JSON-able dict (``output``, ``cached``, ``tier``, ``timings``).
+
+        ``body``: the request bytes that carried exactly this input; after success they are
+        remembered, so the same bytes next time are answered by :meth:`cached_json`.
+        """
         entry = self.entry(model)
         # The Predictor validates and converts the input itself (ModelRunner.validate) before
         # computing the key; converting it here too would do the work twice.
@@ -195,6 +230,10 @@ class Service:
             ) from None
         timings = pred.timings
         self.metrics.observe_prediction(entry.name, pred.tier, timings)
+        if body is not None and use_cache:
+            remember = getattr(entry.predictor, "remember_raw", None)
+            if remember is not None:
+                remember(body, pred)
         return {
             "model": entry.name,
             "model_version": pred.version,
