@@ -49,7 +49,7 @@ class Settings:
     l1_size: int = 10_000
     l1_policy: str = "tinylfu"
     cache_ttl: float | None = None
-    write_policy: str = "through"
+    write_policy: str = "behind"
     # -- batching
     max_batch_size: int = 32
     max_wait_ms: float = 0.0
