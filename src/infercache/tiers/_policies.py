@@ -189,15 +189,17 @@ class FrequencySketch:
     fades and the estimate follows a drifting workload.
     """
 
-    __slots__ = ("_mask", "_samples", "_shift", "_table", "_width", "sample_size")
+    __slots__ = ("_bits", "_mask", "_samples", "_table", "sample_size")
 
     def __init__(self, capacity: int, width_factor: int = 16, sample_factor: int = 15) -> None:
+        # 4 rows x width counters, laid out in 64-byte blocks (Caffeine's layout): a key's four
+        # counters sit in one block, one per 16-byte quarter, so a lookup costs one cache miss
+        # instead of four. The block comes from the low hash bits, each counter from 4 more.
         width = 1 << max(4, (max(1, capacity) * width_factor - 1).bit_length())
-        bits = width.bit_length() - 1
-        self._width = width
-        self._mask = width - 1
-        self._shift = max(1, (64 - bits) // 3)
-        self._table = bytearray(4 * width)
+        blocks = width // 16
+        self._mask = blocks - 1
+        self._bits = blocks.bit_length() - 1
+        self._table = bytearray(64 * blocks)
         self._samples = 0
         self.sample_size = sample_factor * max(1, capacity)
 
@@ -208,19 +210,25 @@ class FrequencySketch:
         adds ``n`` to all four; raising the larger ones only inflates other keys' estimates.
         """
         t = self._table
-        m = self._mask
-        w = self._width
-        s = self._shift
         h = hash(key)
-        i0 = h & m
-        i1 = w + ((h >> s) & m)
-        i2 = 2 * w + ((h >> (s + s)) & m)
-        i3 = 3 * w + ((h >> (3 * s)) & m)
+        base = (h & self._mask) << 6
+        h >>= self._bits
+        i0 = base + (h & 15)
+        i1 = base + 16 + ((h >> 4) & 15)
+        i2 = base + 32 + ((h >> 8) & 15)
+        i3 = base + 48 + ((h >> 12) & 15)
         c0 = t[i0]
         c1 = t[i1]
         c2 = t[i2]
         c3 = t[i3]
-        target = min(c0, c1, c2, c3) + n
+        low = c0
+        if c1 < low:
+            low = c1
+        if c2 < low:
+            low = c2
+        if c3 < low:
+            low = c3
+        target = low + n
         if target > 15:
             target = 15
         if c0 < target:
@@ -239,16 +247,20 @@ class FrequencySketch:
     def estimate(self, key: Hashable) -> int:
         """Accesses of ``key`` counted (an upper bound, 0..15), after aging."""
         t = self._table
-        m = self._mask
-        w = self._width
-        s = self._shift
         h = hash(key)
-        return min(
-            t[h & m],
-            t[w + ((h >> s) & m)],
-            t[2 * w + ((h >> (s + s)) & m)],
-            t[3 * w + ((h >> (3 * s)) & m)],
-        )
+        base = (h & self._mask) << 6
+        h >>= self._bits
+        low = t[base + (h & 15)]
+        c = t[base + 16 + ((h >> 4) & 15)]
+        if c < low:
+            low = c
+        c = t[base + 32 + ((h >> 8) & 15)]
+        if c < low:
+            low = c
+        c = t[base + 48 + ((h >> 12) & 15)]
+        if c < low:
+            low = c
+        return low
 
     def clear(self) -> None:
         self._table = bytearray(len(self._table))
