@@ -332,8 +332,9 @@ class MemoryCache:
             if ttl is not None:
                 self._track(key, e, expire, ttl)  # type: ignore[arg-type]
             victim = self._policy.insert(key, e)
-            if victim is not NO_KEY:
-                self._drop(victim)
+            if victim is not NO_KEY:  # _drop, inlined: this runs on every write to a full cache
+                self._bytes -= data.pop(victim)[3]
+                self._evictions += 1
         if max_bytes is not None:
             while self._bytes > max_bytes:
                 self._drop(self._policy.evict())
