@@ -169,6 +169,32 @@ def test_expired_entries_are_cleaned_by_later_sets(clock: FakeClock) -> None:
     assert all(c.get(f"new{i}") == i for i in range(100))
 
 
+def test_cleanup_work_per_write_is_bounded(clock: FakeClock) -> None:
+    """A write reclaims a few expired entries, never all of them at once (no O(n) scan)."""
+    c = MemoryCache(10_000, timer=clock)
+    for i in range(1000):
+        c.set(f"old{i}", i, ttl=1)
+    clock.advance(2)
+    c.set("trigger", 0)
+    assert 0 < c.stats()["expirations"] <= 8
+    assert len(c) > 990
+
+
+def test_rewrite_with_longer_ttl_survives_the_old_expiry_record(clock: FakeClock) -> None:
+    c = MemoryCache(100, timer=clock)
+    c.set("a", 1, ttl=1)
+    c.set("a", 2, ttl=100)
+    c.delete("b")
+    c.set("b", 3, ttl=1)
+    c.delete("b")
+    c.set("b", 4, ttl=100)
+    clock.advance(2)
+    for i in range(20):  # writes that reap the due (stale) records
+        c.set(f"w{i}", i)
+    assert c.get("a") == 2 and c.get("b") == 4
+    assert c.stats()["expirations"] == 0
+
+
 def test_expired_delete_and_contains(clock: FakeClock) -> None:
     c = MemoryCache(10, timer=clock)
     c.set("a", 1, ttl=1)

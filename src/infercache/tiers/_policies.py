@@ -9,7 +9,7 @@ Every stored entry is a ``list`` (a list literal is the cheapest mutable record 
 ====  =========  ==================================================================================
  0    value      the cached value
  1    expire     absolute expiry time on the cache's timer, or ``None`` (never expires)
- 2    ttl        the TTL class the entry is queued under for amortised cleanup, or ``None``
+ 2    ttl        the TTL the entry was written with, or ``None``
  3    weight     its size in bytes per the weigher
  4    hits       bumped by the cache on every hit: the policy's reference bit / frequency source
  5    slot       policy-owned (segment id for tinylfu, frequency for lfu)
@@ -29,7 +29,9 @@ Contract with the cache (all calls happen under the cache's lock):
 - ``touch``: ``None`` or a callable run with the key on every hit, *after* ``entry[4] += 1``. LRU
   passes ``OrderedDict.move_to_end`` itself, so its hit costs one C call.
 
-No method looks at more than a bounded or amortised-O(1) number of entries.
+No method scans the entries. LRU and LFU are O(1) per call; tinylfu's CLOCK sweeps are O(1)
+amortised: each second chance it gives consumes hits recorded since the entry was last looked at,
+so the sweeping never exceeds the number of hits and writes.
 """
 
 from __future__ import annotations
@@ -42,9 +44,6 @@ Entry = list[Any]
 
 #: Returned by :meth:`insert` when nothing had to leave.
 NO_KEY: Final = object()
-
-# Entry slots (see the module docstring). The hot paths in memory.py use the literals.
-VALUE, EXPIRE, TTLQ, WEIGHT, HITS, SLOT, MARK = range(7)
 
 # tinylfu segments
 _WINDOW, _PROBATION, _PROTECTED = 0, 1, 2
@@ -182,11 +181,11 @@ class FrequencySketch:
     """A count-min sketch of 4-bit counters (4 rows) with periodic halving: TinyLFU's history.
 
     It estimates how often a key was accessed recently, including keys no longer cached, in
-    ``4 * width`` bytes (``width`` = ``width_factor`` x capacity, rounded up to a power of two).
-    Each row is a slice of one ``bytearray`` indexed by a different bit window of ``hash(key)``;
-    str hashes are SipHash salted per process, so callers cannot aim collisions. After
-    ``sample_factor`` x capacity counted accesses every counter is halved, so old popularity
-    fades and the estimate follows a drifting workload.
+    ``4 * width`` bytes (``width`` = ``width_factor`` x capacity, rounded up to a power of two;
+    one byte per counter, because byte indexing is what pure Python does fast). Indexes come from
+    ``hash(key)``; str hashes are SipHash salted per process, so callers cannot aim collisions.
+    After ``sample_factor`` x capacity counted accesses every counter is halved, so old
+    popularity fades and the estimate follows a drifting workload.
     """
 
     __slots__ = ("_bits", "_mask", "_samples", "_table", "sample_size")
