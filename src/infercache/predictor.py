@@ -387,7 +387,12 @@ class Predictor:
 
     # -- the request-bytes index -----------------------------------------------------------------
 
-    def lookup_raw(self, raw: bytes) -> Prediction | None:
+    @staticmethod
+    def raw_digest(raw: bytes) -> bytes:
+        """The request-bytes index key: BLAKE3-128 of ``raw`` (compute it once per request)."""
+        return bytes(blake3.blake3(raw).digest(16))
+
+    def lookup_raw(self, raw: bytes, digest: bytes | None = None) -> Prediction | None:
         """An L1 hit for request bytes seen before, without decoding them; None otherwise.
 
         A server receives the same request bytes again and again (retries, popular inputs, one
@@ -404,7 +409,7 @@ class Predictor:
         if index is None:
             return None
         st = StageTimer(self._timer)
-        found = index.get(blake3.blake3(raw).digest(16))
+        found = index.get(digest if digest is not None else self.raw_digest(raw))
         if found is None:
             return None
         st.mark("key")
@@ -419,12 +424,11 @@ class Predictor:
         self._counts["predictions"] += 1
         return self._done(value, True, "l1", key, st, ns)
 
-    def remember_raw(self, raw: bytes, prediction: Prediction) -> None:
+    def remember_raw(self, raw: bytes, prediction: Prediction, digest: bytes | None = None) -> None:
         """Record that request bytes ``raw`` denote ``prediction``'s input (see lookup_raw)."""
         if self._raw_index is not None and prediction.namespace:
-            self._raw_index.set(
-                blake3.blake3(raw).digest(16), (prediction.namespace, prediction.key)
-            )
+            token = digest if digest is not None else self.raw_digest(raw)
+            self._raw_index.set(token, (prediction.namespace, prediction.key))
 
     # -- lifecycle and stats ---------------------------------------------------------------------
 

@@ -18,11 +18,13 @@ from starlette.responses import HTMLResponse, Response
 
 from infercache import __version__
 from infercache.errors import InputError
+from infercache.predictor import Predictor
 from infercache.server.encoding import dumps
 from infercache.server.errors import APIError
 from infercache.server.service import Service
 
 router = APIRouter()
+raw_digest = Predictor.raw_digest
 
 _JSON = "application/json"
 PREDICT_PATH = "/v1/models/{name}/predict"
@@ -158,7 +160,8 @@ async def _predict(name: str, request: Request) -> Response:
         service.api_auth.check(request.headers.get("authorization"))
     service.entry(name)  # 404 before reading the body
     body = await read_body(request, service.settings.max_body_bytes)
-    cached = service.cached_json(name, body)
+    digest = raw_digest(body)
+    cached = service.cached_json(name, body, digest)
     if cached is not None:  # these exact bytes were answered before and are still in L1
         hit_timings = {"decode": 0.0, **cached.pop("timings")}  # nothing was decoded
         return Response(
@@ -178,7 +181,11 @@ async def _predict(name: str, request: Request) -> Response:
             raise APIError(422, "invalid_request", "give either 'input' or 'inputs', not both")
         # bytes that are exactly {"input": ...} may be remembered for the raw-bytes fast path
         result = await service.predict_json(
-            name, data["input"], use_cache=use_cache, body=body if len(data) == 1 else None
+            name,
+            data["input"],
+            use_cache=use_cache,
+            body=body if len(data) == 1 else None,
+            digest=digest,
         )
     elif "inputs" in data:
         inputs = data["inputs"]

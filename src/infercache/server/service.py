@@ -181,14 +181,17 @@ class Service:
             raise ModelNotFound(f"no model named {name[:100]!r}; see GET /v1/models")
         return entry
 
-    def cached_json(self, model: str, body: bytes) -> dict[str, Any] | None:
+    def cached_json(
+        self, model: str, body: bytes, digest: bytes | None = None
+    ) -> dict[str, Any] | None:
         """The answer for request bytes seen before, from L1 without decoding them; None when
-        the bytes are new or their entry is gone (see Predictor.lookup_raw)."""
+        the bytes are new or their entry is gone (see Predictor.lookup_raw). ``digest``: the
+        bytes' ``Predictor.raw_digest``, when the caller has it already."""
         entry = self.entry(model)
         lookup = getattr(entry.predictor, "lookup_raw", None)
         if lookup is None:
             return None
-        pred = lookup(body)
+        pred = lookup(body, digest)
         if pred is None:
             return None
         self.metrics.observe_prediction(entry.name, pred.tier, pred.timings)
@@ -209,6 +212,7 @@ class Service:
         use_cache: bool = True,
         transport: str = "http",
         body: bytes | None = None,
+        digest: bytes | None = None,
     ) -> dict[str, Any]:
         """One prediction as a JSON-able dict (``output``, ``cached``, ``tier``, ``timings``).
 
@@ -233,7 +237,7 @@ class Service:
         if body is not None and use_cache:
             remember = getattr(entry.predictor, "remember_raw", None)
             if remember is not None:
-                remember(body, pred)
+                remember(body, pred, digest)
         return {
             "model": entry.name,
             "model_version": pred.version,
