@@ -102,9 +102,10 @@ def fill(cache: Any, set_: Callable[[Any, Any], Any], keys: list[str]) -> None:
 
 
 def fingerprint_like(n: int, prefix: str = "") -> list[str]:
-    """32-hex-char keys like infercache.fingerprint output."""
-    rnd = random.Random(42 + len(prefix))
-    return [f"{prefix}{rnd.getrandbits(128):032x}"[-32:] for _ in range(n)]
+    """``n`` distinct 32-hex-char keys like infercache.fingerprint output; one key set per prefix
+    (the prefix seeds the generator), so different prefixes give different keys."""
+    rnd = random.Random(f"infercache-bench-{prefix}")
+    return [f"{rnd.getrandbits(128):032x}" for _ in range(n)]
 
 
 def _rate(fn: Callable[[], int]) -> float:

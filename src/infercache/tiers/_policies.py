@@ -11,9 +11,10 @@ Every stored entry is a ``list`` (a list literal is the cheapest mutable record 
  1    expire     absolute expiry time on the cache's timer, or ``None`` (never expires)
  2    ttl        the TTL the entry was written with, or ``None``
  3    weight     its size in bytes per the weigher
- 4    hits       bumped by the cache on every hit: the policy's reference bit / frequency source
+ 4    hits       hits not yet seen by the policy: bumped by the cache on a hit when the policy has
+                 no ``touch``; tinylfu reads and zeroes it (zeroing keeps it a small, cached int)
  5    slot       policy-owned (segment id for tinylfu, frequency for lfu)
- 6    mark       policy-owned (the value of ``hits`` when the policy last looked at the entry)
+ 6    spare      unused (kept so the layout is stable)
 ====  =========  ==================================================================================
 
 Contract with the cache (all calls happen under the cache's lock):
@@ -26,8 +27,8 @@ Contract with the cache (all calls happen under the cache's lock):
 - ``remove(key, entry)``: the cache dropped the key (delete, expiry); forget it.
 - ``evict()``: choose, forget and return one victim (the cache uses it under byte pressure). Only
   called while the policy holds at least one key.
-- ``touch``: ``None`` or a callable run with the key on every hit, *after* ``entry[4] += 1``. LRU
-  passes ``OrderedDict.move_to_end`` itself, so its hit costs one C call.
+- ``touch``: a callable run with the key on every hit (LRU passes ``OrderedDict.move_to_end``
+  itself, so its hit costs one C call), or ``None``: then the cache does ``entry[4] += 1`` instead.
 
 No method scans the entries. LRU and LFU are O(1) per call; tinylfu's CLOCK sweeps are O(1)
 amortised: each second chance it gives consumes hits recorded since the entry was last looked at,
@@ -281,8 +282,8 @@ class TinyLFUPolicy:
       hit counter as reference bit) instead of LRU lists. A hit only does ``entry[4] += 1`` in the
       cache; second chances and promotion (probation -> protected) happen when an eviction looks
       at a queue's head.
-    - Hits reach the sketch late, in bulk: ``entry[6]`` remembers ``entry[4]`` at the last look,
-      and when an eviction looks at an entry its new hits are added to the sketch in one step
+    - Hits reach the sketch late, in bulk: ``entry[4]`` counts the hits since the last look, and
+      when an eviction looks at an entry they are added to the sketch in one step
       (:meth:`_flush`). Every entry a duel compares has just been looked at, so admission
       decisions see all of its hits; only the timing relative to the sketch's aging shifts.
     - The sketch is wider (16 counters per entry and row, Caffeine: 4; memory 64 B per entry)
@@ -317,9 +318,9 @@ class TinyLFUPolicy:
 
     def _flush(self, key: Hashable, entry: Entry) -> bool:
         """Add the entry's hits since the last look to the sketch; True if there were any."""
-        new = entry[4] - entry[6]
+        new = entry[4]
         if new:
-            entry[6] = entry[4]
+            entry[4] = 0
             self.sketch.add(key, new)
             return True
         return False
@@ -362,10 +363,10 @@ class TinyLFUPolicy:
         while probation:
             key = next(iter(probation))
             entry = data[key]
-            new = entry[4] - entry[6]
+            new = entry[4]
             if not new:
                 return key
-            entry[6] = entry[4]
+            entry[4] = 0
             self.sketch.add(key, new)
             del probation[key]
             protected[key] = None
@@ -384,7 +385,6 @@ class TinyLFUPolicy:
         sketch = self.sketch
         sketch.add(key)
         entry[5] = _WINDOW
-        entry[6] = entry[4]
         window = self._window
         window[key] = None
         size = self._size = self._size + 1
@@ -396,10 +396,10 @@ class TinyLFUPolicy:
         while True:  # the window's CLOCK victim becomes the candidate
             candidate = next(iter(window))
             cand_entry = data[candidate]
-            new = cand_entry[4] - cand_entry[6]
+            new = cand_entry[4]
             if not new:
                 break
-            cand_entry[6] = cand_entry[4]
+            cand_entry[4] = 0
             sketch.add(candidate, new)
             window.move_to_end(candidate)
         del window[candidate]

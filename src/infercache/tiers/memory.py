@@ -148,10 +148,11 @@ class MemoryCache:
             if e is not None:
                 exp = e[1]
                 if exp is None or self._timer() < exp:
-                    e[4] += 1
                     touch = self._touch
-                    if touch is not None:
-                        touch(key)
+                    if touch is None:
+                        e[4] += 1  # tinylfu's reference bit and pending frequency
+                    else:
+                        touch(key)  # lru: OrderedDict.move_to_end
                     self._hits += 1
                     return e[0]
                 self._expire(key, e)
@@ -292,9 +293,10 @@ class MemoryCache:
     # -- internals (caller holds the lock) ----------------------------------------------------
 
     def _hit(self, key: Hashable, e: Entry) -> None:
-        e[4] += 1
         touch = self._touch
-        if touch is not None:
+        if touch is None:
+            e[4] += 1
+        else:
             touch(key)
         self._hits += 1
 
