@@ -42,8 +42,8 @@ _MIN_SECRET = 16
 _hdr = struct.Struct("<B")
 
 
-def _array_payload(arr: np.ndarray) -> bytes:
-    """dtype string, shape and raw bytes in one flat buffer (one copy, nothing nested to parse)."""
+def _array_parts(arr: np.ndarray) -> tuple[bytes, memoryview]:
+    """The header (dtype string, shape) and a zero-copy view of the data of an array."""
     dtype = arr.dtype
     if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None:
         raise EncodeError(f"cannot encode a numpy array of dtype {dtype}")
@@ -52,23 +52,29 @@ def _array_payload(arr: np.ndarray) -> bytes:
     dstr = dtype.str.encode("ascii")
     shape = arr.shape
     header = struct.pack(f"<B{len(dstr)}sB{len(shape)}Q", len(dstr), dstr, len(shape), *shape)
-    return header + arr.tobytes()
+    return header, arr.data.cast("B") if arr.size else memoryview(b"")
+
+
+def _array_payload(arr: np.ndarray) -> bytes:
+    """dtype string, shape and raw bytes in one flat buffer (one copy, nothing nested to parse)."""
+    return b"".join(_array_parts(arr))
 
 
 def _pack_array(arr: np.ndarray) -> msgpack.ExtType:
     return msgpack.ExtType(_EXT_ARRAY, _array_payload(arr))
 
 
-def _ext_frame(code: int, payload: bytes) -> bytes:
-    """msgpack's ext framing written directly, so a top-level array is encoded in one join."""
-    n = len(payload)
+def _ext_frame(code: int, arr: np.ndarray) -> bytes:
+    """msgpack's ext framing written directly, so a top-level array is encoded with one copy."""
+    header, data = _array_parts(arr)
+    n = len(header) + len(data)
     if n < 0x100:
         head = struct.pack("<BBb", 0xC7, n, code)
     elif n < 0x10000:
         head = struct.pack(">BHb", 0xC8, n, code)
     else:
         head = struct.pack(">BIb", 0xC9, n, code)
-    return b"\x01" + head + payload
+    return b"".join((b"\x01", head, header, data))
 
 
 def _default(obj: Any) -> Any:
@@ -153,7 +159,7 @@ class Codec:
     def encode(self, value: Any) -> bytes:
         """Return the bytes of ``value``; raises ``EncodeError`` for a type the codec can't hold."""
         if type(value) is np.ndarray:  # the common prediction: one array, framed by hand
-            return _ext_frame(_EXT_ARRAY, _array_payload(value))
+            return _ext_frame(_EXT_ARRAY, value)
         try:
             body = msgpack.packb(value, default=self._packer_default, use_bin_type=True)
         except EncodeError:
