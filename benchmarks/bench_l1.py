@@ -60,6 +60,19 @@ class LockedLRU:
             self._c[key] = value
 
 
+class _CachetoolsSet:
+    """cachetools.LRUCache with a ``set`` method: the memory-hierarchy reference for set scaling
+    (any hash table gets slower per write from 1k to 100k entries as it outgrows CPU caches)."""
+
+    def __init__(self, size: int) -> None:
+        import cachetools
+
+        self._c: Any = cachetools.LRUCache(size)
+
+    def set(self, key: Any, value: Any) -> None:
+        self._c[key] = value
+
+
 def make_caches(size: int) -> dict[str, tuple[Callable[[Any], Any], Callable[[Any, Any], Any]]]:
     """name -> (get, set) bound methods for a fresh cache of ``size`` entries."""
     import cachebox
@@ -174,6 +187,7 @@ def bench_set_scaling(sizes: tuple[int, int], n_ops: int, repeat: int) -> dict[s
     }
     variants["infercache tinylfu, ttl=60"] = lambda n: MemoryCache(n, ttl=60)
     variants["infercache lru, ttl=60"] = lambda n: MemoryCache(n, ttl=60, policy="lru")
+    variants["cachetools LRUCache (reference)"] = lambda n: _CachetoolsSet(n)
     variants["seed-style InMemoryCache"] = lambda n: SeedInMemoryCache(n, ttl=3600)
     caches: dict[tuple[str, int], Any] = {}
     for name, factory in variants.items():
