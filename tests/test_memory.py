@@ -356,6 +356,19 @@ def test_tinylfu_admits_a_key_that_becomes_popular() -> None:
     assert "rising" in c
 
 
+def test_tinylfu_keeps_the_key_just_written() -> None:
+    """With a one-entry window (max_size 100) whose entry was just read, a new key must not be
+    the one that leaves at once: set() then get() hits."""
+    c = MemoryCache(100, policy="tinylfu")
+    for i in range(200):
+        c.set(f"k{i}", i)
+    for i in range(5):
+        last = f"new{i}"
+        c.set(last, i)
+        assert c.get(last) == i  # a hit: also the window's reference bit for the next round
+    assert c.get("new4") == 4
+
+
 # -- stats ------------------------------------------------------------------------------------
 
 

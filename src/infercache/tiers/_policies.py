@@ -398,7 +398,12 @@ class TinyLFUPolicy:
             cand_entry = data[candidate]
             new = cand_entry[4]
             if not new:
-                break
+                if cand_entry is not entry:
+                    break
+                # Every older window entry had a second chance and went behind the new key:
+                # the new key still stays (as in an LRU window), the next one leaves.
+                window.move_to_end(candidate)
+                continue
             cand_entry[4] = 0
             sketch.add(candidate, new)
             window.move_to_end(candidate)
