@@ -13,7 +13,6 @@ seed's ``set`` did: O(n) per write).
 
 from __future__ import annotations
 
-import math
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 from infercache.errors import ConfigError
 from infercache.tiers._policies import NO_KEY, POLICIES, Entry
+from infercache.tiers.base import validate_ttl
 
 __all__ = ["MemoryCache", "default_weigher"]
 
@@ -62,15 +62,6 @@ def default_weigher(value: Any) -> int:
     if isinstance(nbytes, int):
         return nbytes
     return sys.getsizeof(value)
-
-
-def _check_ttl(ttl: Any, what: str = "ttl") -> float:
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-        raise ValueError(f"{what} must be a positive number of seconds, got {ttl!r}")
-    ttl = float(ttl)
-    if not math.isfinite(ttl) or ttl <= 0:
-        raise ValueError(f"{what} must be a positive finite number of seconds, got {ttl!r}")
-    return ttl
 
 
 class MemoryCache:
@@ -114,7 +105,7 @@ class MemoryCache:
         self.name = name
         self.max_size = max_size
         self.max_bytes = max_bytes
-        self.default_ttl: float | None = None if ttl is None else _check_ttl(ttl)
+        self.default_ttl: float | None = validate_ttl(ttl)
         self.policy = policy
         self._weigher = weigher or default_weigher
         self._timer = timer
@@ -230,7 +221,7 @@ class MemoryCache:
 
     def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
         """Store ``value``; ``ttl`` (seconds, > 0) overrides the default TTL for this entry."""
-        ttl = self.default_ttl if ttl is None else _check_ttl(ttl)
+        ttl = self.default_ttl if ttl is None else validate_ttl(ttl)
         weight = self._weigher(value)  # user code: outside the lock
         lock = self._lock
         lock.acquire()
@@ -241,7 +232,7 @@ class MemoryCache:
 
     def set_many(self, mapping: Mapping[Hashable, Any], ttl: float | None = None) -> None:
         """``set`` for each item, weighed outside the lock and stored under one acquisition."""
-        ttl = self.default_ttl if ttl is None else _check_ttl(ttl)
+        ttl = self.default_ttl if ttl is None else validate_ttl(ttl)
         weigh = self._weigher
         items = [(k, v, weigh(v)) for k, v in mapping.items()]
         with self._lock:
