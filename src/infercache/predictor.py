@@ -159,6 +159,9 @@ class Predictor:
                 max_queue=100_000,
                 name=f"{runner.name}-lookup",
             )
+        # Write-behind makes set_many an L1 write plus an append to the cache's own queue, which
+        # batches the slower tiers itself: a second batcher in front of it would only add a hop.
+        if self._remote and getattr(cache, "write", None) != "behind":
             self._writer = DynamicBatcher(
                 self._write_batch,
                 max_batch_size=lookup_batch_size,
