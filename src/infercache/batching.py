@@ -599,6 +599,7 @@ class DynamicBatcher(Generic[T, R]):
             "cancelled": self._cancelled,
             "errors": self._errors,
             "splits": self._splits,
+            "offload": bool(self.offload and not self._is_async),  # the model runs in a thread
             "queue_wait": self.queue_wait.get_stats(),
             "compute": self.compute_time.get_stats(),
             "limits": {
