@@ -15,7 +15,7 @@ and an SQLite file in a temp dir, and prints:
 3. the overhead of an L1 hit through ``await MultiLevelCache.get`` over a bare
    ``MemoryCache.get``.
 
-The numbers depend on the machine; the ratios are what docs/bench_tiers.md records.
+The numbers depend on the machine; the ratios are what docs/benchmarks.md records.
 """
 
 from __future__ import annotations

@@ -620,7 +620,7 @@ async def build_service(settings: Settings) -> Service:
     for runner in runners:
         # The Predictor builds the model batcher itself: it runs a cheap model (the MLP's forward
         # is ~30 µs) on the event loop and offloads only slow ones, which a thread hop per batch
-        # would otherwise cost more than the forward (docs/bench_predictor.md).
+        # would otherwise cost more than the forward (docs/benchmarks.md).
         predictor = Predictor(
             runner,
             cache,

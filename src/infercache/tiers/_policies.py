@@ -288,7 +288,7 @@ class TinyLFUPolicy:
       decisions see all of its hits; only the timing relative to the sketch's aging shifts.
     - The sketch is wider (16 counters per entry and row, Caffeine: 4; memory 64 B per entry)
       and ages after 15 x ``max_size`` accesses (Caffeine: 10), uses conservative updates, and
-      has no doorkeeper. Measured (docs/bench_l1.md): the width gains 1.4 points on the drifting
+      has no doorkeeper. Measured (docs/benchmarks.md): the width gains 1.4 points on the drifting
       trace at a 1 % cache, the longer period 0.2-0.4 points on Zipf traces.
     """
 
