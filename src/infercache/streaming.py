@@ -202,7 +202,10 @@ class StreamProcessor:
                     if timeout is None:
                         got = await queue.get()
                     else:
-                        got = await asyncio.wait_for(queue.get(), max(0.0, timeout))
+                        # asyncio.timeout, not wait_for: no task per get, and Python 3.11's
+                        # wait_for can swallow a cancellation of this consumer that races it.
+                        async with asyncio.timeout(max(0.0, timeout)):
+                            got = await queue.get()
                 except TimeoutError:
                     got = None
                 if got is _END:
