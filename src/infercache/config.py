@@ -162,30 +162,26 @@ def _as_str(name: str, value: Any) -> str:
     raise ConfigError(f"setting {name!r}: expected a string, got {value!r}")
 
 
-def _as_models(name: str, value: Any) -> tuple[str, ...]:
+def _as_specs(name: str, value: Any, parse: Callable[[str], object], what: str) -> tuple[str, ...]:
+    """A comma-separated string or a list of specs, each checked by ``parse`` (ConfigError)."""
     if isinstance(value, str):
         items = [v.strip() for v in value.split(",")]
     elif isinstance(value, list | tuple):
         items = [_as_str(name, v).strip() for v in value]
     else:
-        raise ConfigError(f"setting {name!r}: expected a list of model specs, got {value!r}")
+        raise ConfigError(f"setting {name!r}: expected a list of {what} specs, got {value!r}")
     items = [v for v in items if v]
     for spec in items:
-        parse_model_spec(spec)  # raises ConfigError on a malformed spec
+        parse(spec)
     return tuple(items)
+
+
+def _as_models(name: str, value: Any) -> tuple[str, ...]:
+    return _as_specs(name, value, parse_model_spec, "model")
 
 
 def _as_streams(name: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",")]
-    elif isinstance(value, list | tuple):
-        items = [_as_str(name, v).strip() for v in value]
-    else:
-        raise ConfigError(f"setting {name!r}: expected a list of stream specs, got {value!r}")
-    items = [v for v in items if v]
-    for spec in items:
-        parse_stream_spec(spec)
-    return tuple(items)
+    return _as_specs(name, value, parse_stream_spec, "stream")
 
 
 def parse_stream_spec(spec: str) -> tuple[str, str, str]:

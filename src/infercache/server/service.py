@@ -195,14 +195,7 @@ class Service:
         if pred is None:
             return None
         self.metrics.observe_prediction(entry.name, pred.tier, pred.timings)
-        return {
-            "model": entry.name,
-            "model_version": pred.version,
-            "output": pred.output,
-            "cached": pred.cached,
-            "tier": pred.tier,
-            "timings": pred.timings,
-        }
+        return _answer(entry, pred)
 
     async def predict_json(
         self,
@@ -232,20 +225,12 @@ class Service:
             raise DeadlineExceeded(
                 f"prediction took longer than {self.settings.request_timeout_s:g} s"
             ) from None
-        timings = pred.timings
-        self.metrics.observe_prediction(entry.name, pred.tier, timings)
+        self.metrics.observe_prediction(entry.name, pred.tier, pred.timings)
         if body is not None and use_cache:
             remember = getattr(entry.predictor, "remember_raw", None)
             if remember is not None:
                 remember(body, pred, digest)
-        return {
-            "model": entry.name,
-            "model_version": pred.version,
-            "output": pred.output,
-            "cached": pred.cached,
-            "tier": pred.tier,
-            "timings": timings,
-        }
+        return _answer(entry, pred)
 
     async def predict_many_json(
         self, model: str, raws: list[Any], *, use_cache: bool = True
@@ -634,6 +619,18 @@ async def build_service(settings: Settings) -> Service:
         )
         models[runner.name] = ModelEntry(runner.name, predictor, runner)
     return Service(settings=settings, models=models, cache=cache, monitor=monitor, owned=[cache])
+
+
+def _answer(entry: ModelEntry, pred: Any) -> dict[str, Any]:
+    """One prediction as the JSON-able dict the HTTP and WebSocket handlers answer with."""
+    return {
+        "model": entry.name,
+        "model_version": pred.version,
+        "output": pred.output,
+        "cached": pred.cached,
+        "tier": pred.tier,
+        "timings": pred.timings,
+    }
 
 
 def service_from_predictors(
