@@ -418,6 +418,7 @@ class Predictor:
         st.mark("key")
         ns, key = found
         l1 = self._l1
+        # `in` first: a miss here goes down the full path, whose own L1 get counts it once
         if ns != self.namespace() or l1 is None or key not in l1:
             return None
         value = l1.get(key)
