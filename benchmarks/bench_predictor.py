@@ -74,6 +74,14 @@ async def closed_loop(request: Request, n: int, concurrency: int) -> dict[str, f
     }
 
 
+#: columns of the all-miss tables (MLP and MiniLM)
+MISS_HEADER = ["model", "concurrency", "variant", "req/s", "p50 ms", "p99 ms", "mean batch",
+               "vs 1 forward/request"]  # fmt: skip
+#: columns of the Zipf tables (MLP and MiniLM)
+ZIPF_HEADER = ["model", "variant", "req/s", "p50 ms", "p99 ms", "hit ratio", "computed",
+               "model calls", "throughput ratio"]  # fmt: skip
+
+
 def fmt(x: float, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
 
@@ -335,16 +343,7 @@ async def main(args: argparse.Namespace) -> None:
     print(
         table(
             rows,
-            [
-                "model",
-                "concurrency",
-                "variant",
-                "req/s",
-                "p50 ms",
-                "p99 ms",
-                "mean batch",
-                "vs 1 forward/request",
-            ],
+            MISS_HEADER,
         )
     )
 
@@ -354,17 +353,7 @@ async def main(args: argparse.Namespace) -> None:
     print(
         table(
             zrows,
-            [
-                "model",
-                "variant",
-                "req/s",
-                "p50 ms",
-                "p99 ms",
-                "hit ratio",
-                "computed",
-                "model calls",
-                "throughput ratio",
-            ],
+            ZIPF_HEADER,
         )
     )
 
@@ -444,16 +433,7 @@ async def main(args: argparse.Namespace) -> None:
     print(
         table(
             mrows,
-            [
-                "model",
-                "concurrency",
-                "variant",
-                "req/s",
-                "p50 ms",
-                "p99 ms",
-                "mean batch",
-                "vs 1 forward/request",
-            ],
+            MISS_HEADER,
         )
     )
     mz: list[list[Any]] = []
@@ -462,17 +442,7 @@ async def main(args: argparse.Namespace) -> None:
     print(
         table(
             mz,
-            [
-                "model",
-                "variant",
-                "req/s",
-                "p50 ms",
-                "p99 ms",
-                "hit ratio",
-                "computed",
-                "model calls",
-                "throughput ratio",
-            ],
+            ZIPF_HEADER,
         )
     )
     st.executor.shutdown(wait=False)

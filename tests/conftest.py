@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
 
@@ -33,6 +35,13 @@ except ImportError:  # pragma: no cover
     )
 
 
+class _Startable(Protocol):
+    def start(self) -> object: ...
+
+
+S = TypeVar("S", bound=_Startable)
+
+
 def _missing(exc: BinaryMissing) -> None:
     """Fail in CI, skip locally: a missing server must never pass silently in CI."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
@@ -40,12 +49,12 @@ def _missing(exc: BinaryMissing) -> None:
     pytest.skip(f"server binary missing: {exc}")
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One real redis-server for the session (``.url``, ``.port``, ``.stop()``, ``.start()``,
-    ``.kill()``). Tests that stop it must start it again; prefer ``fresh_redis`` for that."""
+@contextmanager
+def _running(make: Callable[[], S], stop: Callable[[S], None]) -> Iterator[S]:
+    """Build a server (fail in CI / skip locally if its binary is missing), start it, and stop it
+    with ``stop`` however the test ends."""
     try:
-        server = RedisServer(tmp_path_factory.mktemp("redis"))
+        server = make()
     except BinaryMissing as exc:
         _missing(exc)
         raise  # unreachable: _missing always raises
@@ -53,7 +62,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     try:
         yield server
     finally:
-        server.stop()
+        stop(server)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session (``.url``, ``.port``, ``.stop()``, ``.start()``,
+    ``.kill()``). Tests that stop it must start it again; prefer ``fresh_redis`` for that."""
+    with _running(lambda: RedisServer(tmp_path_factory.mktemp("redis")), RedisServer.stop) as s:
+        yield s
 
 
 _DB_CYCLE = itertools.cycle(range(1, 16))
@@ -92,16 +109,8 @@ def _flush_db(server: RedisServer, db: int) -> None:
 @pytest.fixture
 def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own, for tests that kill or restart it."""
-    try:
-        server = RedisServer(tmp_path / "redis")
-    except BinaryMissing as exc:
-        _missing(exc)
-        raise
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
+    with _running(lambda: RedisServer(tmp_path / "redis"), RedisServer.kill) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")
@@ -110,16 +119,9 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 
     Built once: Redis makes new masters wait ~2 s before they accept writes.
     """
-    try:
-        cluster = RedisCluster(workdir=tmp_path_factory.mktemp("cluster"))
-    except BinaryMissing as exc:
-        _missing(exc)
-        raise
-    cluster.start()
-    try:
+    workdir = tmp_path_factory.mktemp("cluster")
+    with _running(lambda: RedisCluster(workdir=workdir), RedisCluster.stop) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="session")
@@ -131,16 +133,8 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
     # Not under tmp_path_factory: pytest's base temp dir is 0700 root, and under root the server
     # runs as the `postgres` user, who must be able to reach its data directory.
     del tmp_path_factory
-    try:
-        server = PostgresServer()
-    except BinaryMissing as exc:
-        _missing(exc)
-        raise
-    server.start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
+    with _running(PostgresServer, PostgresServer.cleanup) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

@@ -70,13 +70,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _decode_object(body: bytes) -> dict[str, Any]:
+def _decode_json(body: bytes, expected: str = "JSON") -> Any:
     if not body:
-        raise APIError(400, "invalid_json", "request body is empty; expected a JSON object")
+        raise APIError(400, "invalid_json", f"request body is empty; expected {expected}")
     try:
-        data = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise APIError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+
+
+def _decode_object(body: bytes) -> dict[str, Any]:
+    data = _decode_json(body, "a JSON object")
     if not isinstance(data, dict):
         raise APIError(422, "invalid_request", "request body must be a JSON object")
     return data
@@ -325,13 +329,7 @@ async def cache_invalidate(request: Request) -> Response:
 async def publish(topic: str, request: Request) -> Response:
     """Broadcast the JSON body to the subscribers of `topic`. Bearer token."""
     service = _admin(request)
-    body = await read_body(request, service.settings.max_body_bytes)
-    if not body:
-        raise APIError(400, "invalid_json", "request body is empty; expected JSON")
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise APIError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    data = _decode_json(await read_body(request, service.settings.max_body_bytes))
     return _json({"topic": topic, "delivered": service.hub.publish(topic, data)})
 
 
