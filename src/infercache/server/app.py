@@ -26,7 +26,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from infercache import __version__
 from infercache.config import Settings, build_settings
 from infercache.server.errors import install_error_handlers
-from infercache.server.routes import install_fast_routes, router
+from infercache.server.fastpath import InfercacheApp
+from infercache.server.routes import router
 from infercache.server.service import Service, build_service, service_from_predictors
 from infercache.server.ws import websocket_endpoint
 
@@ -119,7 +120,7 @@ def create_app(
         # FastAPI's native OpenTelemetry hooks check the global providers on every request;
         # infercache exports its own metrics (/metrics), so switch them off (~10 % of a hit).
         extra["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
-    app = FastAPI(
+    app = InfercacheApp(
         title="infercache",
         version=__version__,
         description="Cached, batched model predictions over HTTP and WebSocket.",
@@ -128,7 +129,6 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(router)
-    install_fast_routes(app)
     app.add_api_websocket_route("/v1/ws", websocket_endpoint)
     app.add_middleware(_MetricsMiddleware)
     return app

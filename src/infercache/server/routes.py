@@ -137,42 +137,32 @@ _PREDICT_BODY_SCHEMA: dict[str, Any] = {
 )
 async def predict(name: str, request: Request) -> Response:
     """Predict one input (`{"input": ...}`) or several (`{"inputs": [...]}`) with model `name`."""
-    return await _predict(name, request)
-
-
-async def fast_predict(request: Request) -> Response:
-    """The same route as a plain Starlette endpoint (see :func:`install_fast_routes`)."""
-    request.scope["infercache.route"] = PREDICT_PATH  # the metrics label (route template)
-    return await _predict(request.path_params["name"], request)
-
-
-def install_fast_routes(app: Any) -> None:
-    """Serve ``POST /v1/models/{name}/predict`` through a plain Starlette route.
-
-    FastAPI's per-request dependency solving (parameter extraction, validation of the path
-    parameter) costs more than a cached answer itself; the predict route needs none of it. The
-    FastAPI route stays registered behind it for the OpenAPI document, so ``/docs`` is unchanged.
-    """
-    from starlette.routing import Route
-
-    app.router.routes.insert(0, Route(PREDICT_PATH, fast_predict, methods=["POST"]))
-
-
-async def _predict(name: str, request: Request) -> Response:
+    # Requests normally take the ASGI fast path (server/fastpath.py) and never reach this route;
+    # it serves the OpenAPI document and apps mounted under a root path.
     service = _service(request)
-    if service.api_auth.enabled:
-        service.api_auth.check(request.headers.get("authorization"))
-    service.entry(name)  # 404 before reading the body
+    admit_predict(service, name, request.headers.get("authorization"))
     body = await read_body(request, service.settings.max_body_bytes)
+    payload, timing = await predict_payload(service, name, body)
+    return Response(payload, media_type=_JSON, headers={"Server-Timing": timing})
+
+
+def admit_predict(service: Service, name: str, authorization: str | None) -> None:
+    """Auth and model checks, done before the body is read (a 401 or 404 reads nothing)."""
+    if service.api_auth.enabled:
+        service.api_auth.check(authorization)
+    service.entry(name)
+
+
+async def predict_payload(service: Service, name: str, body: bytes) -> tuple[bytes, str]:
+    """The JSON answer to a predict request body, and its ``Server-Timing`` header value."""
     digest = raw_digest(body)
     cached = service.cached_json(name, body, digest)
     if cached is not None:  # these exact bytes were answered before and are still in L1
         hit_timings = {"decode": 0.0, **cached.pop("timings")}  # nothing was decoded
-        return Response(
-            dumps(cached), media_type=_JSON, headers={"Server-Timing": server_timing(hit_timings)}
-        )
+        return dumps(cached), server_timing(hit_timings)
     t0 = time.perf_counter()
-    data = _decode_object(body)
+    array = service.fast_input(name, body)
+    data = {"input": array} if array is not None else _decode_object(body)
     decode_s = time.perf_counter() - t0
     if not data.keys() <= _PREDICT_FIELDS:
         extra = sorted(data.keys() - _PREDICT_FIELDS)[:5]
@@ -204,9 +194,7 @@ async def _predict(name: str, request: Request) -> Response:
         raise APIError(422, "invalid_request", "missing field 'input' (or 'inputs')")
     timings: dict[str, float] = result.pop("timings")
     timings["decode"] = timings.get("decode", 0.0) + decode_s
-    return Response(
-        dumps(result), media_type=_JSON, headers={"Server-Timing": server_timing(timings)}
-    )
+    return dumps(result), server_timing(timings)
 
 
 @router.get("/v1/models", summary="List the served models", tags=["models"])

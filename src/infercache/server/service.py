@@ -28,6 +28,7 @@ from infercache.errors import (
     InputError,
     ModelNotFound,
 )
+from infercache.server import fastjson
 from infercache.server.auth import TokenAuth
 from infercache.server.metrics import ServerMetrics
 from infercache.server.ws import Hub
@@ -42,6 +43,28 @@ class ModelEntry:
     name: str
     predictor: Any
     runner: Any
+    #: whether request bodies may be decoded by server.fastjson (see :meth:`__post_init__`)
+    array_json: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        # Only a validating runner whose spec is a 1-D float array: fastjson hands over float64,
+        # which such a spec converts exactly as it converts a list of numbers. An integer spec
+        # would refuse floats, a callable might expect the list itself.
+        spec = getattr(self.runner, "input_spec", None)
+        dtype = getattr(spec, "dtype", None)
+        shape = getattr(spec, "shape", None)
+        try:
+            is_float = dtype is not None and np.dtype(dtype).kind == "f"
+        except TypeError:
+            is_float = False
+        self.array_json = (
+            self.validates
+            and is_float
+            and isinstance(shape, tuple)
+            and len(shape) == 1
+            and not getattr(spec, "is_text", False)
+            and fastjson.available()
+        )
 
     @property
     def validates(self) -> bool:
@@ -196,6 +219,12 @@ class Service:
             return None
         self.metrics.observe_prediction(entry.name, pred.tier, pred.timings)
         return _answer(entry, pred)
+
+    def fast_input(self, model: str, body: bytes) -> Any:
+        """The input of a ``{"input": [numbers]}`` body as an array, decoded without building
+        Python floats (server.fastjson); None when the model or the body does not allow it."""
+        entry = self.entry(model)
+        return fastjson.decode_input_array(body) if entry.array_json else None
 
     async def predict_json(
         self,
