@@ -70,7 +70,7 @@ def decode_input_array(body: bytes) -> np.ndarray[Any, np.dtype[np.float64]] | N
     # A list of integers only becomes int64 on the general path and is rounded once, to the
     # spec's dtype; through a double an integer beyond 2**53 is rounded twice. With a fraction or
     # an exponent anywhere in the body the general path reads doubles too.
-    beyond = out.size and not (out.min() > -_EXACT and out.max() < _EXACT)
-    if beyond and b"." not in body and b"e" not in body and b"E" not in body:
+    integers_only = b"." not in body and b"e" not in body and b"E" not in body
+    if integers_only and out.size and not (out.min() > -_EXACT and out.max() < _EXACT):
         return None
     return out

@@ -115,6 +115,22 @@ class _RuntimeCollector(Collector):
             stage_hist.add_metric([stage], _buckets(counts, n), total)
         yield stage_hist
 
+        requests = CounterMetricFamily(
+            "infercache_http_requests", "HTTP requests by route and status",
+            labels=["route", "status"],
+        )  # fmt: skip
+        for (route, status), n in list(sources.get("request_counts", {}).items()):
+            requests.add_metric([route, str(status)], float(n))
+        yield requests
+        predictions = CounterMetricFamily(
+            "infercache_predictions",
+            "Predictions by model and serving tier (l1, redis, sqlite, ..., coalesced, computed)",
+            labels=["model", "tier"],
+        )
+        for (model, tier), n in list(sources.get("prediction_counts", {}).items()):
+            predictions.add_metric([model, tier], float(n))
+        yield predictions
+
         request_hist = HistogramMetricFamily(
             "infercache_http_request_duration_seconds", "HTTP request latency by route",
             labels=["route"],
@@ -149,14 +165,6 @@ class ServerMetrics:
     def __init__(self, sources: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "infercache_http_requests", "HTTP requests by route and status",
-            ["route", "status"], registry=r,
-        )  # fmt: skip
-        self.predictions = Counter(
-            "infercache_predictions", "Predictions by model and serving tier "
-            "(l1, redis, sqlite, ..., coalesced, computed)", ["model", "tier"], registry=r,
-        )  # fmt: skip
         self.errors = Counter("infercache_errors", "Error responses by code", ["code"], registry=r)
         self.ws_connections = Gauge(
             "infercache_ws_connections", "Open WebSocket connections", registry=r
@@ -174,17 +182,20 @@ class ServerMetrics:
         #: LatencyMonitor.histogram): recording is a buffered append, not a locked bucket walk.
         self.route_latency: dict[str, LatencyMonitor] = {}
         self._sources = sources
-        r.register(_RuntimeCollector(self._all_sources))
-        self._req_children: dict[tuple[str, int], Any] = {}
-        self._pred_children: dict[tuple[str, str], Any] = {}
-        #: Plain counters mirrored for the dashboard (reading prometheus values needs private API).
+        #: Requests by (route, status) and predictions by (model, tier): plain dict counters,
+        #: exported as Prometheus counters at scrape time. A prometheus_client Counter.inc()
+        #: takes a lock and cost ~2.5 µs per request here; a dict increment ~0.1 µs.
+        self.request_counts: dict[tuple[str, int], int] = {}
         self.prediction_counts: dict[tuple[str, str], int] = {}
+        r.register(_RuntimeCollector(self._all_sources))
         self.status_counts: dict[int, int] = {}
         self.ws_open = 0
 
     def _all_sources(self) -> Mapping[str, Any]:
         sources = dict(self._sources()) if self._sources is not None else {}
         sources["routes"] = self.route_latency
+        sources["request_counts"] = self.request_counts
+        sources["prediction_counts"] = self.prediction_counts
         return sources
 
     def ws_opened(self) -> None:
@@ -197,10 +208,8 @@ class ServerMetrics:
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)
-        child = self._req_children.get(key)
-        if child is None:
-            child = self._req_children[key] = self.requests.labels(route, str(status))
-        child.inc()
+        counts = self.request_counts
+        counts[key] = counts.get(key, 0) + 1
         self.status_counts[status] = self.status_counts.get(status, 0) + 1
         lat = self.route_latency.get(route)
         if lat is None:
@@ -211,10 +220,6 @@ class ServerMetrics:
         self, model: str, tier: str | None, timings: Mapping[str, float]
     ) -> None:
         key = (model, tier or "computed")
-        child = self._pred_children.get(key)
-        if child is None:
-            child = self._pred_children[key] = self.predictions.labels(*key)
-        child.inc()
         self.prediction_counts[key] = self.prediction_counts.get(key, 0) + 1
 
     def render(self) -> bytes:
