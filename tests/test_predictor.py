@@ -155,7 +155,7 @@ async def test_bad_input_fails_before_anything_is_queued(mlp_runner: ModelRunner
         assert p.batcher.stats()["items"] == 0
 
 
-async def test_remote_tier_lookups_share_one_call(tmp_path: Path) -> None:
+async def test_sqlite_l3_is_looked_up_from_each_request(tmp_path: Path) -> None:
     from infercache.tiers.sql import SQLCache
 
     model = CountingModel()
@@ -169,14 +169,17 @@ async def test_remote_tier_lookups_share_one_call(tmp_path: Path) -> None:
         assert p.stats()["write_batcher"]["batches"] < len(xs)
     await cache.close()
     # a new process: empty L1, same L3 file
-    cache2 = MultiLevelCache([MemoryCache(), SQLCache(url)])
+    l3 = SQLCache(url)
+    cache2 = MultiLevelCache([MemoryCache(), l3])
+    assert not cache2.network_lookups
     async with Predictor(runner, cache2) as p2:
         second = await asyncio.gather(*(p2.predict(x) for x in xs))
         assert {pr.tier for pr in second} == {"sqlite"}
         for a, b in zip(first, second, strict=True):
             np.testing.assert_array_equal(a.output, b.output)
-        lookups = p2.stats()["lookup_batcher"]
-        assert lookups["items"] == 50 and lookups["batches"] <= 2
+        # a local tier: no lookup batcher, each request read its key on the event loop
+        assert "lookup_batcher" not in p2.stats()
+        assert l3.backend.inline_lookups >= 50
         assert (await p2.predict(xs[0])).tier == "l1"  # promoted
     await cache2.close()
     assert model.items == 50
@@ -193,11 +196,17 @@ async def test_redis_tier(redis_url: str) -> None:
         await p.predict([1, 1, 1, 1])
     await cache.close()
     cache2 = MultiLevelCache([MemoryCache(), RedisCache(redis_url, namespace=ns)])
+    assert cache2.network_lookups
     async with Predictor(runner, cache2) as p2:
         hit = await p2.predict([1, 1, 1, 1])
         assert hit.tier == "redis" and hit.cached and float(hit.output[0]) == 8.0
+        # concurrent lookups over the network share calls (one MGET for many requests)
+        misses = await asyncio.gather(*(p2.predict([float(i), 2, 2, 2]) for i in range(50)))
+        assert all(m.tier is None for m in misses)
+        lookups = p2.stats()["lookup_batcher"]
+        assert lookups["items"] == 51 and lookups["batches"] <= 3
     await cache2.close()
-    assert model.items == 1
+    assert model.items == 51
 
 
 async def test_cancelled_callers_are_dropped_and_followers_survive_the_leader() -> None:

@@ -274,3 +274,45 @@ async def test_generations_are_monotonic_and_per_namespace(sql_url: str, ns: str
         await a.close()
         await b.close()
         await other.close()
+
+
+# -- SQLite: lookups on the event loop, with the reader thread as the fallback ----------------
+
+
+async def test_sqlite_lookups_run_inline_and_see_committed_writes(tmp_path: Path) -> None:
+    async with SQLCache(f"sqlite:///{tmp_path}/l3.db", namespace="inline") as c:
+        await c.set_many({f"k{i}": i for i in range(10)})
+        assert await c.get_many([f"k{i}" for i in range(12)]) == {f"k{i}": i for i in range(10)}
+        stats = await c.stats()
+        assert stats["inline_lookups"] >= 1 and stats["inline_backoffs"] == 0
+
+
+async def test_sqlite_failed_inline_lookup_falls_back_to_the_reader_thread(
+    tmp_path: Path,
+) -> None:
+    async with SQLCache(f"sqlite:///{tmp_path}/l3.db", namespace="fallback") as c:
+        await c.set("k", "v")
+        assert await c.get("k") == "v"
+        n = c.backend.inline_lookups
+        assert c.backend._iconn is not None
+        c.backend._iconn.close()  # any sqlite3.Error on the inline connection
+        assert await c.get_many(["k"]) == {"k": "v"}  # answered by the reader thread
+        assert c.backend.inline_lookups == n
+        assert (await c.stats())["errors"] == 0  # a fallback, not a tier error
+        c.backend._inline_off_until = 0.0  # skip the pause: the next lookup reconnects inline
+        assert await c.get_many(["k"]) == {"k": "v"}
+        assert c.backend.inline_lookups == n + 1
+
+
+async def test_sqlite_slow_inline_lookup_backs_off_to_the_thread(tmp_path: Path) -> None:
+    async with SQLCache(f"sqlite:///{tmp_path}/l3.db", namespace="slow") as c:
+        await c.set("k", 1)
+        c.backend.INLINE_BUDGET_S = 0.0  # every inline lookup is "too slow"
+        for _ in range(c.backend.INLINE_SLOW_STREAK - 1):
+            assert await c.get("k") == 1
+        assert c.backend.inline_backoffs == 0  # one slow lookup is not a slow disk
+        assert await c.get("k") == 1
+        assert c.backend.inline_backoffs == 1
+        n = c.backend.inline_lookups
+        assert await c.get_many(["k"]) == {"k": 1}  # now through the reader thread
+        assert c.backend.inline_lookups == n

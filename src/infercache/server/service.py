@@ -14,10 +14,10 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -30,10 +30,12 @@ from infercache.errors import (
 )
 from infercache.server import fastjson
 from infercache.server.auth import TokenAuth
+from infercache.server.deadlines import Deadlines
 from infercache.server.metrics import ServerMetrics
 from infercache.server.ws import Hub
 
 log = logging.getLogger("infercache.server")
+T = TypeVar("T")
 
 
 @dataclass
@@ -183,6 +185,7 @@ class Service:
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self._metric_sources)
         self.admin_auth = TokenAuth(self.settings.admin_token)
+        self.deadlines = Deadlines(self.settings.request_timeout_s)
         self.api_auth = TokenAuth(self.settings.api_token)
 
     def _metric_sources(self) -> Mapping[str, Any]:
@@ -220,6 +223,21 @@ class Service:
         self.metrics.observe_prediction(entry.name, pred.tier, pred.timings)
         return _answer(entry, pred)
 
+    async def _in_time(self, work: Awaitable[T]) -> T:
+        """``await work``, or DeadlineExceeded once ``request_timeout_s`` has passed."""
+        deadlines = self.deadlines
+        task = deadlines.enter()
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if deadlines.fired(task):
+                raise DeadlineExceeded(
+                    f"prediction took longer than {self.settings.request_timeout_s:g} s"
+                ) from None
+            raise
+        finally:
+            deadlines.leave(task)
+
     def fast_input(self, model: str, body: bytes) -> Any:
         """The input of a ``{"input": [numbers]}`` body as an array, decoded without building
         Python floats (server.fastjson); None when the model or the body does not allow it."""
@@ -245,15 +263,7 @@ class Service:
         # The Predictor validates and converts the input itself (ModelRunner.validate) before
         # computing the key; converting it here too would do the work twice.
         x = raw if entry.validates else entry.coerce(raw)
-        try:
-            async with asyncio.timeout(self.settings.request_timeout_s):
-                pred = await entry.predictor.predict(x, use_cache=use_cache)
-        except TimeoutError as exc:
-            if isinstance(exc, DeadlineExceeded):
-                raise
-            raise DeadlineExceeded(
-                f"prediction took longer than {self.settings.request_timeout_s:g} s"
-            ) from None
+        pred = await self._in_time(entry.predictor.predict(x, use_cache=use_cache))
         self.metrics.observe_prediction(entry.name, pred.tier, pred.timings)
         if body is not None and use_cache:
             remember = getattr(entry.predictor, "remember_raw", None)
@@ -274,15 +284,7 @@ class Service:
                     xs.append(entry.coerce(raw))
                 except InputError as exc:
                     raise InputError(f"inputs[{i}]: {exc}") from None
-        try:
-            async with asyncio.timeout(self.settings.request_timeout_s):
-                preds = await _predict_many(entry.predictor, xs, use_cache)
-        except TimeoutError as exc:
-            if isinstance(exc, DeadlineExceeded):
-                raise
-            raise DeadlineExceeded(
-                f"prediction took longer than {self.settings.request_timeout_s:g} s"
-            ) from None
+        preds = await self._in_time(_predict_many(entry.predictor, xs, use_cache))
         timings: dict[str, float] = {}
         for p in preds:
             self.metrics.observe_prediction(entry.name, p.tier, p.timings)
@@ -464,6 +466,7 @@ class Service:
                     await source.close()
 
     async def close(self) -> None:
+        await self.deadlines.close()
         for task in self.stream_tasks:
             task.cancel()
         for task in self.stream_tasks:
