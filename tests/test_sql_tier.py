@@ -316,3 +316,12 @@ async def test_sqlite_slow_inline_lookup_backs_off_to_the_thread(tmp_path: Path)
         n = c.backend.inline_lookups
         assert await c.get_many(["k"]) == {"k": 1}  # now through the reader thread
         assert c.backend.inline_lookups == n
+
+
+async def test_large_batches_are_written_whole(cache: SQLCache) -> None:
+    # more rows than one SQLite statement carries (199), so several statements, one transaction
+    values = {f"big{i}": i for i in range(450)}
+    await cache.set_many(values)
+    await cache.set_many({"big7": "again", "big400": "again"})
+    got = await cache.get_many(list(values))
+    assert got == {**values, "big7": "again", "big400": "again"}
