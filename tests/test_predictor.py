@@ -273,3 +273,37 @@ async def test_minilm_predictor() -> None:
         np.testing.assert_array_equal(preds[0].output, preds[2].output)
         assert (await p.predict("dogs bark")).tier == "l1"
         assert p.stats()["computed"] == 2
+
+
+async def test_sqlite_key_filter_spares_certain_misses_the_lookup(tmp_path: Path) -> None:
+    from infercache.tiers.sql import SQLCache
+
+    model = CountingModel()
+    runner = counting_runner(model)
+    url = f"sqlite:///{tmp_path / 'l3.db'}"
+    async with Predictor(runner, MultiLevelCache([MemoryCache(), SQLCache(url)])) as p:
+        await p.predict([9.0, 9, 9, 9])  # an earlier process wrote this one
+    await p.cache.close()
+    l3 = SQLCache(url, key_filter=True)
+    cache = MultiLevelCache([MemoryCache(), l3], write="behind")
+    async with Predictor(runner, cache) as p2:
+        assert (await p2.predict([9.0, 9, 9, 9])).tier == "sqlite"  # found while loading
+        assert l3._filter is not None and l3._filter._loader is not None
+        await asyncio.wait_for(l3._filter._loader, 10)
+        assert l3._filter.ready
+        looked_up = l3.backend.inline_lookups
+        fresh = [[float(i), 1, 1, 1] for i in range(20)]
+        assert not any(cache.might_have(p2.key_for(x)) for x in fresh)
+        out = await asyncio.gather(*(p2.predict(x) for x in fresh))
+        assert all(o.tier is None for o in out)
+        assert l3.backend.inline_lookups == looked_up  # no query for certain misses
+        # queued behind (not yet in SQLite) or written: "maybe" again
+        assert all(cache.might_have(p2.key_for(x)) for x in fresh)
+    await cache.close()
+    # a restart loads them all from the file
+    l3b = SQLCache(url, key_filter=True)
+    async with Predictor(runner, MultiLevelCache([MemoryCache(), l3b])) as p3:
+        tiers = [(await p3.predict(x)).tier for x in fresh]
+        assert set(tiers) == {"sqlite"}
+    await p3.cache.close()
+    assert model.items == 21

@@ -325,3 +325,30 @@ async def test_large_batches_are_written_whole(cache: SQLCache) -> None:
     await cache.set_many({"big7": "again", "big400": "again"})
     got = await cache.get_many(list(values))
     assert got == {**values, "big7": "again", "big400": "again"}
+
+
+# -- the key filter: lookups of keys never written skip the query ----------------------------
+
+
+async def test_key_filter_loads_existing_keys_and_skips_unknown_ones(sql_url: str, ns: str) -> None:
+    import asyncio
+
+    async with SQLCache(sql_url, namespace=ns) as writer:  # an earlier run of the server
+        await writer.set_many({f"old{i:05d}": i for i in range(2500)})  # more than one page
+    async with SQLCache(sql_url, namespace=ns, key_filter=True) as c:
+        assert await c.get("old00007") == 7  # first use: set up, start loading
+        assert c._filter is not None
+        await asyncio.wait_for(c._filter._loader, 10)  # type: ignore[arg-type]
+        stats = (await c.stats())["key_filter"]
+        assert stats["ready"] and stats["loaded"] == 2500
+        assert await c.get_many(["old00000", "old02499", "never"]) == {
+            "old00000": 0,
+            "old02499": 2499,
+        }
+        before = c._filter.skipped
+        assert await c.get_many([f"new{i}" for i in range(50)]) == {}
+        assert c._filter.skipped - before >= 48  # at most a false "maybe" or two
+        await c.set_many({"new1": "written"})  # learnt before the write lands
+        assert await c.get("new1") == "written"
+        hits = (await c.stats())["hits"]
+        assert hits >= 4

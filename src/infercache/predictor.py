@@ -334,8 +334,10 @@ class Predictor:
             try:
                 if self._lookup is not None:
                     hit = await self._lookup.submit(key)
-                else:  # local tiers only (SQLite): looked up from this task, no batcher hops
+                elif self.cache.might_have(key):  # local tiers only (SQLite): no batcher hops
                     hit = (await self.cache.get_many_with_tier((key,))).get(key)
+                else:  # certainly not there (key filters): not even an await
+                    hit = None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a tier failure is a miss, not a failed prediction

@@ -630,7 +630,11 @@ async def build_service(settings: Settings) -> Service:
     if settings.sql_url:
         from infercache.tiers.sql import SQLCache
 
-        tiers.append(SQLCache(settings.sql_url, ttl=settings.cache_ttl))
+        # One worker is the L3's only writer, so a Bloom filter of its keys can answer "never
+        # written" without a query; with several workers (or PostgreSQL, usually shared by
+        # servers) it would miss the others' writes.
+        key_filter = settings.workers == 1 and settings.sql_url.startswith("sqlite")
+        tiers.append(SQLCache(settings.sql_url, ttl=settings.cache_ttl, key_filter=key_filter))
     cache = MultiLevelCache(tiers=tiers, write=settings.write_policy)  # type: ignore[arg-type]
     monitor = LatencyMonitor()
     models: dict[str, ModelEntry] = {}

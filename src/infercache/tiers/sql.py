@@ -31,7 +31,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from infercache.codec import Codec
 from infercache.errors import ConfigError, TierError
 from infercache.tiers.base import MISSING, TierMetrics, validate_ttl
+from infercache.tiers.bloom import BloomFilter
 from infercache.tiers.breaker import CircuitBreaker
 
 __all__ = ["SQLCache"]
@@ -74,6 +75,7 @@ class _Backend(Protocol):
     async def set_expiry(self, ns: str, key: str, expires_at: float, now: float) -> bool: ...
     async def purge(self, now: float, limit: int) -> int: ...
     async def count(self, ns: str, now: float) -> int: ...
+    async def keys_after(self, ns: str, after: str, limit: int) -> list[str]: ...
     async def read_generations(self, ns: str) -> dict[str, int]: ...
     async def advance_generation(self, ns: str, name: str, step: int, floor: int) -> int: ...
     async def close(self) -> None: ...
@@ -198,6 +200,16 @@ class _SQLiteBackend:
             )
             out.extend(cur.fetchall())
         return out
+
+    def _keys_after(self, ns: str, after: str, limit: int) -> list[str]:
+        cur = self._rdb().execute(
+            f"SELECT key FROM {self.table} WHERE namespace = ? AND key > ? ORDER BY key LIMIT ?",
+            (ns, after, limit),
+        )
+        return [k for (k,) in cur.fetchall()]
+
+    async def keys_after(self, ns: str, after: str, limit: int) -> list[str]:
+        return await self._read(self._keys_after, ns, after, limit)
 
     async def get_many(self, ns: str, keys: Sequence[str], now: float) -> list[Row]:
         if self._inline_ok():
@@ -486,6 +498,13 @@ class _PostgresBackend:
             )
             await conn.execute(_GENERATIONS_DDL.format(table=t))
 
+    async def keys_after(self, ns: str, after: str, limit: int) -> list[str]:
+        rows = await self._fetch(
+            f"SELECT key FROM {self.table} WHERE namespace = %s AND key > %s ORDER BY key LIMIT %s",
+            (ns, after, limit),
+        )
+        return [k for (k,) in rows]
+
     async def get_many(self, ns: str, keys: Sequence[str], now: float) -> list[Row]:
         rows = await self._fetch(
             f"SELECT key, value, expires_at FROM {self.table} WHERE namespace = %s"
@@ -581,6 +600,68 @@ def _sqlite_path(url: str) -> str:
     return rest[1:]
 
 
+class _KeyFilter:
+    """A Bloom filter of the keys in this cache's namespace, so lookups of keys never written
+    here skip the query (see tiers/bloom.py for the measurement).
+
+    It learns every key this SQLCache writes (before the write, so a lookup never skips a row that
+    exists) and, once at start, the keys already in the table, read in pages of ``PAGE`` keys on
+    the reader thread; lookups use it only after that load. It never learns keys that another
+    process writes later, so it is meant for a table with one writer: ``infercache serve`` turns it
+    on for its SQLite L3 with one worker only. Deleted and expired keys stay "maybe" (one real
+    lookup each).
+    """
+
+    PAGE = 2000
+
+    def __init__(self, cache: SQLCache) -> None:
+        self.cache = cache
+        self.keys = BloomFilter()
+        self.ready = False
+        self.skipped = 0
+        self.loaded = 0
+        self._loader: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._loader is None:
+            self._loader = asyncio.create_task(self._load(), name="infercache-key-filter")
+
+    def add(self, keys: Iterable[str]) -> None:
+        add = self.keys.add
+        for key in keys:
+            add(key)
+
+    async def _load(self) -> None:
+        cache, after = self.cache, ""
+        try:
+            while True:
+                page = await cache.backend.keys_after(cache.namespace, after, self.PAGE)
+                self.add(page)
+                self.loaded += len(page)
+                if len(page) < self.PAGE:
+                    break
+                after = page[-1]
+        except Exception as exc:  # only an optimisation: without it every key is looked up
+            log.warning("%s: key filter not loaded, every lookup queries: %s", cache.name, exc)
+            return
+        self.ready = True
+
+    async def stop(self) -> None:
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loader
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "keys": len(self.keys),
+            "loaded": self.loaded,
+            "bytes": self.keys.nbytes,
+            "skipped_lookups": self.skipped,
+        }
+
+
 class SQLCache:
     """Async L3 cache in SQL; see the module docstring for the design.
 
@@ -588,6 +669,8 @@ class SQLCache:
     ``sqlite:///:memory:``, or ``postgresql://user@host:port/db``. ``ttl`` is the default TTL
     in seconds (None: no expiry). ``timer`` is wall-clock epoch seconds (expiry is stored as an
     absolute time shared with other processes); tests inject a fake one to expire rows.
+    ``key_filter``: keep a Bloom filter of the namespace's keys so that lookups of keys never
+    written skip the query; only for a table this process alone writes (see ``_KeyFilter``).
     """
 
     def __init__(
@@ -606,6 +689,7 @@ class SQLCache:
         failure_threshold: int = 3,
         recovery_time: float = 1.0,
         timer: Callable[[], float] = time.time,
+        key_filter: bool = False,
     ) -> None:
         if not namespace:
             raise ConfigError("namespace must be non-empty")
@@ -644,6 +728,7 @@ class SQLCache:
         self._closed = False
         self._m = TierMetrics()
         self._purged = 0
+        self._filter = _KeyFilter(self) if key_filter else None
 
     # ----------------------------------------------------------------- plumbing
 
@@ -675,6 +760,8 @@ class SQLCache:
                 return
             await self.backend.setup()
             self._ready = True
+            if self._filter is not None:
+                self._filter.start()
             if self.purge_interval is not None and self._purger is None:
                 self._purger = asyncio.create_task(
                     self._purge_loop(), name=f"infercache-purge-{self.name}"
@@ -721,6 +808,14 @@ class SQLCache:
         uniq = list(dict.fromkeys(keys))
         if not uniq:
             return {}
+        asked = len(uniq)
+        flt = self._filter
+        if flt is not None and flt.ready:
+            uniq = [k for k in uniq if k in flt.keys]
+            flt.skipped += asked - len(uniq)
+            if not uniq:  # none was ever written here: no query at all
+                self._m.lookups(asked, 0)
+                return {}
         now = self._timer()
         rows = await self._guarded(
             "select", lambda: self.backend.get_many(self.namespace, uniq, now)
@@ -729,10 +824,16 @@ class SQLCache:
         if corrupt:
             with contextlib.suppress(TierError):
                 await self.delete_many(corrupt)
-        self._m.lookups(len(uniq), len(found))
+        self._m.lookups(asked, len(found))
         return {
             k: (v, None if exp is None else max(exp - now, 0.0)) for k, (v, exp) in found.items()
         }
+
+    def might_contain(self, key: str) -> bool:
+        """False only when ``key`` was certainly never written here (the key filter says so);
+        lets a caller skip even the await of a lookup."""
+        flt = self._filter
+        return flt is None or not flt.ready or key in flt.keys
 
     async def exists(self, key: str) -> bool:
         now = self._timer()
@@ -772,6 +873,8 @@ class SQLCache:
             rows.append((k, self.codec.encode(v), None if t is None else now + t))
         if not rows:
             return
+        if self._filter is not None:  # before the write: a lookup must never miss a written row
+            self._filter.add(r[0] for r in rows)
         await self._guarded("upsert", lambda: self.backend.upsert(self.namespace, rows, now))
         self._m.sets += len(rows)
 
@@ -853,6 +956,8 @@ class SQLCache:
             "purged": self._purged,
             "breaker": self.breaker.snapshot(),
         }
+        if self._filter is not None:
+            out["key_filter"] = self._filter.stats()
         for counter in ("inline_lookups", "inline_backoffs"):
             if hasattr(self.backend, counter):
                 out[counter] = getattr(self.backend, counter)
@@ -870,6 +975,8 @@ class SQLCache:
         if self._closed:
             return
         self._closed = True
+        if self._filter is not None:
+            await self._filter.stop()
         if self._purger is not None:
             self._purger.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
