@@ -12,7 +12,9 @@ or more (the load generator takes another), with one torch thread, serving the s
 - ``seed``: the user's design (FastAPI, stdlib json, one forward per request);
 - ``seed-orjson``: the same with orjson + numpy and ``gc.freeze()`` (the issue's stronger baseline);
 - ``litserve``: LitServe 0.2 with max_batch_size 32 (skipped when not installed);
-- ``floor``: ``POST /const`` on the seed app: reads the body, returns a constant.
+- ``floor``: ``POST /const`` on the seed app: reads the body, returns a constant;
+- ``infercache-minilm`` and ``seed-minilm``: the same two designs serving all-MiniLM-L6-v2 (text
+  in, 384 floats out), where compute dominates (skipped without the ``minilm`` extra).
 
 Load: closed loop (64 connections) and open loop (Poisson arrivals, latency measured from each
 request's scheduled time) over HTTP and WebSocket, with all-distinct inputs (every request a
@@ -72,6 +74,13 @@ def contender(name: str, workdir: Path) -> ServerProcess:
         argv = [*uv, "benchmarks.baselines.seed_fastapi:app"]
         env = {**ENV, "SEED_JSON": "orjson", "SEED_GC_FREEZE": "1"}
         return ServerProcess(_pinned(argv), cwd=ROOT, env=env, ready_path="/docs")
+    if name == "infercache-minilm":
+        argv = [py, "-m", "infercache", "serve", "--port", "{port}", "--log-level", "warning",
+                "--model", "minilm=infercache.models.minilm:minilm"]  # fmt: skip
+        return ServerProcess(_pinned(argv), cwd=workdir, env=ENV, timeout=180)
+    if name == "seed-minilm":
+        argv = [*uv, "benchmarks.baselines.seed_minilm:app"]
+        return ServerProcess(_pinned(argv), cwd=ROOT, env=ENV, ready_path="/docs", timeout=180)
     if name == "litserve":
         argv = [py, str(ROOT / "benchmarks/baselines/litserve_mlp.py"), "{port}"]
         return ServerProcess(_pinned(argv), cwd=workdir, env=ENV, ready_path="/health")
@@ -85,6 +94,8 @@ PATHS = {
     "seed-orjson": "/predict",
     "litserve": "/predict",
     "floor": "/const",
+    "infercache-minilm": "/v1/models/minilm/predict",
+    "seed-minilm": "/predict",
 }
 
 
@@ -95,22 +106,23 @@ class Bench:
         self.results: list[dict[str, Any]] = []
         self._offset = 0
 
-    def inputs(self, kind: str) -> Inputs:
+    def inputs(self, kind: str, text: bool = False) -> Inputs:
         # every run gets its own range of distinct inputs, so a "miss" run never hits
         self._offset += 10_000_000
-        return Inputs(kind, offset=self._offset, seed=7)
+        return Inputs(kind, offset=self._offset, seed=7, text=text)
 
     def run(self, server: str, url: str, label: str, **kw: Any) -> RunResult:
         from infercache.bench.loadgen import run_async
 
         kind = kw.pop("inputs", "distinct")
+        text = kw.pop("text", False)
         result = run_async(
             run_load(
                 url,
                 path=PATHS[server] if kw.get("transport", "http") == "http" else None,
                 duration=self.seconds,
                 warmup=self.warmup,
-                inputs=self.inputs(kind),
+                inputs=self.inputs(kind, text),
                 name=f"{server} {label}",
                 **kw,
             )
@@ -150,13 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     if litserve_ok:
         names.append("litserve")
     names = [c for c in names if c not in args.skip]
+    minilm_ok = _has("sentence_transformers") and "minilm" not in args.skip
+    if not minilm_ok:
+        print("minilm: extra not installed (or skipped): left out", flush=True)
     ours = [n for n in names if n.startswith("infercache")]
     # All contenders run at once (idle ones cost nothing) so that every workload is measured for
     # all of them back to back, round after round: on a shared machine, load from elsewhere then
     # hits every contender alike instead of whichever happened to run at the time.
     servers: dict[str, ServerProcess] = {}
+    minilm_names = ["infercache-minilm", "seed-minilm"] if minilm_ok else []
     try:
-        for name in names:
+        for name in names + minilm_names:
             servers[name] = contender(name, workdir).start()
         urls = {n: p.url for n, p in servers.items()}
         capacity: dict[str, list[float]] = {n: [] for n in names}
@@ -176,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
                 r = bench.run("floor", urls["seed"], f"closed c={conc} const", mode="closed",
                               concurrency=conc, inputs="same")  # fmt: skip
                 hits["floor"].append(r.throughput)
+            if minilm_names:
+                print(f"round {rnd + 1}: MiniLM, closed loop, distinct texts", flush=True)
+                for name in minilm_names:
+                    r = bench.run(name, urls[name], f"closed c={conc} distinct text",
+                                  mode="closed", concurrency=conc, text=True)  # fmt: skip
+                    capacity.setdefault(name, []).append(r.throughput)
         cap = {n: _median(v) for n, v in capacity.items() if v}
         print("open loop (Poisson), distinct inputs", flush=True)
         for rate in rates:
@@ -236,6 +258,16 @@ def _ratios(
                     f"miss path, closed loop: {ours} / {base} = {cap[ours] / cap[base]:.2f}x "
                     f"(per round {', '.join(f'{x:.2f}' for x in per_round)})"
                 )
+    if cap.get("infercache-minilm") and cap.get("seed-minilm"):
+        per_round = [
+            a / b
+            for a, b in zip(capacity["infercache-minilm"], capacity["seed-minilm"], strict=False)
+        ]
+        out.append(
+            "MiniLM miss path, closed loop: infercache / one forward per request = "
+            f"{cap['infercache-minilm'] / cap['seed-minilm']:.2f}x "
+            f"(per round {', '.join(f'{x:.2f}' for x in per_round)})"
+        )
     floor = hits.get("floor") or []
     for ours in ("infercache", "infercache-l1"):
         mine = hits.get(ours) or []

@@ -42,9 +42,15 @@ LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 # --------------------------------------------------------------------------- inputs
 
+_WORDS = ("latency", "throughput", "batch", "cache", "model", "tier", "queue", "answer")
+
 
 class Inputs:
-    """Pre-encoded request payloads: ``distinct`` (every request new) or ``zipf`` over ``keys``."""
+    """Pre-encoded request payloads: ``distinct`` (every request new) or ``zipf`` over ``keys``.
+
+    Vectors of ``dim`` floats by default; ``text=True`` gives short sentences instead (for a text
+    model such as MiniLM), distinct per index like the vectors.
+    """
 
     def __init__(
         self,
@@ -55,6 +61,7 @@ class Inputs:
         zipf_s: float = 0.9,
         seed: int = 0,
         offset: int = 0,
+        text: bool = False,
     ) -> None:
         if kind not in ("distinct", "zipf", "same"):
             raise ValueError("kind must be distinct, zipf or same")
@@ -67,6 +74,7 @@ class Inputs:
         self._suffix = ("," + rest + "]").encode() if dim > 2 else b"]"
         self.kind = kind
         self.keys = keys
+        self.text = text
         self._counter = itertools.count(offset)
         self._rng = rng
         if kind == "zipf":
@@ -86,7 +94,11 @@ class Inputs:
         return int(self._draws.pop())
 
     def input_json(self, index: int) -> bytes:
-        """The JSON array for input ``index`` (exact in float32 for indices below 2**36)."""
+        """The JSON array for input ``index`` (exact in float32 for indices below 2**36), or with
+        ``text`` a JSON string."""
+        if self.text:
+            words = _WORDS[index % len(_WORDS)], _WORDS[(index // len(_WORDS)) % len(_WORDS)]
+            return f'"request {index}: the {words[0]} {words[1]} of a cached model server"'.encode()
         return f"[{index >> 12},{index & 4095}".encode() + self._suffix
 
     def input_list(self, index: int) -> list[float]:

@@ -390,10 +390,11 @@ class RedisCache:
         """Stop subscribers and close the connection pool (idempotent)."""
         if self._closed:
             return
-        self._closed = True
+        self._closed = True  # the listeners check it too (see subscribe())
         for task in self._subscribers:
-            task.cancel()
-        for task in self._subscribers:
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.5)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._subscribers.clear()
@@ -498,17 +499,22 @@ class RedisCache:
         refused (then it keeps trying in the background).
         """
         attempted = asyncio.Event()
+        # Cancelling alone is not enough to stop the listener: on Python 3.11 a cancellation that
+        # lands while get_message()'s own timeout fires can be swallowed (asyncio.timeout turns
+        # it into the TimeoutError redis-py returns None for), and the loop went on forever
+        # while close() awaited it. stop() sets this flag too, and the loop checks it.
+        stopped = False
 
         async def run() -> None:
             backoff = 0.05
             connected_before = False
-            while True:
+            while not (stopped or self._closed):
                 client = self._pubsub_client()
                 pubsub = client.pubsub()
                 try:
                     await pubsub.subscribe(channel)
                     # Wait for the subscribe confirmation so publishers after `ready` are seen.
-                    while True:
+                    while not (stopped or self._closed):
                         msg = await pubsub.get_message(timeout=1.0)
                         if msg is not None and msg.get("type") == "subscribe":
                             break
@@ -519,7 +525,7 @@ class RedisCache:
                             await res
                     connected_before = True
                     backoff = 0.05
-                    while True:
+                    while not (stopped or self._closed):
                         msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                         if msg is not None and msg.get("type") == "message":
                             try:
@@ -546,7 +552,11 @@ class RedisCache:
             await asyncio.wait_for(attempted.wait(), timeout=self._connect_timeout * 2 + 1.0)
 
         async def stop() -> None:
-            task.cancel()
+            nonlocal stopped
+            stopped = True
+            while not task.done():  # cancel again if one was swallowed (see `stopped`)
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.5)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
             if task in self._subscribers:
