@@ -150,3 +150,34 @@ async def test_fast_path_requests_are_counted_in_metrics(app: InfercacheApp) -> 
     route = 'route="/v1/models/{name}/predict"'
     assert f'infercache_http_requests_total{{{route},status="200"}} 1.0' in text
     assert f'infercache_http_requests_total{{{route},status="422"}} 1.0' in text
+
+
+async def test_text_and_open_shape_models_warm_up_and_become_ready() -> None:
+    import asyncio
+
+    def lengths(batch: list[str]) -> list[np.ndarray]:
+        return [np.asarray([len(t)], np.float32) for t in batch]
+
+    def total(batch: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray([float(np.sum(x))], np.float32) for x in batch]
+
+    text = ModelRunner(lengths, name="text", version="1", warmup=False, freeze_gc=False,
+                       input_spec=InputSpec(dtype="str", max_length=50))  # fmt: skip
+    ragged = ModelRunner(total, name="ragged", version="1", warmup=False, freeze_gc=False,
+                         input_spec=InputSpec(shape=(None,), dtype="float32"))  # fmt: skip
+    application = create_app([Predictor(text, MemoryCache(10)), Predictor(ragged, None)])
+    async with application.router.lifespan_context(application):
+        service = application.state.service
+        for _ in range(200):
+            if service.ready:
+                break
+            await asyncio.sleep(0.01)
+        assert service.ready and service.warmup_error is None
+        status, _, out = await call(
+            application, b'{"input": "hello"}', path="/v1/models/text/predict"
+        )
+        assert status == 200 and out["output"] == [5.0]
+        status, _, out = await call(
+            application, b'{"input": [1, 2, 3]}', path="/v1/models/ragged/predict"
+        )
+        assert status == 200 and out["output"] == [6.0]

@@ -522,11 +522,16 @@ async def _warm_one(entry: ModelEntry) -> None:
             await res
         return
     spec = getattr(runner, "input_spec", None)
-    shape = getattr(spec, "shape", None)
-    if shape is None:
-        return
-    dtype = np.dtype(getattr(spec, "dtype", "float32"))
-    sample = np.zeros(tuple(shape), dtype=dtype)
+    example = getattr(spec, "example", None)
+    if callable(example):  # InputSpec: zeros of its shape, a string for text, None if open
+        sample = example()
+    else:
+        shape = getattr(spec, "shape", None)
+        if shape is None or any(d is None for d in shape):
+            return
+        sample = np.zeros(tuple(shape), dtype=np.dtype(getattr(spec, "dtype", "float32")))
+    if sample is None:
+        return  # nothing valid to send without knowing a dimension: the first request warms up
     await asyncio.to_thread(runner.predict_batch, [sample])
 
 
