@@ -13,6 +13,7 @@ model input.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,15 @@ from typing import Any
 import numpy as np
 
 from infercache.errors import ConfigError, InputError
+
+# Overflow while converting or checking a client's numbers is expected and handled: a value too
+# large for the dtype becomes inf, which the finiteness check turns into an InputError. numpy's
+# RuntimeWarning about it would only fill the server's log with what clients send. (A filter
+# costs nothing per call, unlike an np.errstate block: ~2 µs.)
+for _message in ("overflow encountered in cast", "overflow encountered in dot"):
+    warnings.filterwarnings(
+        "ignore", message=_message, category=RuntimeWarning, module=r"infercache\.models\.spec"
+    )
 
 __all__ = ["InputSpec"]
 
