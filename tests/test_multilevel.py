@@ -173,6 +173,15 @@ async def test_write_behind_batches_and_flushes(make: Factory) -> None:
     assert wb["batches"] == 1 and wb["flushed"] == 10 and wb["queue_depth"] == 0
 
 
+async def test_write_behind_with_l1_alone_queues_nothing() -> None:
+    c = MultiLevelCache([MemoryCache(10)], write="behind")
+    await c.set_many({"a": 1, "b": 2})
+    assert await c.get("a") == 1
+    wb = (await c.stats())["write_behind"]
+    assert wb["enqueued"] == 0 and wb["queue_depth"] == 0
+    await c.close()
+
+
 async def test_write_behind_flushes_on_its_own(make: Factory) -> None:
     c = await make(write="behind", write_behind_interval=0.001, write_behind_batch=4)
     redis = c.tiers[1]

@@ -445,7 +445,8 @@ class MultiLevelCache:
         elif self.write == "behind":
             if self._l1 is not None:
                 self._l1_set_many(items, t)
-            await self._wb.enqueue(items, t)
+            if self._remote:  # with L1 alone there is nothing to write behind
+                await self._wb.enqueue(items, t)
         else:
             if self._l1 is not None:
                 self._l1_set_many(items, t)
