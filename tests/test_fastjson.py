@@ -78,3 +78,48 @@ def test_a_failed_parse_does_not_poison_the_next_one() -> None:
     assert fastjson.decode_input_array(b'{"input": [1, 2') is None
     out = fastjson.decode_input_array(b'{"input": [1, 2]}')
     assert out is not None and out.tolist() == [1.0, 2.0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(numbers, min_size=1, max_size=32),
+    st.dictionaries(
+        st.sampled_from(["type", "id", "model", "use_cache", "note"]),
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(-(2**60), 2**60),
+            st.text(max_size=8),
+            st.sampled_from(["]", "a]b", "[x"]),
+        ),
+        max_size=5,
+    ),
+)
+def test_message_fields_and_input_match_orjson(values: list[float], extra: dict) -> None:
+    raw = orjson.dumps({**extra, "input": values}).decode()
+    found = fastjson.decode_message(raw)
+    general = orjson.loads(raw)
+    if any("[" in s for s in extra.values() if isinstance(s, str)):
+        assert found is None  # a second "[": declined, the general path decides
+        return
+    if found is None:  # allowed only for an all-integer list beyond 2**53
+        assert all(isinstance(v, int) for v in values) and max(map(abs, values)) >= 2**53
+        return
+    fields, array = found
+    general_input = general.pop("input")
+    assert fields == general
+    assert converted(array) == converted(general_input)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"type": "predict", "input": [1, 2], "extra": [3]}',  # another array
+        '{"type": "predict", "input": [1, 2], "meta": {"a": 1}}',  # an object value
+        '{"type": "predict", "id": 1, "id": 2, "input": [1]}',  # duplicate key
+        '{"type": "ping", "id": 1}',  # no input
+        '{"type": "predict", "input": [9007199254740993]}',  # an "e" elsewhere, ints in the list
+    ],
+)
+def test_messages_the_fast_path_declines(raw: str) -> None:
+    assert fastjson.decode_message(raw) is None

@@ -32,7 +32,7 @@ try:  # pysimdjson is a server dependency; without it every body takes the orjso
 except ImportError:  # pragma: no cover - exercised only on installs without the wheel
     simdjson = None
 
-__all__ = ["available", "decode_input_array"]
+__all__ = ["available", "decode_input_array", "decode_message"]
 
 _EXACT = float(2**53)
 _local = threading.local()
@@ -54,23 +54,51 @@ def _parser() -> Any:
 
 def decode_input_array(body: bytes) -> np.ndarray[Any, np.dtype[np.float64]] | None:
     """The float64 array of ``body`` when it is exactly ``{"input": [numbers]}``, else None."""
+    found = decode_message(body)
+    if found is None or found[0]:
+        return None
+    return found[1]
+
+
+def decode_message(
+    raw: bytes | str,
+) -> tuple[dict[str, Any], np.ndarray[Any, np.dtype[np.float64]]] | None:
+    """``(other fields, input array)`` of a JSON object whose ``input`` is a flat array of numbers
+    and whose other values are all scalars (a WebSocket predict message, or with no other field
+    an HTTP body); None for anything else."""
+    body = raw.encode("utf-8") if isinstance(raw, str) else raw
     if simdjson is None or body.count(b"[") != 1:
         return None
+    fields: dict[str, Any] = {}
     try:
-        # a document is only valid until the parser's next parse: copy the numbers out now
+        # a document is only valid until the parser's next parse: copy everything out now
         doc = _parser().parse(body)
-        if not isinstance(doc, simdjson.Object) or len(doc) != 1:
+        if not isinstance(doc, simdjson.Object):
             return None
-        arr = doc.get("input")
-        if not isinstance(arr, simdjson.Array):
+        keys = list(doc.keys())
+        if "input" not in keys or len(set(keys)) != len(keys):  # orjson keeps the last duplicate
             return None
-        out = np.frombuffer(arr.as_buffer(of_type="d"), dtype=np.float64)
+        out = None
+        for key in keys:
+            value = doc[key]
+            if key == "input":
+                if not isinstance(value, simdjson.Array):
+                    return None
+                out = np.frombuffer(value.as_buffer(of_type="d"), dtype=np.float64)
+            elif isinstance(value, (simdjson.Array, simdjson.Object)):
+                return None
+            else:
+                fields[key] = value
     except Exception:  # ValueError, TypeError, RuntimeError (BIGINT_ERROR), ...: fall back
+        return None
+    if out is None:  # pragma: no cover - "input" is in keys
         return None
     # A list of integers only becomes int64 on the general path and is rounded once, to the
     # spec's dtype; through a double an integer beyond 2**53 is rounded twice. With a fraction or
-    # an exponent anywhere in the body the general path reads doubles too.
-    integers_only = b"." not in body and b"e" not in body and b"E" not in body
+    # an exponent anywhere in the list the general path reads doubles too.
+    start = body.index(b"[")
+    numbers = body[start : body.index(b"]", start)]  # a flat array: its first "]" ends it
+    integers_only = b"." not in numbers and b"e" not in numbers and b"E" not in numbers
     if integers_only and out.size and not (out.min() > -_EXACT and out.max() < _EXACT):
         return None
-    return out
+    return fields, out
