@@ -25,7 +25,12 @@ from starlette.types import Receive, Scope, Send
 
 from infercache.errors import InfercacheError
 from infercache.server.errors import APIError, error_response, infercache_error_response
-from infercache.server.routes import PREDICT_PATH, admit_predict, predict_payload
+from infercache.server.routes import (
+    PREDICT_PATH,
+    admit_predict,
+    check_declared_length,
+    predict_payload,
+)
 
 __all__ = ["InfercacheApp", "serve_predict"]
 
@@ -99,13 +104,7 @@ async def serve_predict(
 async def _receive_body(receive: Receive, declared: bytes | None, limit: int) -> bytes | None:
     """The request body, refusing (413) anything over ``limit`` bytes without buffering it all:
     ``Content-Length`` is checked first, and a chunked or lying body is counted as it arrives."""
-    if declared is not None:
-        try:
-            length = int(declared)
-        except ValueError:
-            raise APIError(400, "bad_request", "invalid Content-Length header") from None
-        if length > limit:
-            raise APIError(413, "payload_too_large", f"request body over {limit} bytes")
+    check_declared_length(declared, limit)
     chunks: list[bytes] = []
     size = 0
     while True:

@@ -41,6 +41,18 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     return Response(dumps(obj), status_code=status, media_type=_JSON, headers=headers)
 
 
+def check_declared_length(value: str | bytes | None, limit: int) -> None:
+    """400 for a ``Content-Length`` that is not a number, 413 for one over ``limit``."""
+    if value is None:
+        return
+    try:
+        declared = int(value)
+    except ValueError:
+        raise APIError(400, "bad_request", "invalid Content-Length header") from None
+    if declared > limit:
+        raise APIError(413, "payload_too_large", f"request body over {limit} bytes")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) anything over ``limit`` bytes without buffering it all.
 
@@ -49,17 +61,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     """
     length = request.headers.get("content-length")
     if length is not None:
-        try:
-            declared = int(length)
-        except ValueError:
-            raise APIError(400, "bad_request", "invalid Content-Length header") from None
-        if declared > limit:
+        check_declared_length(length, limit)
+        body = await request.body()
+        if len(body) > limit:  # lying header
             raise APIError(413, "payload_too_large", f"request body over {limit} bytes")
-        if declared <= limit:
-            body = await request.body()
-            if len(body) > limit:  # lying header
-                raise APIError(413, "payload_too_large", f"request body over {limit} bytes")
-            return body
+        return body
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
