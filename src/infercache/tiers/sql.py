@@ -608,10 +608,10 @@ class _KeyFilter:
     exists) and, once at start, the keys already in the table, read in pages of ``PAGE`` keys on
     the reader thread; lookups use it only after that load. Adding a key costs ~4 µs on the event
     loop, so a page is ~8 ms of it and a table of a million keys ~5 s, spread over the first
-    seconds of serving; the filter then takes ~4 MB (measured: 1M keys, 5 layers). It never learns keys that another
-    process writes later, so it is meant for a table with one writer: ``infercache serve`` turns it
-    on for its SQLite L3 with one worker only. Deleted and expired keys stay "maybe" (one real
-    lookup each).
+    seconds of serving; the filter then takes ~4 MB (measured: 1M keys, 5 layers). It never
+    learns keys that another process writes later, so it is meant for a table with one writer:
+    ``infercache serve`` turns it on for its SQLite L3 with one worker only. Deleted and expired
+    keys stay "maybe" (one real lookup each).
     """
 
     PAGE = 2000
