@@ -182,6 +182,40 @@ async def test_write_behind_with_l1_alone_queues_nothing() -> None:
     await c.close()
 
 
+async def test_write_behind_gathers_writes_that_arrive_during_a_flush(tmp_path: Path) -> None:
+    class HeldSQLCache(SQLCache):
+        """A real SQLite tier whose writes wait for the test to let them through."""
+
+        def __init__(self, url: str) -> None:
+            super().__init__(url)
+            self.gate = asyncio.Event()
+            self.writing = asyncio.Event()
+            self.writes: list[int] = []
+
+        async def set_many_with_ttl(self, items: Any) -> None:
+            self.writes.append(len(items))
+            self.writing.set()
+            await self.gate.wait()
+            await super().set_many_with_ttl(items)
+
+    l3 = HeldSQLCache(f"sqlite:///{tmp_path}/l3.db")
+    c = MultiLevelCache(
+        [MemoryCache(100), l3], write="behind", write_behind_batch=10, write_behind_interval=5.0
+    )
+    await c.set_many({f"a{i}": i for i in range(10)})  # a full batch: flushed at once
+    await asyncio.wait_for(l3.writing.wait(), 5)
+    await c.set_many({f"b{i}": i for i in range(4)})  # arrive while that write is in flight
+    l3.gate.set()
+    await wait_until(lambda: l3.writes == [10])
+    await asyncio.sleep(0.2)
+    # the late writes wait for the next gathering interval instead of a tiny batch right away
+    assert l3.writes == [10] and (await c.stats())["write_behind"]["queue_depth"] == 4
+    await c.flush()
+    assert l3.writes == [10, 4]
+    assert await l3.get_many([f"b{i}" for i in range(4)]) == {f"b{i}": i for i in range(4)}
+    await c.close()
+
+
 async def test_write_behind_flushes_on_its_own(make: Factory) -> None:
     c = await make(write="behind", write_behind_interval=0.001, write_behind_batch=4)
     redis = c.tiers[1]

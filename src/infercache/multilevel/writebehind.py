@@ -261,7 +261,13 @@ class WriteBehind:
         assert self._drain_lock is not None and self._flush_idle is not None
         assert self._space is not None
         async with self._drain_lock:
-            while self.pending:
+            # Without force, write what was queued when the drain began, then go back to
+            # gathering: writes arriving during a batch's round trip wait for the next interval
+            # instead of following at once in small batches (measured at 1,400 req/s: 80 batches
+            # a second of ~17 entries, each a thread hop, a transaction and GIL hand-offs).
+            budget = len(self.pending)
+            while self.pending and (force or budget > 0):
+                budget -= min(len(self.pending), self.batch)
                 batch: dict[str, tuple[Any, float | None]] = {}
                 while self.pending and len(batch) < self.batch:
                     k, entry = self.pending.popitem(last=False)
