@@ -150,6 +150,7 @@ async def test_fast_path_requests_are_counted_in_metrics(app: InfercacheApp) -> 
     route = 'route="/v1/models/{name}/predict"'
     assert f'infercache_http_requests_total{{{route},status="200"}} 1.0' in text
     assert f'infercache_http_requests_total{{{route},status="422"}} 1.0' in text
+    assert app.state.service.metrics.status_counts == {200: 1, 422: 1}  # the dashboard's figures
 
 
 async def test_text_and_open_shape_models_warm_up_and_become_ready() -> None:

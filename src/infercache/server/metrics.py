@@ -188,7 +188,6 @@ class ServerMetrics:
         self.request_counts: dict[tuple[str, int], int] = {}
         self.prediction_counts: dict[tuple[str, str], int] = {}
         r.register(_RuntimeCollector(self._all_sources))
-        self.status_counts: dict[int, int] = {}
         self.ws_open = 0
 
     def _all_sources(self) -> Mapping[str, Any]:
@@ -197,6 +196,14 @@ class ServerMetrics:
         sources["request_counts"] = self.request_counts
         sources["prediction_counts"] = self.prediction_counts
         return sources
+
+    @property
+    def status_counts(self) -> dict[int, int]:
+        """HTTP requests by status, all routes together (for the dashboard)."""
+        out: dict[int, int] = {}
+        for (_, status), n in self.request_counts.items():
+            out[status] = out.get(status, 0) + n
+        return out
 
     def ws_opened(self) -> None:
         self.ws_open += 1
@@ -210,7 +217,6 @@ class ServerMetrics:
         key = (route, status)
         counts = self.request_counts
         counts[key] = counts.get(key, 0) + 1
-        self.status_counts[status] = self.status_counts.get(status, 0) + 1
         lat = self.route_latency.get(route)
         if lat is None:
             lat = self.route_latency[route] = LatencyMonitor(window_size=1)

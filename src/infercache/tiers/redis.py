@@ -392,11 +392,7 @@ class RedisCache:
             return
         self._closed = True  # the listeners check it too (see subscribe())
         for task in self._subscribers:
-            while not task.done():
-                task.cancel()
-                await asyncio.wait({task}, timeout=1.5)
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await _stop_listener(task)
         self._subscribers.clear()
         with contextlib.suppress(Exception):
             await self._client.aclose()
@@ -554,12 +550,18 @@ class RedisCache:
         async def stop() -> None:
             nonlocal stopped
             stopped = True
-            while not task.done():  # cancel again if one was swallowed (see `stopped`)
-                task.cancel()
-                await asyncio.wait({task}, timeout=1.5)
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await _stop_listener(task)
             if task in self._subscribers:
                 self._subscribers.remove(task)
 
         return stop
+
+
+async def _stop_listener(task: asyncio.Task[None]) -> None:
+    """Cancel a subscriber task until it ends: a cancellation can be swallowed inside redis-py's
+    get_message on Python 3.11 (see RedisCache.subscribe), so one cancel() is not enough."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.5)
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task

@@ -146,14 +146,18 @@ class _SQLiteBackend:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reader, fn, *args)
 
+    def _connect(self, busy_timeout_ms: int, *pragmas: str) -> sqlite3.Connection:
+        """A connection for the calling thread only, in autocommit mode, with ``pragmas``."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        for pragma in pragmas:
+            conn.execute(f"PRAGMA {pragma}")
+        return conn
+
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
-            if self.path != ":memory:":
-                conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn = conn
+            wal = () if self.path == ":memory:" else ("journal_mode=WAL",)
+            self._conn = self._connect(self.busy_timeout_ms, *wal, "synchronous=NORMAL")
         return self._conn
 
     def _rdb(self) -> sqlite3.Connection:
@@ -161,10 +165,7 @@ class _SQLiteBackend:
         if self._shared:
             return self._db()
         if self._rconn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
-            conn.execute("PRAGMA query_only=1")
-            self._rconn = conn
+            self._rconn = self._connect(self.busy_timeout_ms, "query_only=1")
         return self._rconn
 
     def _setup(self) -> None:
@@ -243,10 +244,8 @@ class _SQLiteBackend:
         start = time.perf_counter()
         try:
             if self._iconn is None:
-                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
-                conn.execute("PRAGMA busy_timeout=0")
-                conn.execute("PRAGMA query_only=1")
-                self._iconn, self._inline_thread = conn, threading.get_ident()
+                self._iconn = self._connect(0, "query_only=1")
+                self._inline_thread = threading.get_ident()
             rows = self._select(self._iconn, ns, keys, now)
         except sqlite3.Error as exc:  # locked, busy, a broken connection: the thread answers
             log.debug("inline sqlite lookup failed, using the reader thread: %s", exc)
@@ -811,10 +810,9 @@ class SQLCache:
         if not uniq:
             return {}
         asked = len(uniq)
-        flt = self._filter
-        if flt is not None and flt.ready:
-            uniq = [k for k in uniq if k in flt.keys]
-            flt.skipped += asked - len(uniq)
+        if self._filter is not None:
+            uniq = [k for k in uniq if self.might_contain(k)]
+            self._filter.skipped += asked - len(uniq)
             if not uniq:  # none was ever written here: no query at all
                 self._m.lookups(asked, 0)
                 return {}
