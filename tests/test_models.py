@@ -105,6 +105,44 @@ def test_version_follows_the_weights() -> None:
     assert ModelRunner(m, version="v7", freeze_gc=False, warmup=False).version == "v7"
 
 
+def test_jit_runs_frozen_torchscript_with_the_eager_outputs_and_version(mlp: Any) -> None:
+    eager = demo_mlp(freeze_gc=False)
+    jitted = demo_mlp(jit=True, freeze_gc=False)
+    assert jitted.describe()["jit"] == "on" and eager.describe()["jit"] == "off"
+    assert jitted.version == eager.version  # the same cache keys either way
+    for n in (1, 2, 8):  # the batch sizes a server meets, each its own shape
+        np.testing.assert_allclose(
+            jitted.predict_batch(XS[:n]), reference(mlp, XS[:n]), rtol=1e-5, atol=1e-6
+        )
+
+
+class _Unscriptable(torch.nn.Module):
+    def forward(self, x: Any) -> Any:
+        return torch.relu(x) * len({1, 2})  # a set literal: TorchScript rejects it
+
+
+class _DiffersWhenScripted(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return x + 1.0
+        return x
+
+
+def test_jit_keeps_the_eager_module_when_scripting_fails_or_disagrees() -> None:
+    spec = InputSpec(shape=(4,))
+    x = np.array([[-1.0, 0.5, 2.0, 0.0]], np.float32)
+    r = ModelRunner(_Unscriptable(), input_spec=spec, jit=True, freeze_gc=False)
+    assert r.describe()["jit"].startswith("off: torch.jit.script failed")
+    np.testing.assert_array_equal(r.predict_batch(x), np.maximum(x, 0) * 2)
+    r = ModelRunner(_DiffersWhenScripted(), input_spec=spec, jit=True, freeze_gc=False)
+    assert "differ" in r.describe()["jit"]
+    np.testing.assert_array_equal(r.predict_batch(x), x)  # the eager answer, not x + 1
+    r = ModelRunner(_DiffersWhenScripted(), jit=True, warmup=False, freeze_gc=False)
+    assert r.describe()["jit"].startswith("off: no example input")
+    with pytest.raises(ConfigError, match="jit applies to torch models"):
+        ModelRunner(lambda b: b, version="v1", jit=True)
+
+
 def test_torchscript_file(tmp_path: Path, mlp: Any) -> None:
     path = tmp_path / "mlp.pt"
     with warnings.catch_warnings():  # torch.jit is deprecated, but TorchScript files exist

@@ -97,6 +97,7 @@ async def test_models_lists_both_models(http: httpx.AsyncClient) -> None:
     assert models["sum"]["version"] == "v1"
     assert models["mlp"]["version"]
     assert models["mlp"]["input_spec"]
+    assert models["mlp"]["jit"] == "on"  # serve runs torch models as frozen TorchScript
     one = await http.get("/v1/models/mlp")
     assert one.json()["name"] == "mlp"
 

@@ -75,6 +75,7 @@ class Settings:
     stream_idle_timeout: float = 1.0
     # -- runtime
     torch_threads: int = 1
+    jit: bool = True
     warmup: bool = True
     gc_freeze: bool = True
     require_tiers: bool = True

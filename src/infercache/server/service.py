@@ -562,8 +562,12 @@ def preflight(settings: Settings) -> None:
             raise ConfigError(f"setting 'models': no module named {module!r} (in {spec!r})")
 
 
-def load_model(spec: str, *, threads: int = 1) -> Any:
-    """A ModelRunner for one ``--model`` spec (see :func:`infercache.config.parse_model_spec`)."""
+def load_model(spec: str, *, threads: int = 1, jit: bool = False) -> Any:
+    """A ModelRunner for one ``--model`` spec (see :func:`infercache.config.parse_model_spec`).
+
+    ``jit`` applies to the demo model and to model files; a ``module:factory`` builds its own
+    runner with its own options.
+    """
     from infercache.models import ModelRunner
 
     name, body = parse_model_spec(spec)
@@ -572,12 +576,15 @@ def load_model(spec: str, *, threads: int = 1) -> Any:
         if lower == "demo":
             from infercache.models.demo import demo_mlp
 
-            return demo_mlp(name=name or "mlp", threads=threads)
+            return demo_mlp(name=name or "mlp", threads=threads, jit=jit)
         if lower.endswith((".onnx", ".pt", ".pth", ".ts")):
             path = Path(body)
             if not path.is_file():
                 raise ConfigError(f"setting 'models': model file {body!r} does not exist")
-            return ModelRunner(str(path), name=name or path.stem, threads=threads)
+            torch_file = not lower.endswith(".onnx")
+            return ModelRunner(
+                str(path), name=name or path.stem, threads=threads, jit=jit and torch_file
+            )
         runner = ModelRunner.load(body)
         if name:
             runner = _renamed(runner, name)
@@ -620,7 +627,7 @@ async def build_service(settings: Settings) -> Service:
 
     _set_torch_threads(settings.torch_threads)
     specs = list(settings.models) or ["demo"]
-    runners = [load_model(s, threads=settings.torch_threads) for s in specs]
+    runners = [load_model(s, threads=settings.torch_threads, jit=settings.jit) for s in specs]
     names = [r.name for r in runners]
     if len(set(names)) != len(names):
         raise ConfigError(f"setting 'models': two models are named the same: {names}")
