@@ -33,3 +33,42 @@ def test_zipf_draws_favour_low_ranks() -> None:
     assert sum(d < 10 for d in draws) > sum(d >= 990 for d in draws) * 5
     with pytest.raises(ValueError):
         Inputs("uniform")
+
+
+def _point(server: str, rate: float, p99: float, served: float, **errors: int) -> dict[str, object]:
+    return {
+        "server": server,
+        "label": f"slo {rate:.0f}/s distinct",
+        "transport": "http",
+        "offered_rate": rate,
+        "throughput": served,
+        "p50_ms": p99 / 4,
+        "p99_ms": p99,
+        "errors": errors,
+    }
+
+
+def test_bench_server_reports_the_highest_rate_within_the_p99_objective() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_server.py"
+    spec = importlib.util.spec_from_file_location("bench_server_under_test", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = [
+        _point("seed-orjson", 600, 4.0, 600),
+        _point("seed-orjson", 900, 9.0, 899),
+        _point("seed-orjson", 1200, 40.0, 1190),  # over the objective
+        _point("infercache", 600, 3.0, 600),
+        _point("infercache", 900, 14.9, 900),
+        _point("infercache", 1200, 12.0, 1100),  # p99 fine, but the rate was not served
+        _point("infercache", 1500, 11.0, 1500, ServerDisconnected=1),  # an error fails it
+    ]
+    lines = bench._ratios(results, {}, {})
+    assert (
+        "highest Poisson rate with p99 <= 15 ms (infercache): 900/s vs seed-orjson 900/s "
+        "(1.00x)" in lines
+    )
+    assert not any("infercache-l1" in line for line in lines)  # not measured, not reported
