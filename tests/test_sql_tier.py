@@ -94,6 +94,10 @@ async def test_get_many_set_many(cache: SQLCache) -> None:
     await cache.set_many({f"k{i}": [i] for i in range(700)})  # > one SQLite chunk
     got = await cache.get_many([f"k{i}" for i in range(750)])
     assert len(got) == 700 and got["k699"] == [699]
+    # more rows than one upsert statement takes (1,000): several statements, one transaction
+    await cache.set_many({f"big{i}": i for i in range(2345)})
+    big = await cache.get_many([f"big{i}" for i in range(2345)])
+    assert len(big) == 2345 and big["big2344"] == 2344 and big["big0"] == 0
     assert await cache.get_many([]) == {}
     assert await cache.delete_many([f"k{i}" for i in range(600)]) == 600
     assert len(await cache.get_many([f"k{i}" for i in range(700)])) == 100
