@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
 #: the latency objective for the "highest rate within p99" figure, and the rates it tries
 SLO_P99_MS = 15.0
-SLO_RATES = (600, 900, 1200, 1500, 1800, 2100, 2400, 2700, 3000)
+SLO_RATES = (300, 600, 900, 1200, 1500, 1800, 2100, 2400, 2700, 3000)
 
 
 def _meets_slo(r: dict[str, Any]) -> bool:

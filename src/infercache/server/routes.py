@@ -94,7 +94,7 @@ def _decode_object(body: bytes) -> dict[str, Any]:
 
 def server_timing(timings: dict[str, float]) -> str:
     """``Server-Timing`` header value: each stage's duration in milliseconds."""
-    return ", ".join(f"{stage};dur={seconds * 1000:.3f}" for stage, seconds in timings.items())
+    return ", ".join([f"{stage};dur={seconds * 1000:.3f}" for stage, seconds in timings.items()])
 
 
 _PREDICT_BODY_SCHEMA: dict[str, Any] = {
