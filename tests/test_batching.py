@@ -112,6 +112,58 @@ async def test_fill_window_mode_waits_for_a_full_batch() -> None:
     assert sizes == [4, 4]
 
 
+async def _steady_arrivals(b: DynamicBatcher[int, int], n: int, every_s: float) -> list[int]:
+    """Submit ``n`` items ``every_s`` apart without waiting for answers (open-loop arrivals)."""
+    tasks = []
+    for i in range(n):
+        tasks.append(asyncio.ensure_future(b.submit(i)))
+        await asyncio.sleep(every_s)
+    return list(await asyncio.wait_for(asyncio.gather(*tasks), 30))
+
+
+async def test_load_wait_gathers_batches_from_frequent_arrivals() -> None:
+    sizes: list[int] = []
+
+    def fn(xs: list[int]) -> list[int]:
+        sizes.append(len(xs))
+        return xs
+
+    # greedy: an idle worker takes each item as it comes, alone
+    async with DynamicBatcher(fn, offload=False) as b:
+        assert await _steady_arrivals(b, 40, 0.001) == list(range(40))
+    assert max(sizes) == 1
+    sizes.clear()
+    # arrivals every ~1 ms against a 40 ms window: batches gather several items
+    async with DynamicBatcher(fn, offload=False, load_wait_ms=40) as b:
+        assert await _steady_arrivals(b, 40, 0.001) == list(range(40))
+        limits = b.stats()["limits"]
+    assert sum(sizes) == 40 and len(sizes) <= 20
+    assert limits["load_waits"] >= 1 and limits["load_wait_ms"] == 40
+
+
+async def test_load_wait_stays_greedy_at_low_rates_and_backs_off_for_a_lone_client() -> None:
+    sizes: list[int] = []
+
+    def fn(xs: list[int]) -> list[int]:
+        sizes.append(len(xs))
+        return xs
+
+    # arrivals every 15 ms against a 5 ms window: fewer than two per window, nobody waits
+    async with DynamicBatcher(fn, offload=False, load_wait_ms=5) as b:
+        assert await _steady_arrivals(b, 12, 0.015) == list(range(12))
+        assert b.stats()["limits"]["load_waits"] == 0
+    # one client awaiting each answer before the next: a wait never brings anyone, so after
+    # the first fruitless ones the worker stops waiting (1, 2, 4 ... 64 batches between tries)
+    async with DynamicBatcher(fn, offload=False, load_wait_ms=2) as b:
+        for i in range(300):
+            assert await b.submit(i) == i
+            if i % 8 == 0:
+                await asyncio.sleep(0.0002)  # keep the gaps short: arrivals look frequent
+        limits = b.stats()["limits"]
+    assert limits["load_waits_fruitless"] == limits["load_waits"]
+    assert 1 <= limits["load_waits"] <= 12
+
+
 async def test_overload_is_immediate() -> None:
     gate = Gate()
     b = DynamicBatcher(gate, max_batch_size=1, max_queue=2)
@@ -334,6 +386,8 @@ async def test_submit_timed_and_submit_many() -> None:
 def test_invalid_settings() -> None:
     with pytest.raises(ValueError):
         DynamicBatcher(lambda xs: xs, max_batch_size=0)
+    with pytest.raises(ValueError):
+        DynamicBatcher(lambda xs: xs, load_wait_ms=-1)
     with pytest.raises(ValueError):
         DynamicBatcher(lambda xs: xs, adaptive=True)
     with pytest.raises(ValueError):

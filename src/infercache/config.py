@@ -53,6 +53,7 @@ class Settings:
     # -- batching
     max_batch_size: int = 32
     max_wait_ms: float = 0.0
+    load_wait_ms: float = 0.0
     max_queue: int = 2048
     # -- request limits
     max_body_bytes: int = 1_048_576
@@ -238,6 +239,7 @@ _MIN: dict[str, float] = {
     "l1_size": 1,
     "max_batch_size": 1,
     "max_wait_ms": 0,
+    "load_wait_ms": 0,
     "max_queue": 1,
     "max_body_bytes": 64,
     "max_inputs": 1,

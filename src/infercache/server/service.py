@@ -96,6 +96,7 @@ class ModelEntry:
             out["batching"] = {
                 "max_batch_size": getattr(batcher, "max_batch_size", None),
                 "max_wait_ms": getattr(batcher, "max_wait_ms", None),
+                "load_wait_ms": getattr(batcher, "load_wait_ms", None),
                 "max_queue": getattr(batcher, "max_queue", None),
             }
         return out
@@ -661,6 +662,7 @@ async def build_service(settings: Settings) -> Service:
             batch_options={
                 "max_batch_size": settings.max_batch_size,
                 "max_wait_ms": settings.max_wait_ms,
+                "load_wait_ms": settings.load_wait_ms,
                 "max_queue": settings.max_queue,
                 "name": runner.name,
             },
