@@ -25,13 +25,13 @@ least twice per window (an EWMA of the gaps between submits). So at low load not
 req/s: gaps of 5 ms), and a closed loop with fewer clients than the batch limit, where no one
 else will arrive until the batch is answered, does not pay the window on every batch either: a
 wait that brings no new item turns waiting off for the next 1, 2, 4, ... 64 batches. Measured on
-the server at 1,500 req/s of Poisson arrivals (L1 only, interleaved rounds): with a 2 ms window
-mean batches grew from 3.7 to 7.8 items, p50 fell from 9.6-18 ms to 6-8 ms in most rounds, and
-p99 from a median of 38.6 to 15.1 ms (5 rounds) and of 46 to 33 ms (8 rounds, noisier). The
-price: a closed loop of 8 clients lost 30 % of its throughput (1,416 against 2,044 req/s),
+the server with Poisson arrivals (L1 only, interleaved rounds), a 2 ms window doubled the mean
+batch at 1,500 req/s (3.7 to 7.8 items) and lowered p50 in most rounds (6-8 ms against 9.6-18).
+The p99 figures were mixed on this noisy machine: median 38.6 -> 15.1 ms (5 rounds) and 46 -> 33
+ms (8 rounds) at 1,500 req/s, but 15.1 -> 19.5 ms (5 rounds) at 1,400 req/s. The price is
+certain: a closed loop of 8 clients lost 30 % of its throughput (1,416 against 2,044 req/s),
 because there the window is idle time that delays the clients' next requests, and every wait
-looks fruitful (the other clients do come). It is off by default; turn it on for traffic from
-many independent clients.
+looks fruitful (the other clients do come). So it is off by default.
 
 Other guarantees:
 
