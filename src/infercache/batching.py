@@ -15,23 +15,22 @@ the batch is full), for models whose per-call cost is so high that waiting pays.
 ``concurrency > 1`` and ``greedy=True``, a worker that finds the queue short while another worker
 is computing waits up to ``max_wait_ms`` for company: the model is busy then, so waiting is cheap.
 
-Under load, waiting pays (``load_wait_ms``). Greedy dispatch keeps a single-core server's
-batches small under Poisson arrivals: at 1,500 req/s the demo MLP's batches held 1.4-2 items,
-and a forward of one or two items costs several times more per item than one of 32. The core
-then ran 80-100 % busy at a rate it sustains at 70 % in a closed loop, and queueing pushed p99
-to 30-80 ms. With ``load_wait_ms``, a worker that finds fewer than the batch limit queued waits up
-to that long (from the oldest item's arrival) for company, but only while requests arrive at
-least twice per window (an EWMA of the gaps between submits). So at low load nothing waits (200
-req/s: gaps of 5 ms), and a closed loop with fewer clients than the batch limit, where no one
-else will arrive until the batch is answered, does not pay the window on every batch either: a
-wait that brings no new item turns waiting off for the next 1, 2, 4, ... 64 batches. Measured on
-the server with Poisson arrivals (L1 only, interleaved rounds), a 2 ms window doubled the mean
-batch at 1,500 req/s (3.7 to 7.8 items) and lowered p50 in most rounds (6-8 ms against 9.6-18).
-The p99 figures were mixed on this noisy machine: median 38.6 -> 15.1 ms (5 rounds) and 46 -> 33
-ms (8 rounds) at 1,500 req/s, but 15.1 -> 19.5 ms (5 rounds) at 1,400 req/s. The price is
-certain: a closed loop of 8 clients lost 30 % of its throughput (1,416 against 2,044 req/s),
-because there the window is idle time that delays the clients' next requests, and every wait
-looks fruitful (the other clients do come). So it is off by default.
+Waiting under load (``load_wait_ms``). Greedy dispatch keeps a single-core server's batches small
+under Poisson arrivals: at 800-1,000 req/s the demo MLP's batches held 1.4-1.6 items on average
+(3.7 at 1,500), and a forward of one or two items costs several times more per item than one of 32.
+At 70 % of its closed-loop capacity the core then ran 80-100 % busy, and queueing pushed p99 to
+30-80 ms. With ``load_wait_ms``, a worker that finds fewer than the batch limit queued waits up to
+that long (from the oldest item's arrival) for company, but only while requests arrive at least
+twice per window (an EWMA of the gaps between submits). So at low load nothing waits (200 req/s:
+gaps of 5 ms). A lone client, where nobody else will arrive until its item is answered, does not
+pay the window on every batch either: a wait that brings no new item turns waiting off for the next
+1, 2, 4, ... 64 batches. Measured on the server with Poisson arrivals (L1 only, interleaved
+rounds), a 2 ms window doubled the mean batch at 1,500 req/s (3.7 to 7.8 items) and lowered p50 in
+most rounds (6-8 ms against 9.6-18). The p99 figures were mixed on this noisy machine: median 38.6
+-> 15.1 ms (5 rounds) and 46 -> 33 ms (8 rounds) at 1,500 req/s, but 15.1 -> 19.5 ms (5 rounds) at
+1,400 req/s. The price is certain: a closed loop of 8 clients lost 30 % of its throughput (1,416
+against 2,044 req/s), because there the window is idle time that delays the clients' next requests,
+and every wait looks fruitful (the other clients do come). So it is off by default.
 
 Other guarantees:
 

@@ -24,11 +24,11 @@ What it does beyond calling the model, and why:
   that ``torch.jit.script`` accepts is frozen (weights folded in as constants, eval-only ops
   dropped) and kept only if it answers the warm-up examples exactly as the eager module does;
   otherwise the eager module stays and ``describe()["jit"]`` says why. Scripting, unlike tracing,
-  keeps data-dependent control flow. Measured on the demo MLP (one core): a batch of 1 took 107 µs
-  frozen against 180 µs eager, 2 items 117 against 234 µs, 32 items 409 against 574 µs. Small
-  batches are what a server sees below saturation, where each forward's fixed dispatch cost is
-  paid by one or two requests. The version digest is of the eager weights, so turning it on or off
-  keeps every cache key.
+  keeps data-dependent control flow. Measured on the demo MLP at batch 1 with valgrind's
+  instruction counts (timings on the shared machine were too noisy to rank): 216k instructions
+  per forward frozen against 312k eager. Small batches are what a server sees below saturation,
+  where each forward's fixed dispatch cost is paid by one or two requests. The version digest is
+  of the eager weights, so turning it on or off keeps every cache key.
 - Outputs are numpy arrays marked read-only: the Predictor caches them, and a caller mutating an
   output in place must not change what the next caller is served.
 """
