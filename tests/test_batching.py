@@ -164,6 +164,68 @@ async def test_load_wait_stays_greedy_at_low_rates_and_backs_off_for_a_lone_clie
     assert 1 <= limits["load_waits"] <= 12
 
 
+async def test_sparse_items_run_directly_in_their_caller() -> None:
+    sizes: list[int] = []
+
+    def fn(xs: list[int]) -> list[int]:
+        sizes.append(len(xs))
+        if xs[0] == -1:
+            raise ValueError("poison")
+        if xs[0] == -2:
+            raise InputError("bad input")
+        if xs[0] == -3:
+            return []
+        return [x * 10 for x in xs]
+
+    async with DynamicBatcher(fn, offload=False) as b:
+        for i in range(3):  # seed the averages: gaps between submits, compute per batch
+            assert await b.submit(i) == i * 10
+            await asyncio.sleep(0.02)
+        # far-apart submits on an idle batcher: computed before submit() first yields
+        coro = b.submit_timed(7)
+        with pytest.raises(StopIteration) as done:
+            coro.send(None)
+        result, queued_s, compute_s = done.value.value
+        assert result == 70 and queued_s == 0.0 and compute_s >= 0.0
+        await asyncio.sleep(0.02)
+        with pytest.raises(ModelError, match="poison"):
+            await b.submit(-1)
+        await asyncio.sleep(0.02)
+        with pytest.raises(InputError, match="bad input"):
+            await b.submit(-2)
+        await asyncio.sleep(0.02)
+        with pytest.raises(ModelError, match="0 results for 1 item"):
+            await b.submit(-3)
+        stats = b.stats()
+        assert stats["direct_runs"] >= 4 and stats["errors"] == 3
+        # a burst still shares batches: one may run directly, the rest queue together
+        sizes.clear()
+        await asyncio.sleep(0.02)
+        assert await asyncio.gather(*(b.submit(i) for i in range(16))) == [
+            i * 10 for i in range(16)
+        ]
+        assert max(sizes) > 1 and sum(sizes) == 16
+
+
+async def test_direct_off_and_awaitable_results_go_through_the_queue() -> None:
+    async def later(xs: list[int]) -> list[int]:
+        await asyncio.sleep(0)
+        return xs
+
+    def returns_awaitable(xs: list[int]) -> Any:
+        return later(xs)
+
+    async with DynamicBatcher(returns_awaitable, offload=False) as b:
+        for i in range(6):
+            assert await b.submit(i) == i
+            await asyncio.sleep(0.02)
+    async with DynamicBatcher(lambda xs: xs, offload=False, direct=False) as b:
+        for i in range(6):
+            assert await b.submit(i) == i
+            await asyncio.sleep(0.02)
+        assert b.stats()["direct_runs"] == 0
+
+
 async def test_overload_is_immediate() -> None:
     gate = Gate()
     b = DynamicBatcher(gate, max_batch_size=1, max_queue=2)

@@ -127,6 +127,12 @@ class DynamicBatcher(Generic[T, R]):
         greedy: dispatch what is queued as soon as a worker is idle (default) instead of waiting.
         load_wait_ms: with ``greedy``, the longest a short batch waits for company while
             requests arrive at least twice per this window (0: never; see the module doc).
+        direct: a sync function run on the loop (``offload=False``) computes a lone item at once,
+            in its caller, when nothing is queued or running and submits come far apart (the
+            gap before it and the average gap over four times the average batch's compute): no
+            task hop, and no batching is lost, since at that rate batches hold one item anyway;
+            the rest of a burst still queues behind its first item. Only with
+            ``greedy`` and without ``adaptive``.
         adaptive / target_p99_ms: AIMD on the batch limit against a per-item latency target.
         min_batch_size: the adaptive limit's lower bound.
         split_on_error: bisect a failing batch so only poison items fail (default True).
@@ -147,6 +153,7 @@ class DynamicBatcher(Generic[T, R]):
         timeout: float | None = None,
         greedy: bool = True,
         load_wait_ms: float = 0.0,
+        direct: bool = True,
         adaptive: bool = False,
         target_p99_ms: float | None = None,
         min_batch_size: int = 1,
@@ -200,6 +207,12 @@ class DynamicBatcher(Generic[T, R]):
         self.load_wait_ms = load_wait_ms
         self._load_wait_s = load_wait_ms / 1000.0
         self._gap = -1.0  # no gap measured yet
+        self._last_gap = -1.0  # the latest gap alone: the first item of a burst may run directly
+        # a fill window (greedy=False) or the AIMD controller want every item through the queue
+        self._direct = direct and greedy and not adaptive
+        self._compute_avg = -1.0  # EWMA of a batch's compute time; none measured yet
+        self._direct_runs = 0
+        self._direct_tasks: set[asyncio.Future[None]] = set()
         self._last_submit = -1.0
         self._no_wait = 0
         self._no_wait_next = 1
@@ -345,26 +358,26 @@ class DynamicBatcher(Generic[T, R]):
         loop = self._loop
         assert loop is not None
         now = self._timer()
-        if self._load_wait_s:
-            if self._last_submit >= 0:  # the first gap seeds the average, later ones move it
-                gap = min(now - self._last_submit, 1.0)
-                self._gap = gap if self._gap < 0 else self._gap + 0.1 * (gap - self._gap)
-            self._last_submit = now
+        if self._last_submit >= 0:  # the first gap seeds the average, later ones move it
+            gap = min(now - self._last_submit, 1.0)
+            self._gap = gap if self._gap < 0 else self._gap + 0.1 * (gap - self._gap)
+            self._last_gap = gap
+        self._last_submit = now
         timeout = self.timeout
         if timeout is not None:
             by_timeout = now + timeout
             deadline = by_timeout if deadline is None else min(deadline, by_timeout)
         entry = _Item(value, loop.create_future(), now, deadline)
+        if deadline is not None and deadline <= now:
+            self._timeouts += 1
+            entry.state = _DONE
+            entry.future.set_exception(DeadlineExceeded(f"{self.name}: deadline already passed"))
+            return entry
+        if self._direct_now():
+            self._run_direct(entry)
+            return entry
         if deadline is not None:
-            remaining = deadline - now
-            if remaining <= 0:
-                self._timeouts += 1
-                entry.state = _DONE
-                entry.future.set_exception(
-                    DeadlineExceeded(f"{self.name}: deadline already passed")
-                )
-                return entry
-            entry.handle = loop.call_later(remaining, self._expire, entry)
+            entry.handle = loop.call_later(deadline - now, self._expire, entry)
         self._queue.append(entry)
         self._live += 1
         wakeup = self._wakeup
@@ -374,6 +387,81 @@ class DynamicBatcher(Generic[T, R]):
         if self._fill_waiters and self._live >= self._limit:
             self._resolve_fill_waiters()
         return entry
+
+    #: run a lone item at once, in its caller, when the gap before it and the average gap between
+    #: submits are both at least this many times the average batch's compute time (``direct``)
+    DIRECT_GAP_FACTOR = 4.0
+
+    def _direct_now(self) -> bool:
+        return (
+            self._direct
+            and self._live == 0
+            and self._busy == 0
+            and self._executor is None
+            and not self._is_async
+            and 0.0 <= self.DIRECT_GAP_FACTOR * self._compute_avg < min(self._gap, self._last_gap)
+            and not 2.0 * self._gap <= self._load_wait_s  # load_wait_ms would wait for company
+        )
+
+    def _run_direct(self, entry: _Item) -> None:
+        """Compute ``entry`` alone, now, in the caller: its future is done when this returns."""
+        self._busy += 1
+        entry.state = _RUNNING
+        entry.dispatched = entry.enqueued
+        self._batches += 1
+        self._items += 1
+        self._sizes[1] += 1
+        self._direct_runs += 1
+        t0 = self._timer()
+        try:
+            result = self._fn([entry.value])
+            if type(result) is not list and inspect.isawaitable(result):
+                # a sync function that returned an awaitable: it cannot finish here, so finish
+                # it on the loop, and queue from now on
+                self._direct = False
+                self._busy -= 1
+                task = asyncio.ensure_future(self._finish_awaitable(entry, result, t0))
+                self._direct_tasks.add(task)
+                task.add_done_callback(self._direct_tasks.discard)
+                return
+            if len(result) != 1:
+                raise ModelError(f"{self.name}: fn returned {len(result)} results for 1 item")
+        except Exception as exc:
+            self._busy -= 1
+            self._errors += 1
+            entry.state = _DONE
+            entry.future.set_exception(self._wrap(exc, 1))
+            return
+        self._busy -= 1
+        self._done_direct(entry, result[0], self._timer() - t0)
+
+    async def _finish_awaitable(self, entry: _Item, result: Any, t0: float) -> None:
+        self._busy += 1
+        try:
+            out = await result
+            if len(out) != 1:
+                raise ModelError(f"{self.name}: fn returned {len(out)} results for 1 item")
+        except Exception as exc:
+            self._errors += 1
+            entry.state = _DONE
+            if not entry.future.done():
+                entry.future.set_exception(self._wrap(exc, 1))
+            return
+        finally:
+            self._busy -= 1
+        self._done_direct(entry, out[0], self._timer() - t0)
+
+    def _done_direct(self, entry: _Item, value: Any, elapsed: float) -> None:
+        self.queue_wait.record(0.0)
+        self.compute_time.record(elapsed)
+        self._compute_avg += 0.1 * (elapsed - self._compute_avg)
+        entry.state = _DONE
+        entry.compute_s = elapsed
+        self._item_latency.append(elapsed)
+        if not entry.future.done():
+            entry.future.set_result(value)
+        if self.adaptive:
+            self._adapt(1, elapsed)
 
     def _forget(self, entry: _Item) -> None:
         """Take a queued item out of the live count (it stays in the deque; workers skip it)."""
@@ -569,6 +657,8 @@ class DynamicBatcher(Generic[T, R]):
             return
         if top:
             self.compute_time.record(elapsed)
+            avg = self._compute_avg
+            self._compute_avg = elapsed if avg < 0 else avg + 0.1 * (elapsed - avg)
         for entry, result in zip(batch, results, strict=True):
             entry.state = _DONE
             entry.compute_s = elapsed
@@ -662,6 +752,7 @@ class DynamicBatcher(Generic[T, R]):
             "errors": self._errors,
             "splits": self._splits,
             "offload": bool(self.offload and not self._is_async),  # the model runs in a thread
+            "direct_runs": self._direct_runs,
             "queue_wait": self.queue_wait.get_stats(),
             "compute": self.compute_time.get_stats(),
             "limits": {
