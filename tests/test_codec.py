@@ -179,3 +179,16 @@ def test_pickle_needs_a_real_secret() -> None:
         Codec(allow_pickle=True)
     with pytest.raises(ConfigError):
         Codec(allow_pickle=True, pickle_secret="short")
+
+
+@pytest.mark.parametrize("dstr", [b"a", b"|S3", b"<M8", b"O", b"<f4 ", b"f4"])
+def test_array_dtype_strings_other_than_the_encoders_are_refused_quietly(dstr: bytes) -> None:
+    import warnings
+
+    from infercache import codec
+
+    payload = bytes([len(dstr)]) + dstr + bytes([0])  # a 0-d array, no data
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy must not even be asked about an alias
+        with pytest.raises(DecodeError):
+            codec._unpack_array(payload)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import pickle
+import re
 import struct
 import sys
 from typing import Any
@@ -37,6 +38,7 @@ _FORMAT_PICKLE = 0x02
 _EXT_ARRAY = 1
 _EXT_SCALAR = 2
 _ARRAY_KINDS = frozenset("biufc")
+_DTYPE_STR = re.compile(r"[<>|][biufc][0-9]{1,2}")
 _MAC_SIZE = 32
 _MIN_SECRET = 16
 _hdr = struct.Struct("<B")
@@ -101,6 +103,10 @@ def _unpack_array(data: bytes | memoryview) -> np.ndarray:
         shape = struct.unpack_from(f"<{ndim}Q", data, 2 + dlen)
     except (IndexError, UnicodeDecodeError, struct.error) as exc:
         raise DecodeError("malformed array payload") from exc
+    # the encoder writes dtype.str ('<f4', '|b1'...): anything else (numpy aliases such as 'a',
+    # which numpy 2 parses with a DeprecationWarning) is not ours
+    if not _DTYPE_STR.fullmatch(dstr):
+        raise DecodeError(f"unknown array dtype {dstr!r}")
     try:
         dtype = np.dtype(dstr)
     except TypeError as exc:
