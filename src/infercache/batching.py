@@ -291,6 +291,8 @@ class DynamicBatcher(Generic[T, R]):
         self._resolve_fill_waiters()
         if self._workers:
             await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._direct_tasks:  # awaitables a direct run handed to the loop
+            await asyncio.gather(*self._direct_tasks, return_exceptions=True)
         self._workers = []
         if self._executor is not None:
             self._executor.shutdown(wait=False)
