@@ -406,64 +406,44 @@ class DynamicBatcher(Generic[T, R]):
         )
 
     def _run_direct(self, entry: _Item) -> None:
-        """Compute ``entry`` alone, now, in the caller: its future is done when this returns."""
-        self._busy += 1
+        """Compute ``entry`` alone, now, in the caller: its future is done when this returns
+        (the same bookkeeping as a queued batch of one, with no time in the queue)."""
+        batch = [entry]
         entry.state = _RUNNING
-        entry.dispatched = entry.enqueued
-        self._batches += 1
-        self._items += 1
-        self._sizes[1] += 1
         self._direct_runs += 1
+        self._begin(batch, entry.enqueued)
+        self._busy += 1
         t0 = self._timer()
         try:
-            result = self._fn([entry.value])
-            if type(result) is not list and inspect.isawaitable(result):
+            results = self._fn([entry.value])
+            if type(results) is not list and inspect.isawaitable(results):
                 # a sync function that returned an awaitable: it cannot finish here, so finish
                 # it on the loop, and queue from now on
                 self._direct = False
-                self._busy -= 1
-                task = asyncio.ensure_future(self._finish_awaitable(entry, result, t0))
+                task = asyncio.ensure_future(self._finish_direct(batch, results, t0))
                 self._direct_tasks.add(task)
                 task.add_done_callback(self._direct_tasks.discard)
                 return
-            if len(result) != 1:
-                raise ModelError(f"{self.name}: fn returned {len(result)} results for 1 item")
+            self._check_count(results, batch)
         except Exception as exc:
             self._busy -= 1
-            self._errors += 1
-            entry.state = _DONE
-            entry.future.set_exception(self._wrap(exc, 1))
-            return
-        self._busy -= 1
-        self._done_direct(entry, result[0], self._timer() - t0)
+            self._fail(batch, exc)
+        else:
+            self._busy -= 1
+            self._settle(batch, results, self._timer() - t0, top=True)
+        self._end(batch)
 
-    async def _finish_awaitable(self, entry: _Item, result: Any, t0: float) -> None:
-        self._busy += 1
+    async def _finish_direct(self, batch: list[_Item], pending: Any, t0: float) -> None:
         try:
-            out = await result
-            if len(out) != 1:
-                raise ModelError(f"{self.name}: fn returned {len(out)} results for 1 item")
+            results = await pending
+            self._check_count(results, batch)
         except Exception as exc:
-            self._errors += 1
-            entry.state = _DONE
-            if not entry.future.done():
-                entry.future.set_exception(self._wrap(exc, 1))
-            return
+            self._fail(batch, exc)
+        else:
+            self._settle(batch, results, self._timer() - t0, top=True)
         finally:
             self._busy -= 1
-        self._done_direct(entry, out[0], self._timer() - t0)
-
-    def _done_direct(self, entry: _Item, value: Any, elapsed: float) -> None:
-        self.queue_wait.record(0.0)
-        self.compute_time.record(elapsed)
-        self._compute_avg += 0.1 * (elapsed - self._compute_avg)
-        entry.state = _DONE
-        entry.compute_s = elapsed
-        self._item_latency.append(elapsed)
-        if not entry.future.done():
-            entry.future.set_result(value)
-        if self.adaptive:
-            self._adapt(1, elapsed)
+        self._end(batch)
 
     def _forget(self, entry: _Item) -> None:
         """Take a queued item out of the live count (it stays in the deque; workers skip it)."""
@@ -594,7 +574,12 @@ class DynamicBatcher(Generic[T, R]):
                 self._busy -= 1
 
     async def _run(self, batch: list[_Item]) -> None:
-        now = self._timer()
+        self._begin(batch, self._timer())
+        await self._compute(batch, top=True)
+        self._end(batch)
+
+    def _begin(self, batch: list[_Item], now: float) -> None:
+        """Stamp a batch as dispatched at ``now`` and count it."""
         waits = []
         for entry in batch:
             entry.dispatched = now
@@ -603,7 +588,9 @@ class DynamicBatcher(Generic[T, R]):
         self._batches += 1
         self._items += len(batch)
         self._sizes[len(batch)] += 1
-        await self._compute(batch, top=True)
+
+    def _end(self, batch: list[_Item]) -> None:
+        """Record a finished batch's item latencies and let the controller see them."""
         done = self._timer()
         # the oldest item's latency drives the controller (Clipper looks at the batch's latency)
         worst = done - min(e.enqueued for e in batch)
@@ -637,10 +624,7 @@ class DynamicBatcher(Generic[T, R]):
         values = [e.value for e in batch]
         try:
             results, elapsed = await self._call(values)
-            if len(results) != len(batch):
-                raise ModelError(
-                    f"{self.name}: fn returned {len(results)} results for {len(batch)} items"
-                )
+            self._check_count(results, batch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the model failed: find out for whom
@@ -650,13 +634,29 @@ class DynamicBatcher(Generic[T, R]):
                 await self._compute(batch[:mid], top=False)
                 await self._compute(batch[mid:], top=False)
                 return
-            self._errors += len(batch)
-            err = self._wrap(exc, len(batch))
-            for entry in batch:
-                entry.state = _DONE
-                if not entry.future.done():
-                    entry.future.set_exception(err)
+            self._fail(batch, exc)
             return
+        self._settle(batch, results, elapsed, top=top)
+
+    def _check_count(self, results: Sequence[Any], batch: list[_Item]) -> None:
+        if len(results) != len(batch):
+            raise ModelError(
+                f"{self.name}: fn returned {len(results)} results for {len(batch)} items"
+            )
+
+    def _fail(self, batch: list[_Item], exc: Exception) -> None:
+        """Answer every item of ``batch`` with ``exc`` (wrapped unless an infercache error)."""
+        self._errors += len(batch)
+        err = self._wrap(exc, len(batch))
+        for entry in batch:
+            entry.state = _DONE
+            if not entry.future.done():
+                entry.future.set_exception(err)
+
+    def _settle(
+        self, batch: list[_Item], results: Sequence[Any], elapsed: float, *, top: bool
+    ) -> None:
+        """Hand each item its result; a whole batch (``top``) also counts its compute time."""
         if top:
             self.compute_time.record(elapsed)
             avg = self._compute_avg
