@@ -18,6 +18,7 @@ real lookup.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import xxhash
 
@@ -80,9 +81,10 @@ class BloomFilter:
                 pos -= m
         layer.count += 1
 
-    def add_many(self, keys: list[str]) -> None:
+    def add_many(self, keys: Iterable[str]) -> None:
+        add = self.add
         for key in keys:
-            self.add(key)
+            add(key)
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):

@@ -31,7 +31,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -159,7 +159,7 @@ class _SQLiteBackend:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            wal = () if self.path == ":memory:" else ("journal_mode=WAL",)
+            wal = () if self._shared else ("journal_mode=WAL",)
             self._conn = self._connect(self.busy_timeout_ms, *wal, "synchronous=NORMAL")
             limit = self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
             self._upsert_rows = max(1, min(_UPSERT_ROWS_MAX, limit // 5))
@@ -637,17 +637,12 @@ class _KeyFilter:
         if self._loader is None:
             self._loader = asyncio.create_task(self._load(), name="infercache-key-filter")
 
-    def add(self, keys: Iterable[str]) -> None:
-        add = self.keys.add
-        for key in keys:
-            add(key)
-
     async def _load(self) -> None:
         cache, after = self.cache, ""
         try:
             while True:
                 page = await cache.backend.keys_after(cache.namespace, after, self.PAGE)
-                self.add(page)
+                self.keys.add_many(page)
                 self.loaded += len(page)
                 if len(page) < self.PAGE:
                     break
@@ -884,7 +879,7 @@ class SQLCache:
         if not rows:
             return
         if self._filter is not None:  # before the write: a lookup must never miss a written row
-            self._filter.add(r[0] for r in rows)
+            self._filter.keys.add_many(r[0] for r in rows)
         await self._guarded("upsert", lambda: self.backend.upsert(self.namespace, rows, now))
         self._m.sets += len(rows)
 
