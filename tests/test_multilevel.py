@@ -182,22 +182,25 @@ async def test_write_behind_with_l1_alone_queues_nothing() -> None:
     await c.close()
 
 
-async def test_write_behind_gathers_writes_that_arrive_during_a_flush(tmp_path: Path) -> None:
-    class HeldSQLCache(SQLCache):
-        """A real SQLite tier whose writes wait for the test to let them through."""
+class HeldSQLCache(SQLCache):
+    """A real SQLite tier whose first ``held`` writes wait for the test to let them through."""
 
-        def __init__(self, url: str) -> None:
-            super().__init__(url)
-            self.gate = asyncio.Event()
-            self.writing = asyncio.Event()
-            self.writes: list[int] = []
+    def __init__(self, url: str, held: int = 1_000_000) -> None:
+        super().__init__(url)
+        self.gate = asyncio.Event()
+        self.writing = asyncio.Event()
+        self.writes: list[int] = []
+        self.held = held
 
-        async def set_many_with_ttl(self, items: Any) -> None:
-            self.writes.append(len(items))
-            self.writing.set()
+    async def set_many_with_ttl(self, items: Any) -> None:
+        self.writes.append(len(items))
+        self.writing.set()
+        if len(self.writes) <= self.held:
             await self.gate.wait()
-            await super().set_many_with_ttl(items)
+        await super().set_many_with_ttl(items)
 
+
+async def test_write_behind_gathers_writes_that_arrive_during_a_flush(tmp_path: Path) -> None:
     l3 = HeldSQLCache(f"sqlite:///{tmp_path}/l3.db")
     c = MultiLevelCache(
         [MemoryCache(100), l3], write="behind", write_behind_batch=10, write_behind_interval=5.0
@@ -299,6 +302,55 @@ async def test_queue_full_writes_through(make: Factory) -> None:
     assert await redis.get("t3") == 3  # written synchronously
     assert await redis.get("t0") is None  # still queued
     assert (await c.stats())["write_behind"]["full_through"] == 1
+
+
+async def test_direct_write_is_not_overtaken_by_an_older_flush(tmp_path: Path) -> None:
+    # The queue is full, so v2 is written through while the flush of v1 is still in flight:
+    # v1 must land first, or the tier would end up with the older value for good.
+    l3 = HeldSQLCache(f"sqlite:///{tmp_path}/l3.db", held=1)
+    c = MultiLevelCache(
+        [MemoryCache(100), l3],
+        write="behind",
+        write_behind_batch=1,
+        write_behind_max_queue=1,
+        write_behind_interval=5.0,
+        write_behind_when_full="through",
+    )
+    await c.set("k", "v1")  # a full batch: its flush starts and is held
+    await asyncio.wait_for(l3.writing.wait(), 5)
+    await c.set("other", 0)  # fills the queue
+    direct = asyncio.create_task(c.set("k", "v2"))  # queue full: written through
+    await asyncio.sleep(0.1)  # without ordering, v2 lands here, before the held v1
+    l3.gate.set()
+    await asyncio.wait_for(direct, 5)
+    await c.flush()
+    assert await l3.get("k") == "v2" and c.tiers[0].get("k") == "v2"
+    assert (await c.stats())["write_behind"]["full_through"] == 1
+    await c.close()
+
+
+async def test_read_through_under_the_lock_supersedes_queued_writes(make: Factory) -> None:
+    # The lock holder writes its loaded value through; a value set while it was loading and
+    # still queued must not be flushed over it later (the L1 would disagree with the tiers).
+    c = await make(write="behind", write_behind_interval=60)
+    l1, redis, sql = c.tiers
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    async def loader() -> str:
+        started.set()
+        await gate.wait()
+        return "loaded"
+
+    k = key()
+    task = asyncio.create_task(c.get_or_compute(k, loader))
+    await asyncio.wait_for(started.wait(), 5)
+    await c.set(k, "set-meanwhile")  # queued behind
+    gate.set()
+    assert await task == "loaded"
+    await c.flush()
+    assert l1.get(k) == await redis.get(k) == await sql.get(k) == "loaded"
+    assert (await c.stats())["single_flight"]["lock_acquired"] == 1
 
 
 def test_bad_config() -> None:

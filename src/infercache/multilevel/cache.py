@@ -648,7 +648,7 @@ class MultiLevelCache:
             t = validate_ttl(ttl) if ttl is not None else self.default_ttl
             if self._l1 is not None:
                 self._l1_set_many({key: value}, t)
-            await self._write_remote({key: (value, t)})
+            await self._wb.write_direct({key: (value, t)})
         else:
             await self.set(key, value, ttl)
         return value

@@ -113,7 +113,7 @@ class WriteBehind:
     async def enqueue(self, items: Mapping[str, Any], ttl: float | None) -> None:
         if self.closed:
             # After close() there is no flusher: write synchronously rather than lose it.
-            await self._write_through({k: (v, ttl) for k, v in items.items()})
+            await self.write_direct({k: (v, ttl) for k, v in items.items()})
             return
         self._ensure_flusher()
         assert self._wake is not None and self._space is not None
@@ -142,10 +142,29 @@ class WriteBehind:
             self.pending[k] = (v, ttl)
             self.counters["enqueued"] += 1
         if through:
-            await self._write_through(through)
+            await self.write_direct(through)
         self._wake.set()
         if len(self.pending) >= self.batch:
             self._batch_ready.set()
+
+    async def write_direct(self, items: Items) -> None:
+        """Write ``items`` to every slower tier now, in order with the flusher.
+
+        A flush or retry in flight may carry older values of these keys: it lands first (the
+        drain lock), so it cannot overwrite this newer write afterwards. Older values still
+        queued are dropped, since this write supersedes them and the flusher would otherwise
+        write them after it. Writes queued while this one is in flight flush after it.
+        """
+        lock = self._drain_lock
+        if lock is None:  # nothing was ever queued: there is no flusher to order with
+            await self._write_through(items)
+            return
+        async with lock:
+            dropped = sum(self.pending.pop(k, None) is not None for k in items)
+            if dropped and self._space is not None:
+                async with self._space:
+                    self._space.notify_all()
+            await self._write_through(items)
 
     async def forget(self, keys: list[str]) -> int:
         """Drop queued and waiting writes of deleted keys; returns how many were queued.
