@@ -40,9 +40,10 @@ def test_serve_check_prints_validated_settings(capsys: pytest.CaptureFixture[str
     assert main(["serve", "--check", "--port", "9123", "--admin-token", "abcdefgh1"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["port"] == 9123 and shown["admin_token"] == "***"
-    assert shown["jit"] is True
-    assert main(["serve", "--check", "--no-jit"]) == 0
-    assert json.loads(capsys.readouterr().out)["jit"] is False
+    assert shown["jit"] is True and shown["onnx"] is True
+    assert main(["serve", "--check", "--no-jit", "--no-onnx"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["jit"] is False and shown["onnx"] is False
 
 
 @pytest.mark.parametrize(

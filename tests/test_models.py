@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import warnings
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,61 @@ def test_jit_keeps_the_eager_module_when_scripting_fails_or_disagrees() -> None:
     np.testing.assert_array_equal(r.predict_batch(x), x)  # the eager answer, not x + 1
     r = ModelRunner(_DiffersWhenScripted(), jit=True, warmup=False, freeze_gc=False)
     assert r.describe()["jit"].startswith("off: no example input")
-    with pytest.raises(ConfigError, match="jit applies to torch models"):
+    with pytest.raises(ConfigError, match="jit and onnx apply to torch models"):
         ModelRunner(lambda b: b, version="v1", jit=True)
+
+
+def test_onnx_runs_the_exported_module_with_the_eager_outputs_and_version(mlp: Any) -> None:
+    pytest.importorskip("onnxruntime")
+    eager = demo_mlp(freeze_gc=False)
+    r = demo_mlp(onnx=True, jit=True, freeze_gc=False)
+    assert r.describe()["onnx"] == "on" and eager.describe()["onnx"] == "off"
+    assert r.describe()["jit"] == "off: running on onnxruntime"  # one or the other
+    assert r.version == eager.version  # the same cache keys either way
+    for n in (1, 2, 8):
+        out = r.predict_batch(XS[:n])
+        np.testing.assert_allclose(out, reference(mlp, XS[:n]), rtol=1e-5, atol=1e-6)
+        assert out.dtype == np.float32 and not out.flags.writeable
+    np.testing.assert_allclose(
+        r.run_validated([XS[3], XS[5]]), reference(mlp, XS[[3, 5]]), rtol=1e-5, atol=1e-6
+    )
+
+
+class _DiffersWhenExported(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return x + 1.0
+        return x
+
+
+class _FailsToExport(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            raise RuntimeError("no ONNX for this one")
+        return x * 3.0
+
+
+class _ReturnsADict(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> Any:
+        return {"y": x}
+
+
+def test_onnx_keeps_torch_when_export_fails_or_disagrees() -> None:
+    pytest.importorskip("onnxruntime")
+    spec = InputSpec(shape=(4,))
+    x = np.array([[-1.0, 0.5, 2.0, 0.0]], np.float32)
+    r = ModelRunner(_DiffersWhenExported(), input_spec=spec, onnx=True, freeze_gc=False)
+    assert "differ" in r.describe()["onnx"]
+    np.testing.assert_array_equal(r.predict_batch(x), x)  # torch's answer, not x + 1
+    r = ModelRunner(_FailsToExport(), input_spec=spec, onnx=True, freeze_gc=False)
+    assert r.describe()["onnx"] == "off: ONNX export failed (RuntimeError)"
+    np.testing.assert_array_equal(r.predict_batch(x), x * 3)
+    r = ModelRunner(_ReturnsADict(), input_spec=spec, onnx=True, warmup=False, freeze_gc=False)
+    assert r.describe()["onnx"] == "off: the module does not return one tensor"
+    r = ModelRunner(_FailsToExport(), onnx=True, warmup=False, freeze_gc=False)
+    assert r.describe()["onnx"].startswith("off: no example input")
+    with pytest.raises(ConfigError, match="jit and onnx apply to torch models"):
+        ModelRunner(lambda b: b, version="v1", onnx=True)
 
 
 def test_torchscript_file(tmp_path: Path, mlp: Any) -> None:
@@ -153,6 +207,10 @@ def test_torchscript_file(tmp_path: Path, mlp: Any) -> None:
     np.testing.assert_allclose(r.predict_batch(XS), reference(mlp, XS), rtol=1e-5, atol=1e-6)
     again = ModelRunner(path, freeze_gc=False, warmup=False)
     assert again.version == r.version
+    if importlib.util.find_spec("onnxruntime") is not None:  # a TorchScript file exports too
+        fast = ModelRunner(path, input_spec=InputSpec(shape=(784,)), onnx=True, freeze_gc=False)
+        assert fast.describe()["onnx"] == "on" and fast.version == r.version
+        np.testing.assert_allclose(fast.predict_batch(XS), reference(mlp, XS), rtol=1e-5, atol=1e-6)
     path.write_bytes(path.read_bytes() + b"\0")  # different file bytes, different version
     assert ModelRunner(path, freeze_gc=False, warmup=False).version != r.version
 

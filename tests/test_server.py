@@ -97,7 +97,8 @@ async def test_models_lists_both_models(http: httpx.AsyncClient) -> None:
     assert models["sum"]["version"] == "v1"
     assert models["mlp"]["version"]
     assert models["mlp"]["input_spec"]
-    assert models["mlp"]["jit"] == "on"  # serve runs torch models as frozen TorchScript
+    assert models["mlp"]["onnx"] == "on"  # serve runs torch models on ONNX Runtime
+    assert models["mlp"]["jit"] == "off: running on onnxruntime"
     one = await http.get("/v1/models/mlp")
     assert one.json()["name"] == "mlp"
 

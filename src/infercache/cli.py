@@ -61,6 +61,7 @@ _SERVE_FLAGS: dict[str, tuple[str, str]] = {
 _BOOL_FLAGS: dict[str, tuple[str, str]] = {
     "warmup": ("--no-warmup", "skip the warm-up forward pass"),
     "jit": ("--no-jit", "run torch models eagerly, not as frozen TorchScript"),
+    "onnx": ("--no-onnx", "run torch models on torch, not exported to ONNX Runtime"),
     "gc_freeze": ("--no-gc-freeze", "do not gc.freeze() after start-up"),
     "require_tiers": ("--no-require-tiers", "report ready even when a remote tier is down"),
 }

@@ -77,6 +77,7 @@ class Settings:
     # -- runtime
     torch_threads: int = 1
     jit: bool = True
+    onnx: bool = True
     warmup: bool = True
     gc_freeze: bool = True
     require_tiers: bool = True

@@ -563,11 +563,11 @@ def preflight(settings: Settings) -> None:
             raise ConfigError(f"setting 'models': no module named {module!r} (in {spec!r})")
 
 
-def load_model(spec: str, *, threads: int = 1, jit: bool = False) -> Any:
+def load_model(spec: str, *, threads: int = 1, jit: bool = False, onnx: bool = False) -> Any:
     """A ModelRunner for one ``--model`` spec (see :func:`infercache.config.parse_model_spec`).
 
-    ``jit`` applies to the demo model and to model files; a ``module:factory`` builds its own
-    runner with its own options.
+    ``jit`` and ``onnx`` apply to the demo model and to TorchScript files; a ``module:factory``
+    builds its own runner with its own options.
     """
     from infercache.models import ModelRunner
 
@@ -577,14 +577,18 @@ def load_model(spec: str, *, threads: int = 1, jit: bool = False) -> Any:
         if lower == "demo":
             from infercache.models.demo import demo_mlp
 
-            return demo_mlp(name=name or "mlp", threads=threads, jit=jit)
+            return demo_mlp(name=name or "mlp", threads=threads, jit=jit, onnx=onnx)
         if lower.endswith((".onnx", ".pt", ".pth", ".ts")):
             path = Path(body)
             if not path.is_file():
                 raise ConfigError(f"setting 'models': model file {body!r} does not exist")
             torch_file = not lower.endswith(".onnx")
             return ModelRunner(
-                str(path), name=name or path.stem, threads=threads, jit=jit and torch_file
+                str(path),
+                name=name or path.stem,
+                threads=threads,
+                jit=jit and torch_file,
+                onnx=onnx and torch_file,
             )
         runner = ModelRunner.load(body)
         if name:
@@ -628,7 +632,10 @@ async def build_service(settings: Settings) -> Service:
 
     _set_torch_threads(settings.torch_threads)
     specs = list(settings.models) or ["demo"]
-    runners = [load_model(s, threads=settings.torch_threads, jit=settings.jit) for s in specs]
+    runners = [
+        load_model(s, threads=settings.torch_threads, jit=settings.jit, onnx=settings.onnx)
+        for s in specs
+    ]
     names = [r.name for r in runners]
     if len(set(names)) != len(names):
         raise ConfigError(f"setting 'models': two models are named the same: {names}")
