@@ -13,8 +13,8 @@ Sections (ratios matter: the machine is shared, absolute figures move run to run
    calls saved, Predictor + MemoryCache vs one forward per request.
 3. batcher overhead per item (submit-to-result minus the batch's compute) at concurrency 1 and 64.
 4. coalescing: 100 concurrent identical requests -> model calls (must be 1).
-5. the MLP's forward: eager vs dynamic int8 (vs torch.compile with ``--compile``: ~1 min to
-   compile on 2 cores).
+5. the MLP's forward: eager vs frozen TorchScript vs ONNX Runtime (what ``infercache serve`` runs)
+   vs dynamic int8 (vs torch.compile with ``--compile``: ~1 min to compile on 2 cores).
 6. MiniLM (if the extra is installed): sections 1 and 2 with short texts.
 
 The tutorial's variants run with the garbage collector unfrozen (its design), ours after
@@ -278,6 +278,14 @@ def forward_costs(with_compile: bool, quick: bool) -> list[list[Any]]:
     eager = demo_mlp(freeze_gc=False)
     variants: list[tuple[str, ModelRunner, float]] = [("eager", eager, 0.0)]
     t0 = time.perf_counter()
+    j = demo_mlp(jit=True, freeze_gc=False)
+    variants.append(
+        (f"frozen TorchScript (jit {j.describe()['jit']})", j, time.perf_counter() - t0)
+    )
+    t0 = time.perf_counter()
+    o = demo_mlp(onnx=True, freeze_gc=False)
+    variants.append((f"ONNX Runtime (onnx {o.describe()['onnx']})", o, time.perf_counter() - t0))
+    t0 = time.perf_counter()
     q = demo_mlp(quantize="dynamic-int8", freeze_gc=False)
     variants.append(("dynamic int8", q, time.perf_counter() - t0))
     if with_compile:
@@ -288,9 +296,10 @@ def forward_costs(with_compile: bool, quick: bool) -> list[list[Any]]:
         variants.append(("torch.compile(dynamic=True)", c, time.perf_counter() - t0))
     ref = eager.predict_batch(x)
     reps = 200 if quick else 1000
+    base: dict[int, float] = {}
     for name, r, load_s in variants:
         per = {}
-        for size in (1, 32):
+        for size in (1, 2, 32):
             batch = x[:size]
             r.predict_batch(batch)
             runs = []
@@ -301,11 +310,14 @@ def forward_costs(with_compile: bool, quick: bool) -> list[list[Any]]:
                 runs.append((time.perf_counter() - t) / (reps // 5))
             per[size] = statistics.median(runs) * 1e6
         err = float(np.abs(r.predict_batch(x) - ref).max())
+        base = base or per  # the first variant, eager, is the baseline
         rows.append(
             [
                 name,
                 fmt(per[1], 1),
+                fmt(per[2], 1),
                 fmt(per[32], 1),
+                " / ".join(f"{base[n] / per[n]:.2f}x" for n in (1, 2, 32)),
                 fmt(per[32] / 32, 2),
                 fmt(per[1] / per[32] * 32, 1) + "x",
                 f"{err:.1e}",
@@ -382,7 +394,9 @@ async def main(args: argparse.Namespace) -> None:
             [
                 "variant",
                 "batch 1 µs",
+                "batch 2 µs",
                 "batch 32 µs",
+                "vs eager at 1 / 2 / 32",
                 "µs/sample @32",
                 "batching gain",
                 "max |diff| vs eager",
