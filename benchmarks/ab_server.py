@@ -7,8 +7,9 @@ Usage::
     python benchmarks/ab_server.py --rounds 4 --mode open --rate 1200 \\
         -c "l1=--sql-url none" -c "default="
 
-A contender is ``name=ARGS`` (``infercache serve ARGS``, the demo MLP on all-distinct inputs) or
-the name of one of bench_server.py's contenders (``seed-orjson``, ``floor``, ...). Every server
+A contender is ``name=ARGS`` (``infercache serve ARGS``, the demo MLP on all-distinct inputs;
+leading ``VAR=value`` words set environment variables, as in a shell) or the name of one of
+bench_server.py's contenders (``seed-orjson``, ``floor``, ...). Every server
 runs for the whole comparison, pinned to bench_server.py's server core, and each round measures
 them all back to back, so a slow period of the machine hits every contender in that round: on
 this shared 2-core machine absolute figures moved by up to 2x between runs, while the per-round
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -32,6 +34,7 @@ import bench_server as bs
 from infercache.bench.process import ServerProcess
 
 nan = float("nan")
+_ENV_WORD = re.compile(r"[A-Z_][A-Z0-9_]*=")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -44,9 +47,14 @@ def _start(spec: str, workdir: Path) -> tuple[str, str, ServerProcess]:
     name, sep, args = spec.partition("=")
     if not sep:
         return name, name, bs.contender(name, workdir).start()
+    words = args.split()
+    env = dict(bs.ENV)
+    while words and _ENV_WORD.match(words[0]):  # leading VAR=value words, as in a shell
+        var, _, value = words.pop(0).partition("=")
+        env[var] = value
     argv = [sys.executable, "-m", "infercache", "serve", "--port", "{port}", "--log-level",
-            "warning", *args.split()]  # fmt: skip
-    return name, "infercache", ServerProcess(bs._pinned(argv), cwd=workdir, env=bs.ENV).start()
+            "warning", *words]  # fmt: skip
+    return name, "infercache", ServerProcess(bs._pinned(argv), cwd=workdir, env=env).start()
 
 
 def main(argv: list[str] | None = None) -> int:

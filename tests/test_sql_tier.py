@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
 import sqlite3
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ import pytest
 
 from infercache.errors import ConfigError, TierError, TierUnavailable
 from infercache.tiers.base import AsyncTier
-from infercache.tiers.sql import SQLCache
+from infercache.tiers.sql import SQLCache, _SQLiteBackend
 
 try:
     from servers import wait_until
@@ -289,6 +290,23 @@ async def test_sqlite_lookups_run_inline_and_see_committed_writes(tmp_path: Path
         assert await c.get_many([f"k{i}" for i in range(12)]) == {f"k{i}": i for i in range(10)}
         stats = await c.stats()
         assert stats["inline_lookups"] >= 1 and stats["inline_backoffs"] == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")
+async def test_sqlite_writer_thread_runs_at_idle_priority_unless_told(tmp_path: Path) -> None:
+    # Writes are background work: on a busy core they must not take time from the event loop.
+    for idle, policy in ((True, os.SCHED_IDLE), (False, os.SCHED_OTHER)):
+        url = f"sqlite:///{tmp_path}/l3-{idle}.db"
+        async with SQLCache(url, namespace="prio", idle_writer=idle) as c:
+            await c.set_many({"k": 1})
+            assert await c.get("k") == 1
+            backend = c.backend
+            assert isinstance(backend, _SQLiteBackend)
+            assert await backend._call(os.sched_getscheduler, 0) == policy
+            assert await backend._read(os.sched_getscheduler, 0) == os.SCHED_OTHER  # reads
+            assert (await c.stats())["idle_writer"] is idle
+    async with SQLCache("sqlite:///:memory:", idle_writer=True) as c:  # one thread reads too
+        assert (await c.stats())["idle_writer"] is False
 
 
 async def test_sqlite_failed_inline_lookup_falls_back_to_the_reader_thread(
