@@ -33,12 +33,13 @@ What it does beyond calling the model, and why:
   tried before ``jit``). A torch module on CPU is exported in memory with the TorchScript-based
   ``torch.onnx.export`` (batch axis dynamic) and run by an ONNX Runtime session with the same
   thread count, kept only if it answers the warm-up examples as the eager module does to float32
-  rounding; otherwise torch stays and ``describe()["onnx"]`` says why. Measured on the demo MLP,
-  best of 5 x 500 forwards: 35 µs at batch 1 against 50 µs frozen TorchScript and 114 µs eager,
-  39-49 against 80-93 µs at batch 2-4, 211 against 271 µs at 32; in the server, 1.04-1.28x
-  closed-loop throughput and 8-15 % less CPU per request at 1,200 req/s. Outputs differ from
-  torch's by float rounding only (here at most 7.5e-8); the version digest is of the eager
-  weights, so cache keys do not change.
+  rounding; otherwise torch stays and ``describe()["onnx"]`` says why. Measured on the demo MLP
+  (``benchmarks/bench_predictor.py``, section 5): 43 µs at batch 1 against 87 µs frozen
+  TorchScript and 95 µs eager, 44 against 111 and 131 µs at batch 2, 206 against 311 and 329 µs
+  at 32; in the server (``benchmarks/ab_server.py``), 7-15 % less CPU per request at 1,000-1,200
+  req/s Poisson, where batches are small. Outputs differ from torch's by float rounding only
+  (here at most 1.2e-7); the version digest is of the eager weights, so cache keys do not
+  change.
 - Outputs are numpy arrays marked read-only: the Predictor caches them, and a caller mutating an
   output in place must not change what the next caller is served.
 """
