@@ -9,13 +9,14 @@ Usage::
 
 A contender is ``name=ARGS`` (``infercache serve ARGS``, the demo MLP on all-distinct inputs;
 leading ``VAR=value`` words set environment variables, as in a shell) or the name of one of
-bench_server.py's contenders (``seed-orjson``, ``floor``, ...). Every server
-runs for the whole comparison, pinned to bench_server.py's server core, and each round measures
-them all back to back, so a slow period of the machine hits every contender in that round: on
-this shared 2-core machine absolute figures moved by up to 2x between runs, while the per-round
-ratios printed last are what to compare. CPU per request is the server process's user + system
-time (``/proc``) over the requests it answered, which at a fixed open-loop rate shows a change of
-cost that throughput or latency alone would hide until saturation.
+bench_server.py's contenders (``seed-orjson``, ``floor``, ...). Every server runs for the whole
+comparison, pinned to bench_server.py's server core, paused (SIGSTOP) except while under load,
+and each round measures them all back to back, so a slow period of the machine hits every
+contender in that round: on this shared 2-core machine absolute figures moved by up to 2x between
+runs, while the per-round ratios printed last are what to compare. CPU per request is the server
+process's user + system time (``/proc``) over the requests it answered, which at a fixed
+open-loop rate shows a change of cost that throughput or latency alone would hide until
+saturation.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name in rows:
                     parser.error(f"contender name {name!r} given twice")
                 servers.append((name, kind, proc))
+                bench.fleet.append(proc)
                 rows[name] = []
             for rnd in range(args.rounds):
                 print(f"round {rnd + 1}", flush=True)

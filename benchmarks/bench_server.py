@@ -103,11 +103,27 @@ PATHS = {
 
 
 class Bench:
+    """Runs load points and keeps their results.
+
+    ``fleet``: the servers kept up together on the server core. Before each point every one but
+    the server under load is paused (SIGSTOP), so none takes CPU from it: LitServe's idle
+    processes used ~20 % of a core, which had counted against every other contender's latency.
+    """
+
     def __init__(self, seconds: float, warmup: float) -> None:
         self.seconds = seconds
         self.warmup = warmup
         self.results: list[dict[str, Any]] = []
+        self.fleet: list[ServerProcess] = []
         self._offset = 0
+
+    def focus(self, url: str) -> None:
+        """Resume the server at ``url``, pause the rest of the fleet."""
+        for proc in self.fleet:
+            if proc.url == url:
+                proc.resume()
+            else:
+                proc.pause()
 
     def inputs(self, kind: str, text: bool = False) -> Inputs:
         # every run gets its own range of distinct inputs, so a "miss" run never hits
@@ -119,6 +135,7 @@ class Bench:
 
         kind = kw.pop("inputs", "distinct")
         text = kw.pop("text", False)
+        self.focus(url)
         result = run_async(
             run_load(
                 url,
@@ -169,14 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     if not minilm_ok:
         print("minilm: extra not installed (or skipped): left out", flush=True)
     ours = [n for n in names if n.startswith("infercache")]
-    # All contenders run at once (idle ones cost nothing) so that every workload is measured for
-    # all of them back to back, round after round: on a shared machine, load from elsewhere then
-    # hits every contender alike instead of whichever happened to run at the time.
+    # All contenders run at once so that every workload is measured for all of them back to
+    # back, round after round: on a shared machine, load from elsewhere then hits every
+    # contender alike instead of whichever happened to run at the time. Those not under load
+    # are paused (Bench.focus): an idle server is not always idle.
     servers: dict[str, ServerProcess] = {}
     minilm_names = ["infercache-minilm", "seed-minilm"] if minilm_ok else []
     try:
         for name in names + minilm_names:
             servers[name] = contender(name, workdir).start()
+        bench.fleet = list(servers.values())
         urls = {n: p.url for n, p in servers.items()}
         capacity: dict[str, list[float]] = {n: [] for n in names}
         hits: dict[str, list[float]] = {n: [] for n in [*ours, "floor"]}

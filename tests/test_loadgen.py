@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from infercache.bench.loadgen import Inputs
+from infercache.bench.process import ServerProcess
 
 
 def test_distinct_vectors_stay_distinct_in_float32() -> None:
@@ -72,3 +77,23 @@ def test_bench_server_reports_the_highest_rate_within_the_p99_objective() -> Non
         "(1.00x)" in lines
     )
     assert not any("infercache-l1" in line for line in lines)  # not measured, not reported
+
+
+def test_server_process_pause_resume_and_stop_while_paused(tmp_path: Path) -> None:
+    # bench_server keeps every contender up and pauses all but the one under load
+    argv = [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+    proc = ServerProcess(argv, cwd=tmp_path, ready_path="/").start()
+    try:
+        proc.pause()
+        with pytest.raises(
+            OSError
+        ):  # a stopped process accepts (the kernel does) but never answers
+            urllib.request.urlopen(proc.url + "/", timeout=0.5)
+        proc.resume()
+        with urllib.request.urlopen(proc.url + "/", timeout=5) as resp:
+            assert resp.status == 200
+        proc.pause()
+    finally:
+        started = time.monotonic()
+        code = proc.stop(timeout=5)
+    assert code is not None and time.monotonic() - started < 5  # SIGTERM acted on, no SIGKILL

@@ -117,11 +117,29 @@ class ServerProcess:
         except OSError:
             return ""
 
+    def pause(self) -> None:
+        """SIGSTOP the server's process group: it takes no CPU until :meth:`resume`.
+
+        A benchmark keeping several servers up on one core pauses those it is not measuring;
+        some idle servers are not idle (LitServe's took ~20 % of a core doing nothing).
+        """
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT the server's process group (harmless if it was not paused)."""
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM (graceful), then SIGKILL after ``timeout``; returns the exit code."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
+            self.resume()  # a paused server would not act on SIGTERM
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
             try:
