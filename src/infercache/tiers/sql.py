@@ -98,15 +98,6 @@ def _can_idle() -> bool:
     return hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE")
 
 
-def _idle_priority() -> None:
-    """Put the calling thread in Linux's SCHED_IDLE class: it runs when nothing else wants the
-    core (on Linux, ``pid`` 0 means the calling thread, not the whole process)."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError as exc:  # a sandbox may forbid it: the writer then keeps its priority
-        log.debug("cannot lower the SQLite writer thread's priority: %s", exc)
-
-
 @contextlib.contextmanager
 def _immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """A write transaction taken at once (BEGIN IMMEDIATE), rolled back on any error."""
@@ -130,14 +121,15 @@ class _SQLiteBackend:
     arrive meanwhile wait. At idle priority it runs in the time the event loop leaves idle, and
     when there is none, the write-behind queue fills and its ``when_full`` policy pushes back.
     Measured on ``infercache serve`` pinned to one core (``benchmarks/ab_server.py``): p99 at
-    1,200 req/s 22.6 -> 14.2 ms, p50 3.07 -> 2.51 ms, closed loop 2,168 -> 2,392 req/s.
+    1,200 req/s Poisson 22.6 -> 14.2 ms, p50 3.07 -> 2.51 ms. (Closed loop it made 2,392 against
+    2,168 req/s, but there part of the writes is only deferred, to the queue.)
 
     In WAL mode readers never wait for the writer, so reads get their own thread (at normal
     priority: a lookup is on the request path) and connection instead of queueing behind a
-    commit. ``get_many``, the hot path's lookup, runs on the
-    event loop itself when it can (see ``_get_many_inline``). Every reader sees each transaction the
-    writer committed before the read began. An in-memory database is private to its connection, so
-    there everything runs on the writer thread.
+    commit. ``get_many``, the hot path's lookup, runs on the event loop itself when it can (see
+    ``_get_many_inline``). Every reader sees each transaction the writer committed before the
+    read began. An in-memory database is private to its connection, so there everything runs on
+    the writer thread.
     """
 
     name = "sqlite"
@@ -156,7 +148,7 @@ class _SQLiteBackend:
         self._executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="infercache-sqlite",
-            initializer=_idle_priority if self.idle_writer else None,
+            initializer=self._idle_priority if self.idle_writer else None,
         )
         self._conn: sqlite3.Connection | None = None
         self._upsert_rows = 199  # set from the writer connection's limit when it opens
@@ -172,6 +164,15 @@ class _SQLiteBackend:
         self._slow_streak = 0
         self.inline_lookups = 0
         self.inline_backoffs = 0
+
+    def _idle_priority(self) -> None:
+        """The writer thread's initializer: put it in Linux's SCHED_IDLE class, where it runs
+        when nothing else wants the core (``pid`` 0 is the calling thread, not the process)."""
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as exc:  # a sandbox may forbid it: the writer keeps its priority
+            self.idle_writer = False  # what stats() reports
+            log.debug("cannot lower the SQLite writer thread's priority: %s", exc)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
