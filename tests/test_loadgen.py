@@ -85,9 +85,7 @@ def test_server_process_pause_resume_and_stop_while_paused(tmp_path: Path) -> No
     proc = ServerProcess(argv, cwd=tmp_path, ready_path="/").start()
     try:
         proc.pause()
-        with pytest.raises(
-            OSError
-        ):  # a stopped process accepts (the kernel does) but never answers
+        with pytest.raises(OSError):  # the kernel accepts; the stopped server never answers
             urllib.request.urlopen(proc.url + "/", timeout=0.5)
         proc.resume()
         with urllib.request.urlopen(proc.url + "/", timeout=5) as resp:
