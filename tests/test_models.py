@@ -174,6 +174,15 @@ class _FailsToExport(torch.nn.Module):
         return x * 3.0
 
 
+class _BranchesOnValues(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # no warm-up example reaches this branch, so comparing outputs cannot catch a trace
+        # that kept only the other one: the tracer's warning must
+        if bool(x.sum() > 100.0):
+            return x * 2.0
+        return x - 1.0
+
+
 class _ReturnsADict(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         return {"y": x}
@@ -189,6 +198,10 @@ def test_onnx_keeps_torch_when_export_fails_or_disagrees() -> None:
     r = ModelRunner(_FailsToExport(), input_spec=spec, onnx=True, freeze_gc=False)
     assert r.describe()["onnx"] == "off: ONNX export failed (RuntimeError)"
     np.testing.assert_array_equal(r.predict_batch(x), x * 3)
+    r = ModelRunner(_BranchesOnValues(), input_spec=spec, onnx=True, freeze_gc=False)
+    assert r.describe()["onnx"] == "off: the module's control flow depends on its input's values"
+    np.testing.assert_array_equal(r.predict_batch(x), x - 1.0)
+    np.testing.assert_array_equal(r.predict_batch(x * 100), x * 200)  # sum 150: the other branch
     r = ModelRunner(_ReturnsADict(), input_spec=spec, onnx=True, warmup=False, freeze_gc=False)
     assert r.describe()["onnx"] == "off: the module does not return one tensor"
     r = ModelRunner(_FailsToExport(), onnx=True, warmup=False, freeze_gc=False)

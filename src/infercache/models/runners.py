@@ -33,13 +33,15 @@ What it does beyond calling the model, and why:
   tried before ``jit``). A torch module on CPU is exported in memory with the TorchScript-based
   ``torch.onnx.export`` (batch axis dynamic) and run by an ONNX Runtime session with the same
   thread count, kept only if it answers the warm-up examples as the eager module does to float32
-  rounding; otherwise torch stays and ``describe()["onnx"]`` says why. Measured on the demo MLP
-  (``benchmarks/bench_predictor.py``, section 5): 43 µs at batch 1 against 87 µs frozen
-  TorchScript and 95 µs eager, 44 against 111 and 131 µs at batch 2, 206 against 311 and 329 µs
-  at 32; in the server (``benchmarks/ab_server.py``), 7-15 % less CPU per request at 1,000-1,200
-  req/s Poisson, where batches are small. Outputs differ from torch's by float rounding only
-  (here at most 1.2e-7); the version digest is of the eager weights, so cache keys do not
-  change.
+  rounding, and only if the tracer raised no ``TracerWarning``: the exporter traces, so a branch
+  on a tensor's values is frozen at the example's, and inputs the examples do not cover would
+  silently get the wrong branch. Otherwise torch stays and ``describe()["onnx"]`` says why.
+  Measured on the demo MLP (``benchmarks/bench_predictor.py``, section 5): 43 µs at batch 1
+  against 87 µs frozen TorchScript and 95 µs eager, 44 against 111 and 131 µs at batch 2, 206
+  against 311 and 329 µs at 32; in the server (``benchmarks/ab_server.py``), 7-15 % less CPU per
+  request at 1,000-1,200 req/s Poisson, where batches are small. Outputs differ from torch's by
+  float rounding only (here at most 1.2e-7); the version digest is of the eager weights, so
+  cache keys do not change.
 - Outputs are numpy arrays marked read-only: the Predictor caches them, and a caller mutating an
   output in place must not change what the next caller is served.
 """
@@ -286,8 +288,8 @@ class _TorchBackend(_Backend):
             kwargs: dict[str, Any] = {}
             if "dynamo" in inspect.signature(torch.onnx.export).parameters:
                 kwargs["dynamo"] = False  # the TorchScript-based exporter needs no onnxscript
-            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-                warnings.simplefilter("ignore")  # torch 2.9+ marks this exporter deprecated
+            with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+                warnings.simplefilter("always")  # (torch 2.9+ also marks this exporter deprecated)
                 torch.onnx.export(
                     self.module,
                     (torch.from_numpy(np.ascontiguousarray(examples[0])),),
@@ -297,6 +299,11 @@ class _TorchBackend(_Backend):
                     dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
                     **kwargs,
                 )
+            if any(issubclass(w.category, torch.jit.TracerWarning) for w in caught):
+                # The exporter traces: a branch or a size read from a tensor's values is frozen
+                # at the example's, and other inputs would silently get that branch's answer.
+                self.onnx = "off: the module's control flow depends on its input's values"
+                return
             session, _ = _ort_session(buf.getvalue(), device="cpu", threads=self.threads)
             if len(session.get_inputs()) != 1:
                 self.onnx = "off: the exported model does not take one input"
