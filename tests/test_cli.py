@@ -41,9 +41,10 @@ def test_serve_check_prints_validated_settings(capsys: pytest.CaptureFixture[str
     shown = json.loads(capsys.readouterr().out)
     assert shown["port"] == 9123 and shown["admin_token"] == "***"
     assert shown["jit"] is True and shown["onnx"] is True
-    assert main(["serve", "--check", "--no-jit", "--no-onnx"]) == 0
+    assert shown["sql_idle_writer"] is True
+    assert main(["serve", "--check", "--no-jit", "--no-onnx", "--no-sql-idle-writer"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["jit"] is False and shown["onnx"] is False
+    assert shown["jit"] is False and shown["onnx"] is False and shown["sql_idle_writer"] is False
 
 
 @pytest.mark.parametrize(

@@ -374,3 +374,22 @@ async def test_key_filter_loads_existing_keys_and_skips_unknown_ones(sql_url: st
         assert await c.get("new1") == "written"
         hits = (await c.stats())["hits"]
         assert hits >= 4
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")
+async def test_serve_settings_choose_the_writer_priority(tmp_path: Path) -> None:
+    from infercache.config import Settings
+    from infercache.server.service import build_service
+
+    for idle in (True, False):
+        url = f"sqlite:///{tmp_path}/serve-{idle}.db"
+        settings = Settings().replace(sql_url=url, sql_idle_writer=idle, warmup=False)
+        service = await build_service(settings)
+        try:
+            sql = service.cache.tiers[-1]
+            assert isinstance(sql, SQLCache) and isinstance(sql.backend, _SQLiteBackend)
+            assert await sql.backend._call(os.sched_getscheduler, 0) == (
+                os.SCHED_IDLE if idle else os.SCHED_OTHER
+            )
+        finally:
+            await service.close()

@@ -62,6 +62,7 @@ _BOOL_FLAGS: dict[str, tuple[str, str]] = {
     "warmup": ("--no-warmup", "skip the warm-up forward pass"),
     "jit": ("--no-jit", "run torch models eagerly, not as frozen TorchScript"),
     "onnx": ("--no-onnx", "run torch models on torch, not exported to ONNX Runtime"),
+    "sql_idle_writer": ("--no-sql-idle-writer", "run the SQLite writer thread at normal priority"),
     "gc_freeze": ("--no-gc-freeze", "do not gc.freeze() after start-up"),
     "require_tiers": ("--no-require-tiers", "report ready even when a remote tier is down"),
 }

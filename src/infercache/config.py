@@ -46,6 +46,8 @@ class Settings:
     # -- cache tiers
     redis_url: str | None = None
     sql_url: str | None = "sqlite:///infercache.db"
+    # the SQLite writer thread at Linux's SCHED_IDLE priority (tiers/sql.py, _SQLiteBackend)
+    sql_idle_writer: bool = True
     l1_size: int = 10_000
     l1_policy: str = "tinylfu"
     cache_ttl: float | None = None

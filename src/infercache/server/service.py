@@ -654,7 +654,14 @@ async def build_service(settings: Settings) -> Service:
         # written" without a query; with several workers (or PostgreSQL, usually shared by
         # servers) it would miss the others' writes.
         key_filter = settings.workers == 1 and settings.sql_url.startswith("sqlite")
-        tiers.append(SQLCache(settings.sql_url, ttl=settings.cache_ttl, key_filter=key_filter))
+        tiers.append(
+            SQLCache(
+                settings.sql_url,
+                ttl=settings.cache_ttl,
+                key_filter=key_filter,
+                idle_writer=settings.sql_idle_writer,
+            )
+        )
     cache = MultiLevelCache(tiers=tiers, write=settings.write_policy)  # type: ignore[arg-type]
     monitor = LatencyMonitor()
     models: dict[str, ModelEntry] = {}
