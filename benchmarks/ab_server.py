@@ -43,18 +43,28 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _start(spec: str, workdir: Path) -> tuple[str, str, ServerProcess]:
-    """(name, the PATHS entry to load-test, the started server) for one ``-c`` spec."""
+def parse_contender(spec: str) -> tuple[str, dict[str, str] | None, list[str]]:
+    """``name=[VAR=value ...] serve args`` -> (name, environment, args); ``name`` alone -> (name,
+    None, []): one of bench_server.py's contenders."""
     name, sep, args = spec.partition("=")
     if not sep:
-        return name, name, bs.contender(name, workdir).start()
+        return name, None, []
     words = args.split()
-    env = dict(bs.ENV)
+    env: dict[str, str] = {}
     while words and _ENV_WORD.match(words[0]):  # leading VAR=value words, as in a shell
         var, _, value = words.pop(0).partition("=")
         env[var] = value
+    return name, env, words
+
+
+def _start(spec: str, workdir: Path) -> tuple[str, str, ServerProcess]:
+    """(name, the PATHS entry to load-test, the started server) for one ``-c`` spec."""
+    name, extra_env, words = parse_contender(spec)
+    if extra_env is None:
+        return name, name, bs.contender(name, workdir).start()
     argv = [sys.executable, "-m", "infercache", "serve", "--port", "{port}", "--log-level",
             "warning", *words]  # fmt: skip
+    env = {**bs.ENV, **extra_env}
     return name, "infercache", ServerProcess(bs._pinned(argv), cwd=workdir, env=env).start()
 
 

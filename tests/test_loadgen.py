@@ -95,3 +95,21 @@ def test_server_process_pause_resume_and_stop_while_paused(tmp_path: Path) -> No
         started = time.monotonic()
         code = proc.stop(timeout=5)
     assert code is not None and time.monotonic() - started < 5  # SIGTERM acted on, no SIGKILL
+
+
+def test_ab_server_reads_contenders_like_a_shell_line() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ab_server.py"
+    spec = importlib.util.spec_from_file_location("ab_server_under_test", path)
+    assert spec is not None and spec.loader is not None
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    assert ab.parse_contender("seed-orjson") == ("seed-orjson", None, [])
+    assert ab.parse_contender("default=") == ("default", {}, [])
+    assert ab.parse_contender("l1=--sql-url none") == ("l1", {}, ["--sql-url", "none"])
+    assert ab.parse_contender("x=EXP=1 OPTS=a=b --no-onnx lower=1") == (
+        "x",
+        {"EXP": "1", "OPTS": "a=b"},
+        ["--no-onnx", "lower=1"],  # only leading upper-case words are variables
+    )
