@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,15 +55,18 @@ def _point(server: str, rate: float, p99: float, served: float, **errors: int) -
     }
 
 
-def test_bench_server_reports_the_highest_rate_within_the_p99_objective() -> None:
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_server.py"
-    spec = importlib.util.spec_from_file_location("bench_server_under_test", path)
+def _benchmark(name: str) -> Any:
+    """A script from benchmarks/ loaded as a module (they are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
     assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_server_reports_the_highest_rate_within_the_p99_objective() -> None:
+    bench = _benchmark("bench_server")
     results = [
         _point("seed-orjson", 600, 4.0, 600),
         _point("seed-orjson", 900, 9.0, 899),
@@ -98,13 +103,7 @@ def test_server_process_pause_resume_and_stop_while_paused(tmp_path: Path) -> No
 
 
 def test_ab_server_reads_contenders_like_a_shell_line() -> None:
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ab_server.py"
-    spec = importlib.util.spec_from_file_location("ab_server_under_test", path)
-    assert spec is not None and spec.loader is not None
-    ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab)
+    ab = _benchmark("ab_server")
     assert ab.parse_contender("seed-orjson") == ("seed-orjson", None, [])
     assert ab.parse_contender("default=") == ("default", {}, [])
     assert ab.parse_contender("l1=--sql-url none") == ("l1", {}, ["--sql-url", "none"])
