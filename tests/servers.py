@@ -29,6 +29,7 @@ __all__ = [
     "PostgresServer",
     "RedisCluster",
     "RedisServer",
+    "ReplyDelayProxy",
     "ServerStartError",
     "find_postgres_bin",
     "find_redis_server",
@@ -447,6 +448,71 @@ class PostgresServer:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+class ReplyDelayProxy:
+    """A loopback TCP proxy in front of a real server that can hold some replies back.
+
+    Requests go through at once, so the server runs them; ``hold[b"HINCRBY"] = 0.5`` makes the
+    reply to any request containing those bytes reach the client half a second late. That is the
+    case a client timeout cannot tell from a lost request -- a slow network or a stalled client
+    host -- and the one a blind retry gets wrong. Only matching requests are held, so a client
+    can still reconnect (its handshake answered at once). Pausing the server instead, with CLIENT
+    PAUSE, would drop the timed-out command with its connection and hide the bug. Use inside a
+    running event loop: ``await start()``.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target_port = port
+        self.hold: dict[bytes, float] = {}
+        self.port = 0
+        self._server: Any = None
+        self._writers: list[Any] = []
+
+    async def start(self) -> ReplyDelayProxy:
+        import asyncio
+
+        async def handle(client_r: Any, client_w: Any) -> None:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+            self._writers += [client_w, server_w]
+            delays: asyncio.Queue[float] = asyncio.Queue()
+
+            async def requests() -> None:
+                while data := await client_r.read(65536):
+                    held = [d for pattern, d in self.hold.items() if pattern in data]
+                    delays.put_nowait(max(held, default=0.0))
+                    server_w.write(data)
+                    await server_w.drain()
+
+            async def replies() -> None:
+                while data := await server_r.read(65536):
+                    delay = delays.get_nowait() if not delays.empty() else 0.0
+                    if delay:
+                        await asyncio.sleep(delay)
+                    client_w.write(data)
+                    await client_w.drain()
+
+            try:
+                await asyncio.gather(requests(), replies())
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                client_w.close()
+                server_w.close()
+
+        self._server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def url_for_db(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    async def stop(self) -> None:
+        for w in self._writers:
+            w.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
 
 
 async def wait_until(cond: Any, limit: float = 10.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,12 +14,12 @@ import redis.asyncio as aioredis
 
 from infercache.errors import ConfigError, TierError, TierUnavailable
 from infercache.tiers.base import AsyncTier, Coordinator, GenerationStore
-from infercache.tiers.redis import RedisCache
+from infercache.tiers.redis import _ACQUIRE_LOCK, RedisCache
 
 try:
-    from servers import wait_until
+    from servers import ReplyDelayProxy, wait_until
 except ImportError:  # pragma: no cover
-    from tests.servers import wait_until  # type: ignore[no-redef]
+    from tests.servers import ReplyDelayProxy, wait_until  # type: ignore[no-redef]
 
 
 @pytest.fixture
@@ -209,6 +210,50 @@ async def test_lock_counter_and_pubsub(cache: RedisCache, redis_url: str) -> Non
         await other.close()
 
 
+async def test_a_timed_out_command_is_not_sent_again(
+    redis_server: Any, redis_url: str, raw: aioredis.Redis
+) -> None:
+    """A reply that comes after the timeout: the command ran, so re-sending it applies it twice.
+    (CI once saw a HINCRBY count 1, 3 on a loaded machine: the 0.5 s timeout and a retry.)"""
+    proxy = await ReplyDelayProxy(redis_server.port).start()
+    db = int(redis_url.rsplit("/", 1)[1])
+    c = RedisCache(proxy.url_for_db(db), namespace="t", socket_timeout=0.2)
+    try:
+        assert await c.incr_counter("gens", "ns") == 1
+        proxy.hold = {b"HINCRBY": 0.5, b"EVAL": 0.5}
+        with pytest.raises(TierError):
+            await c.incr_counter("gens", "ns")
+        with pytest.raises(TierError):
+            await c.advance_generation("g")
+        await asyncio.sleep(0.5)  # the held replies are gone
+        # Each ran once; the retry on timeout ran each twice.
+        assert await raw.hgetall("__infercache__:t:gens") == {b"ns": b"2"}
+        assert await raw.hgetall("__infercache__:t:generations") == {b"g": b"1"}
+        proxy.hold = {}
+        assert await c.incr_counter("gens", "ns") == 3
+    finally:
+        await c.close()
+        await proxy.stop()
+
+
+async def test_a_lock_acquire_sent_twice_is_still_ours(redis_url: str, raw: aioredis.Redis) -> None:
+    """The cluster client re-sends a timed-out command whatever we ask; acquiring must survive
+    that: the re-send finds our own token and reports the lock taken, not held by someone else."""
+    c = RedisCache(redis_url, namespace="t")
+    try:
+        key = "__infercache__:t:lock:job"
+        assert await raw.eval(_ACQUIRE_LOCK, 1, key, "tok", "5000") == 1  # type: ignore[misc]
+        assert await raw.eval(_ACQUIRE_LOCK, 1, key, "tok", "5000") == 1  # type: ignore[misc]
+        assert await raw.eval(_ACQUIRE_LOCK, 1, key, "other", "5000") == 0  # type: ignore[misc]
+        assert 0 < await raw.pttl(key) <= 5000
+        assert await c.lock_held("job")
+        assert await c.acquire_lock("job", 5) is None
+        assert await c.release_lock("job", "tok")
+        assert await c.acquire_lock("job", 5) is not None
+    finally:
+        await c.close()
+
+
 async def test_breaker_fails_fast_and_recovers(fresh_redis: Any) -> None:
     clock = [0.0]
     c = RedisCache(
@@ -303,6 +348,10 @@ async def test_cluster_url_form_and_coordination(redis_cluster: Any) -> None:
         assert await c.get("a") == {"x": 1}
         token = await c.acquire_lock("l", 2)
         assert token and await c.release_lock("l", token)
+        # sent to the key's own node, so the cluster client never re-sends them on a timeout
+        assert [await c.incr_counter("n", "f") for _ in range(3)] == [1, 2, 3]
+        assert await c.advance_generation("g", floor=5) == 5
+        assert await c.read_generations() == {"g": 5}
         got: list[bytes] = []
         stop = await c.subscribe(c.channel("ev"), got.append)
         try:

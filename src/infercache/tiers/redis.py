@@ -12,7 +12,8 @@ Why it looks the way it does:
   not decode are treated as a miss and deleted: a cache must never execute what it reads back.
 - Short socket timeouts and a :class:`~infercache.tiers.breaker.CircuitBreaker`: while Redis is
   down calls fail fast with TierUnavailable, MultiLevelCache skips the tier, and a probe brings it
-  back when Redis returns.
+  back when Redis returns. A timed-out command is never re-sent: it may have run, and a counter
+  or generation must not advance twice (a connection error, where it cannot have, is retried once).
 - It also implements the :class:`~infercache.tiers.base.Coordinator` protocol (short locks,
   pub/sub, shared counters) that MultiLevelCache uses for cross-process single-flight, invalidation
   events, and the :class:`~infercache.tiers.base.GenerationStore` protocol for namespace
@@ -74,6 +75,21 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _SUBSCRIBER_ERRORS: tuple[type[BaseException], ...] = (*_CONNECTION_ERRORS, RedisError)
+
+# SET NX PX that is safe to send twice: a re-send of our own token (a retry after a reply was
+# lost) finds the lock ours and says so, where a bare SET NX would answer "held by someone else"
+# and leave the caller waiting on itself until the lock expired.
+_ACQUIRE_LOCK = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
+end
+if cur == ARGV[1] then
+    return 1
+end
+return 0
+"""
 
 _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -159,9 +175,11 @@ class RedisCache:
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": connect_timeout,
             "max_connections": max_connections,
-            # One immediate retry: a pooled connection that a Redis restart closed fails once,
-            # the retry reconnects. More retries would only slow down failing fast.
-            "retry": Retry(NoBackoff(), 1),
+            # One immediate retry on a connection error: a pooled connection that a Redis
+            # restart closed fails once, the retry reconnects. Never on a timeout: the command
+            # may have run, and re-sending a non-idempotent one (HINCRBY, a generation advance)
+            # would apply it twice. More retries would only slow down failing fast.
+            "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         }
         self._client: Any
         if self.cluster:
@@ -177,6 +195,21 @@ class RedisCache:
 
     def _k(self, key: str) -> str:
         return self._prefix + key
+
+    async def _once(self, key: str, *args: Any) -> Any:
+        """Send a non-idempotent command at most once.
+
+        The standalone client already never retries a timeout (see ``__init__``). A cluster
+        client retries timeouts itself whatever its Retry says, except for a command sent to a
+        node named by the caller: so name the node that owns ``key``. A redirect (MOVED/ASK) is
+        still followed; a timeout is a TierError, the counter or generation unchanged or
+        advanced once, never twice.
+        """
+        if self.cluster:
+            await self._client.initialize()  # a no-op once the slot map is known
+            node = self._client.get_node_from_key(key)
+            return await self._client.execute_command(*args, target_nodes=node)
+        return await self._client.execute_command(*args)
 
     async def _run(self, op: str, coro: Coroutine[Any, Any, T]) -> T:
         """Run one Redis call through the breaker, timing it and mapping errors to TierError
@@ -411,9 +444,9 @@ class RedisCache:
         The TTL is the fallback for a holder that dies: its lock simply expires.
         """
         token = secrets.token_hex(8)
+        key = self._coord_prefix + "lock:" + name
         ok = await self._run(
-            "SET NX",
-            self._client.set(self._coord_prefix + "lock:" + name, token, nx=True, px=ttl_ms(ttl)),
+            "EVAL", self._client.eval(_ACQUIRE_LOCK, 1, key, token, str(ttl_ms(ttl)))
         )
         return token if ok else None
 
@@ -429,7 +462,7 @@ class RedisCache:
 
     async def incr_counter(self, hash_name: str, field: str) -> int:
         key = self._coord_prefix + hash_name
-        return int(await self._run("HINCRBY", self._client.hincrby(key, field, 1)))
+        return int(await self._run("HINCRBY", self._once(key, "HINCRBY", key, field, 1)))
 
     async def read_counters(self, hash_name: str) -> dict[str, int]:
         key = self._coord_prefix + hash_name
@@ -445,7 +478,7 @@ class RedisCache:
     async def _advance(self, name: str, step: int, floor: int) -> int:
         key = self._coord_prefix + _GENERATIONS
         res = await self._run(
-            "EVAL", self._client.eval(_ADVANCE_FIELD, 1, key, name, str(step), str(floor))
+            "EVAL", self._once(key, "EVAL", _ADVANCE_FIELD, 1, key, name, str(step), str(floor))
         )
         return int(res)
 
