@@ -127,3 +127,18 @@ def test_redacted_hides_secrets() -> None:
     assert s.replace(port=9000).port == 9000
     with pytest.raises(ConfigError):
         s.replace(port=-1)
+
+
+def test_sqlite_file_in_a_missing_directory_stops_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    # three slashes: relative to here, so "tmp/x/cache.db" under tmp_path -- the classic slip
+    with pytest.raises(ConfigError, match=r"'sql_url'.*relative to .*four slashes"):
+        load_settings({"sql_url": "sqlite:///no/such/dir/cache.db"}, env={})
+    with pytest.raises(ConfigError, match=r"'sql_url'.*does not exist"):
+        load_settings({"sql_url": f"sqlite:///{tmp_path}/missing/cache.db"}, env={})
+    (tmp_path / "here").mkdir()
+    ok = [f"sqlite:///{tmp_path}/here/cache.db", "sqlite:///here/cache.db", "sqlite:///a.db"]
+    for url in [*ok, "sqlite:///:memory:", "sqlite://"]:
+        assert load_settings({"sql_url": url}, env={}).sql_url == url

@@ -334,6 +334,30 @@ async def test_dashboard_and_docs(http: httpx.AsyncClient) -> None:
     assert (await http.get("/")).json()["models"] == ["mlp", "sum"]
 
 
+async def test_a_tier_that_does_not_answer_is_named_at_start(tmp_path: Path) -> None:
+    """A Redis that is not there, with --no-require-tiers: the server serves without it (degraded
+    by design), and says so in its log at start instead of only at shutdown."""
+    from infercache.bench.process import free_port
+
+    redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    args = ("--redis-url", redis_url, "--sql-url", "none", "--no-require-tiers")
+    with ServerProcess.infercache(*args, cwd=tmp_path) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            ready = (await client.get("/readyz")).json()
+            assert ready["tiers"]["redis"] != "ok"
+            body = (await client.post("/v1/models/mlp/predict", json={"input": vector()})).json()
+            assert body["cached"] is False and len(body["output"]) == 10
+        await wait_for_log(srv, "cache tier redis does not answer")
+
+
+async def wait_for_log(srv: ServerProcess, text: str) -> None:
+    for _ in range(100):
+        if text in srv.log():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{text!r} not in the server log:\n{srv.log()[-2000:]}")
+
+
 async def test_l3_survives_a_restart(tmp_path: Path) -> None:
     """A prediction computed by one server process is served from SQLite by the next one."""
     db = f"sqlite:///{tmp_path / 'persist.db'}"

@@ -283,6 +283,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(
             f"setting 'sql_url': expected sqlite:///path or postgresql:// URL, got {s.sql_url!r}"
         )
+    if s.sql_url is not None and s.sql_url.startswith("sqlite://"):
+        _check_sqlite_dir(s.sql_url)
     for name in ("admin_token", "api_token"):
         token = getattr(s, name)
         if token is not None and len(token) < 8:
@@ -295,6 +297,25 @@ def _validate(s: Settings) -> None:
     dupes = {n for n in names if n is not None and names.count(n) > 1}
     if dupes:
         raise ConfigError(f"setting 'models': duplicate model name(s) {sorted(dupes)}")
+
+
+def _check_sqlite_dir(url: str) -> None:
+    """Stop at start when the SQLite file's directory is missing: the tier would otherwise fail
+    on every write for the server's whole life (a cache that degrades quietly), and the usual
+    cause is ``sqlite:///abs/path`` (three slashes: a path relative to here) meant as
+    ``sqlite:////abs/path``."""
+    rest = url[len("sqlite://") :]
+    if rest in ("", "/", "/:memory:") or not rest.startswith("/"):
+        return  # in memory; a malformed URL is the SQL tier's to report
+    path = Path(rest[1:])
+    parent = path.parent
+    if not parent.is_dir():
+        where = f"{path} relative to {Path.cwd()}" if not path.is_absolute() else str(path)
+        hint = " (for an absolute path write four slashes: sqlite:////...)"
+        raise ConfigError(
+            f"setting 'sql_url': the directory of the SQLite file does not exist: {where}"
+            + (hint if not path.is_absolute() else "")
+        )
 
 
 def parse_model_spec(spec: str) -> tuple[str | None, str]:

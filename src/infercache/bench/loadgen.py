@@ -209,8 +209,14 @@ class HTTPTarget:
 
     async def _acquire(self) -> _HTTPConn:
         while True:
-            if self._free:
-                return self._free.pop()
+            while self._free:
+                conn = self._free.pop()
+                if not conn.reader.at_eof():
+                    return conn
+                # The server closed it while idle (uvicorn drops keep-alive connections idle for
+                # 5 s, as after a burst grew the pool): sending on it would fail the request.
+                conn.close()
+                self._open -= 1
             if self._open < self.max_connections:
                 self._open += 1
                 try:

@@ -366,6 +366,11 @@ class Service:
             gc.collect()
             gc.freeze()
         self.ready = True
+        # A tier that does not answer is skipped (the cache degrades, requests still succeed),
+        # which is quiet by design: say so once at start, where the operator is looking.
+        for name, state in (await self.check_tiers()).items():
+            if state != "ok":
+                log.warning("cache tier %s does not answer (%s): serving without it", name, state)
 
     async def check_tiers(self, probe_timeout: float = 1.0) -> dict[str, Any]:
         """Probe each remote tier (beyond L1) with a cheap ``exists``; name -> "ok" or the error."""
