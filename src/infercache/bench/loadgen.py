@@ -210,12 +210,12 @@ class HTTPTarget:
     async def _acquire(self) -> _HTTPConn:
         while True:
             while self._free:
-                conn = self._free.pop()
-                if not conn.reader.at_eof():
-                    return conn
+                idle = self._free.pop()
+                if not idle.reader.at_eof():
+                    return idle
                 # The server closed it while idle (uvicorn drops keep-alive connections idle for
                 # 5 s, as after a burst grew the pool): sending on it would fail the request.
-                conn.close()
+                idle.close()
                 self._open -= 1
             if self._open < self.max_connections:
                 self._open += 1
