@@ -72,6 +72,49 @@ async def test_http_target_does_not_reuse_a_connection_the_server_closed() -> No
         await server.wait_closed()
 
 
+async def test_http_target_resends_once_when_a_reused_connection_is_closed_under_it() -> None:
+    """The server closes a keep-alive connection just as the next request arrives (the race an
+    idle timeout has with a client): that request goes once more on a new connection. A new
+    connection that fails is the server failing: no second try."""
+    answered = 0
+    answer_first_only = True
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        n = 0
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            n += 1
+            if n > 1 or not answer_first_only:
+                break  # close unanswered
+            answered += 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    target = HTTPTarget(f"http://127.0.0.1:{port}/p", Inputs("distinct", dim=4))
+    try:
+        assert await target.send(target.request_bytes(0)) == (200, b"ok")
+        assert await target.send(target.request_bytes(1)) == (200, b"ok")  # resent
+        assert answered == 2
+        answer_first_only = False
+        await target.close()
+        with pytest.raises(asyncio.IncompleteReadError):
+            await target.send(target.request_bytes(2))
+        assert answered == 2
+    finally:
+        await target.close()
+        server.close()
+        await server.wait_closed()
+
+
 def _point(server: str, rate: float, p99: float, served: float, **errors: int) -> dict[str, object]:
     return {
         "server": server,

@@ -155,11 +155,12 @@ def _err(result: RunResult, key: str) -> None:
 
 
 class _HTTPConn:
-    __slots__ = ("reader", "writer")
+    __slots__ = ("reader", "used", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.used = False  # answered a request before: a keep-alive connection being reused
 
     async def request(self, data: bytes) -> tuple[int, bytes]:
         self.writer.write(data)
@@ -177,6 +178,13 @@ class _HTTPConn:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
+
+
+def _closed_unanswered(exc: BaseException) -> bool:
+    """The connection was closed under the request before any byte of an answer came back."""
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return not exc.partial
+    return isinstance(exc, (ConnectionResetError, BrokenPipeError))
 
 
 def _check_loopback(url: str) -> tuple[str, int, str]:
@@ -242,17 +250,27 @@ class HTTPTarget:
         return False
 
     async def send(self, data: bytes) -> tuple[int, bytes]:
-        conn = await self._acquire()
-        try:
-            status, body = await conn.request(data)
-        except BaseException:
-            conn.close()
-            self._open -= 1
-            self._wake(None)
-            raise
-        if not self._wake(conn):
-            self._free.append(conn)
-        return status, body
+        """One request; on a reused connection that the server closed before answering, once
+        more on a new one, as HTTP clients do: uvicorn closes keep-alive connections idle for
+        5 s, and a close that crosses our request on the wire is not the server failing it. The
+        latency still counts from the first attempt (the caller's clock)."""
+        retried = False
+        while True:
+            conn = await self._acquire()
+            try:
+                status, body = await conn.request(data)
+            except BaseException as exc:
+                conn.close()
+                self._open -= 1
+                self._wake(None)
+                if retried or not conn.used or not _closed_unanswered(exc):
+                    raise
+                retried = True
+                continue
+            conn.used = True
+            if not self._wake(conn):
+                self._free.append(conn)
+            return status, body
 
     async def close(self) -> None:
         for c in self._free:
