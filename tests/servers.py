@@ -453,12 +453,13 @@ class PostgresServer:
 class ReplyDelayProxy:
     """A loopback TCP proxy in front of a real server that can hold some replies back.
 
-    Requests go through at once, so the server runs them; ``hold[b"HINCRBY"] = 0.5`` makes the
-    reply to any request containing those bytes reach the client half a second late. That is the
-    case a client timeout cannot tell from a lost request -- a slow network or a stalled client
-    host -- and the one a blind retry gets wrong. Only matching requests are held, so a client
-    can still reconnect (its handshake answered at once). Pausing the server instead, with CLIENT
-    PAUSE, would drop the timed-out command with its connection and hide the bug. Use inside a
+    Requests go through at once, so the server runs them. ``hold[b"HINCRBY"] = 0.5`` holds a
+    connection's replies for half a second from any request containing those bytes, so the reply
+    to that request reaches the client late. That is the case a client timeout cannot tell from
+    a lost request -- a slow network or a stalled client host -- and the one a blind retry gets
+    wrong. Other requests are not held, so a client can still reconnect (its handshake answered
+    at once). Pausing the server instead, with CLIENT PAUSE, would drop the timed-out command
+    with its connection and hide the bug. Use inside a
     running event loop: ``await start()``.
     """
 
@@ -475,27 +476,29 @@ class ReplyDelayProxy:
         async def handle(client_r: Any, client_w: Any) -> None:
             server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
             self._writers += [client_w, server_w]
-            delays: asyncio.Queue[float] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            held_until = 0.0  # replies on this connection wait until then
 
             async def requests() -> None:
+                nonlocal held_until
                 while data := await client_r.read(65536):
                     held = [d for pattern, d in self.hold.items() if pattern in data]
-                    delays.put_nowait(max(held, default=0.0))
+                    if held:
+                        held_until = max(held_until, loop.time() + max(held))
                     server_w.write(data)
                     await server_w.drain()
 
             async def replies() -> None:
                 while data := await server_r.read(65536):
-                    delay = delays.get_nowait() if not delays.empty() else 0.0
-                    if delay:
-                        await asyncio.sleep(delay)
+                    if (wait := held_until - loop.time()) > 0:
+                        await asyncio.sleep(wait)
                     client_w.write(data)
                     await client_w.drain()
 
             try:
                 await asyncio.gather(requests(), replies())
-            except (ConnectionError, OSError):
-                pass
+            except (ConnectionError, OSError, asyncio.CancelledError):
+                pass  # a test's end: asyncio would log a handler that ends cancelled
             finally:
                 client_w.close()
                 server_w.close()
