@@ -50,7 +50,7 @@ async def make(redis_url: str, tmp_path: Path) -> AsyncIterator[Factory]:
         **kw: Any,
     ) -> MultiLevelCache:
         tiers: list[Any] = [l1 if l1 is not None else MemoryCache(1000, ttl=l1_ttl)]
-        tiers.append(RedisCache(redis_url, namespace="ml", ttl=redis_ttl))
+        tiers.append(RedisCache(redis_url, namespace="ml", ttl=redis_ttl, socket_timeout=5.0))
         if sql:
             tiers.append(SQLCache(f"sqlite:///{db}", namespace="ml", purge_interval=None))
         cache = MultiLevelCache(tiers, **kw)
@@ -237,7 +237,7 @@ async def test_write_behind_close_flushes_everything(
     c = await make(write="behind", write_behind_interval=60, write_behind_batch=7)
     await c.set_many({f"c{i}": i for i in range(50)})
     await c.close()
-    check = RedisCache(redis_url, namespace="ml")
+    check = RedisCache(redis_url, namespace="ml", socket_timeout=5.0)
     sql = SQLCache(f"sqlite:///{tmp_path}/l3.db", namespace="ml")
     try:
         assert len(await check.get_many([f"c{i}" for i in range(50)])) == 50

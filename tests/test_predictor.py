@@ -191,11 +191,15 @@ async def test_redis_tier(redis_url: str) -> None:
     model = CountingModel()
     runner = counting_runner(model, version="redis-test")
     ns = f"t-{np.random.default_rng().integers(1 << 30)}"
-    cache = MultiLevelCache([MemoryCache(), RedisCache(redis_url, namespace=ns)])
+    cache = MultiLevelCache(
+        [MemoryCache(), RedisCache(redis_url, namespace=ns, socket_timeout=5.0)]
+    )
     async with Predictor(runner, cache) as p:
         await p.predict([1, 1, 1, 1])
     await cache.close()
-    cache2 = MultiLevelCache([MemoryCache(), RedisCache(redis_url, namespace=ns)])
+    cache2 = MultiLevelCache(
+        [MemoryCache(), RedisCache(redis_url, namespace=ns, socket_timeout=5.0)]
+    )
     assert cache2.network_lookups
     async with Predictor(runner, cache2) as p2:
         hit = await p2.predict([1, 1, 1, 1])

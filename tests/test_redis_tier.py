@@ -22,9 +22,14 @@ except ImportError:  # pragma: no cover
     from tests.servers import ReplyDelayProxy, wait_until  # type: ignore[no-redef]
 
 
+# Tests of what the tier answers, not of its timeouts, allow a loaded CI machine's stall: with
+# the 0.5 s default a stall fails the call (a timed-out command is never re-sent).
+PATIENT = 5.0
+
+
 @pytest.fixture
 async def cache(redis_url: str) -> AsyncIterator[RedisCache]:
-    c = RedisCache(redis_url, namespace="t")
+    c = RedisCache(redis_url, namespace="t", socket_timeout=PATIENT)
     yield c
     await c.close()
 
@@ -72,7 +77,7 @@ async def test_get_many_and_set_many(cache: RedisCache) -> None:
 
 
 async def test_ttl_default_explicit_and_expire(redis_url: str) -> None:
-    c = RedisCache(redis_url, namespace="t", ttl=100)
+    c = RedisCache(redis_url, namespace="t", ttl=100, socket_timeout=PATIENT)
     try:
         await c.set("d", 1)
         await c.set("e", 2, ttl=5)
@@ -112,9 +117,10 @@ async def test_entries_expire(cache: RedisCache) -> None:
 
 
 async def test_clear_removes_only_its_namespace(redis_url: str, raw: aioredis.Redis) -> None:
-    a = RedisCache(redis_url, namespace="a")
-    b = RedisCache(redis_url, namespace="b")
-    star = RedisCache(redis_url, namespace="a*")  # glob characters must be escaped
+    a = RedisCache(redis_url, namespace="a", socket_timeout=PATIENT)
+    b = RedisCache(redis_url, namespace="b", socket_timeout=PATIENT)
+    # glob characters in a namespace must be escaped
+    star = RedisCache(redis_url, namespace="a*", socket_timeout=PATIENT)
     try:
         await a.set_many({f"k{i}": i for i in range(1200)})  # more than one SCAN batch
         await b.set("k", "b")
@@ -200,7 +206,7 @@ async def test_lock_counter_and_pubsub(cache: RedisCache, redis_url: str) -> Non
     assert await cache.read_generations() == {"m": 11, "n": 4}
 
     got: list[bytes] = []
-    other = RedisCache(redis_url, namespace="t")
+    other = RedisCache(redis_url, namespace="t", socket_timeout=PATIENT)
     stop = await other.subscribe(other.channel("ev"), got.append)
     try:
         assert await cache.publish(cache.channel("ev"), b"hello") == 1
