@@ -439,7 +439,8 @@ class RedisCache:
     # ----------------------------------------------------------------- Coordinator protocol
 
     async def acquire_lock(self, name: str, ttl: float) -> str | None:
-        """SET NX PX a short lock; returns its token, or None when someone else holds it.
+        """Take a short lock (set-if-absent with a TTL, in a script that a re-send cannot turn
+        into "held by someone else"); returns its token, or None when someone else holds it.
 
         The TTL is the fallback for a holder that dies: its lock simply expires.
         """
