@@ -370,3 +370,27 @@ async def test_cluster_url_form_and_coordination(redis_cluster: Any) -> None:
         await c.clear()
     finally:
         await c.close()
+
+
+async def test_readiness_names_a_tier_that_answers_too_late(
+    redis_server: Any, redis_url: str
+) -> None:
+    """/readyz's probe of a tier that hangs says so in words (a bare TimeoutError has none)."""
+    from infercache.config import Settings
+    from infercache.multilevel import MultiLevelCache
+    from infercache.server.service import service_from_predictors
+    from infercache.tiers.memory import MemoryCache
+
+    proxy = await ReplyDelayProxy(redis_server.port).start()
+    db = int(redis_url.rsplit("/", 1)[1])
+    redis = RedisCache(proxy.url_for_db(db), namespace="t", socket_timeout=PATIENT)
+    cache = MultiLevelCache([MemoryCache(10), redis])
+    service = service_from_predictors({}, Settings(), cache=cache)
+    try:
+        assert await service.check_tiers(probe_timeout=1.0) == {"l1": "ok", "redis": "ok"}
+        proxy.hold = {b"EXISTS": 2.0}
+        tiers = await service.check_tiers(probe_timeout=0.2)
+        assert tiers == {"l1": "ok", "redis": "no answer within 0.2 s"}
+    finally:
+        await cache.close()
+        await proxy.stop()

@@ -385,6 +385,8 @@ class Service:
             try:
                 await asyncio.wait_for(exists("__infercache_readyz__"), probe_timeout)
                 out[name] = "ok"
+            except TimeoutError:  # wait_for gave up
+                out[name] = f"no answer within {probe_timeout:g} s"
             except Exception as exc:
                 out[name] = f"{type(exc).__name__}: {exc}"[:200]
         return out
