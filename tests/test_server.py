@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -321,6 +322,12 @@ async def test_metrics(http: httpx.AsyncClient) -> None:
         'infercache_batch_size_bucket{le="1",model="mlp"}' in text
     )
     assert 'infercache_queue_depth{model="mlp"}' in text
+    # the tiers below L1 and the write-behind queue, without a round trip to them
+    assert 'infercache_tier_up{tier="sqlite"} 1.0' in text
+    assert 'infercache_tier_errors_total{tier="sqlite"} 0.0' in text
+    assert 'infercache_tier_misses_total{tier="sqlite"}' in text
+    assert "infercache_write_behind_queue_depth " in text
+    assert "infercache_write_behind_retrying 0.0" in text
 
 
 async def test_dashboard_and_docs(http: httpx.AsyncClient) -> None:
@@ -347,6 +354,11 @@ async def test_a_tier_that_does_not_answer_is_named_at_start(tmp_path: Path) -> 
             assert ready["tiers"]["redis"] != "ok"
             body = (await client.post("/v1/models/mlp/predict", json={"input": vector()})).json()
             assert body["cached"] is False and len(body["output"]) == 10
+            # and /metrics shows it: the breaker open after the failed calls, errors counted
+            metrics = (await client.get("/metrics")).text
+            assert 'infercache_tier_up{tier="redis"} 0.0' in metrics
+            errors = re.search(r'infercache_tier_errors_total\{tier="redis"\} (\S+)', metrics)
+            assert errors is not None and float(errors.group(1)) >= 1
         await wait_for_log(srv, "cache tier redis does not answer")
 
 

@@ -525,6 +525,24 @@ class MultiLevelCache:
 
     # ================================================================= stats
 
+    def health(self) -> dict[str, Any]:
+        """What a metrics scrape needs, without a round trip (``stats()`` asks each tier): per
+        tier below L1 its circuit-breaker state ("closed", "open", "half_open"; "closed" for a
+        tier without one), hits, misses, errors and write-behind entries waiting for a retry;
+        plus the write-behind queue. A tier that fails every call shows here as errors and an
+        open breaker while the requests it was meant to serve still succeed."""
+        tiers = {}
+        for slot in self._remote:
+            breaker = getattr(slot.tier, "breaker", None)
+            tiers[slot.name] = {
+                "state": breaker.state if breaker is not None else "closed",
+                "hits": slot.hits,
+                "misses": slot.misses,
+                "errors": slot.errors,
+                "write_behind_retrying": len(slot.retry),
+            }
+        return {"tiers": tiers, "write_behind": self._wb.stats()}
+
     async def stats(self) -> dict[str, Any]:
         """Per tier: hits, misses, errors, promotions, latency percentiles (ms), write-behind
         retries and the tier's own stats; plus write-behind queue depth, single-flight and

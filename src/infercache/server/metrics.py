@@ -10,7 +10,7 @@ request, which would double the bookkeeping for numbers nobody reads between scr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -157,6 +157,42 @@ class _RuntimeCollector(Collector):
                     g = GaugeMetricFamily(f"infercache_l1_{key}", f"L1 cache {key}")
                     g.add_metric([], float(stats[key]))
                     yield g
+
+        cache = sources.get("tiers")
+        if cache is not None:
+            yield from _tier_metrics(cache.health())
+
+
+def _tier_metrics(health: Mapping[str, Any]) -> Iterator[Any]:
+    """The tiers below L1 and the write-behind queue. A tier that fails every call is skipped
+    and requests still succeed, so its errors and breaker state are what shows it."""
+    tiers: Mapping[str, Mapping[str, Any]] = health.get("tiers", {})
+    up = GaugeMetricFamily(
+        "infercache_tier_up",
+        "1 while a cache tier's circuit breaker lets calls through, 0 while it is open",
+        labels=["tier"],
+    )
+    for name, t in tiers.items():
+        up.add_metric([name], 0.0 if t["state"] == "open" else 1.0)
+    yield up
+    for key, text in (
+        ("hits", "lookups found in the tier"),
+        ("misses", "lookups not found in the tier"),
+        ("errors", "failed calls to the tier (timeouts, refused connections, ...)"),
+    ):
+        c = CounterMetricFamily(f"infercache_tier_{key}", f"Cache tier {text}", labels=["tier"])
+        for name, t in tiers.items():
+            c.add_metric([name], float(t[key]))
+        yield c
+    wb = health.get("write_behind") or {}
+    for key, text in (
+        ("queue_depth", "writes queued for the tiers below L1"),
+        ("retrying", "writes that failed and wait for a retry"),
+    ):
+        if key in wb:
+            g = GaugeMetricFamily(f"infercache_write_behind_{key}", f"Write-behind {text}")
+            g.add_metric([], float(wb[key]))
+            yield g
 
 
 class ServerMetrics:

@@ -197,6 +197,7 @@ class Service:
         return {
             "batchers": {n: e.batcher for n, e in self.models.items()},
             "l1": l1,
+            "tiers": self.cache if hasattr(self.cache, "health") else None,
             "monitors": [self.monitor, *monitors],
         }
 
