@@ -335,6 +335,8 @@ async def test_dashboard_and_docs(http: httpx.AsyncClient) -> None:
     assert page.status_code == 200 and "<canvas" in page.text
     data = (await http.get("/dashboard/data")).json()
     assert data["ready"] is True and data["predictions"] >= 0 and "mlp" in data["models"]
+    assert data["tiers"]["sqlite"]["state"] == "closed" and data["write_behind_queue"] >= 0
+    assert 'id="health"' in page.text
     assert (await http.get("/docs")).status_code == 200
     schema = (await http.get("/openapi.json")).json()
     assert "/v1/models/{name}/predict" in schema["paths"]

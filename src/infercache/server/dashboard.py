@@ -60,6 +60,8 @@ async def summary(service: Service) -> dict[str, Any]:
     latency = service.monitor.get_stats() if service.monitor is not None else None
     l1 = getattr(service.cache, "l1", None)
     l1_stats = l1.stats() if l1 is not None else None
+    health = getattr(service.cache, "health", None)
+    tiers = health() if callable(health) else {"tiers": {}, "write_behind": {}}
     return {
         "time": time.time(),
         "uptime_s": time.time() - service.started_at,
@@ -77,6 +79,8 @@ async def summary(service: Service) -> dict[str, Any]:
         "l1": None
         if l1_stats is None
         else {k: l1_stats.get(k) for k in ("size", "max_size", "hit_ratio", "evictions")},
+        "tiers": tiers["tiers"],
+        "write_behind_queue": tiers["write_behind"].get("queue_depth"),
         "websocket": {
             "connections": m.ws_open,
             "topics": service.hub.stats()["topics"],
