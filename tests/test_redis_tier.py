@@ -246,7 +246,7 @@ async def test_a_timed_out_command_is_not_sent_again(
 async def test_a_lock_acquire_sent_twice_is_still_ours(redis_url: str, raw: aioredis.Redis) -> None:
     """The cluster client re-sends a timed-out command whatever we ask; acquiring must survive
     that: the re-send finds our own token and reports the lock taken, not held by someone else."""
-    c = RedisCache(redis_url, namespace="t")
+    c = RedisCache(redis_url, namespace="t", socket_timeout=PATIENT)
     try:
         key = "__infercache__:t:lock:job"
         assert await raw.eval(_ACQUIRE_LOCK, 1, key, "tok", "5000") == 1  # type: ignore[misc]
