@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import pickle
@@ -19,9 +20,9 @@ from infercache.tiers.base import AsyncTier
 from infercache.tiers.sql import SQLCache, _SQLiteBackend
 
 try:
-    from servers import wait_until
+    from servers import ReplyDelayProxy, wait_until
 except ImportError:  # pragma: no cover
-    from tests.servers import wait_until  # type: ignore[no-redef]
+    from tests.servers import ReplyDelayProxy, wait_until  # type: ignore[no-redef]
 
 _ns = itertools.count()
 
@@ -220,6 +221,29 @@ async def test_sqlite_memory_url() -> None:
         assert await c.get("k") == 1
     finally:
         await c.close()
+
+
+async def test_postgres_that_stops_answering_fails_calls_instead_of_holding_them(
+    postgres_server: Any,
+) -> None:
+    """A PostgreSQL that stops answering on an open connection (a partition, a stalled host): a
+    statement has no timeout of its own, so a lookup, or the write-behind flusher, waited until
+    TCP gave up. Now each call fails at statement_timeout, and the next ones work again."""
+    proxy = await ReplyDelayProxy(postgres_server.port).start()
+    url = postgres_server.url.replace(f":{postgres_server.port}/", f":{proxy.port}/")
+    c = SQLCache(url, namespace=f"ns{next(_ns)}", statement_timeout=0.5)
+    try:
+        await c.set("k", 1)
+        proxy.hold = {b"SELECT": 60.0, b"INSERT": 60.0}  # replies held far past the timeout
+        for call in (c.get("k"), c.set("k", 2)):
+            with pytest.raises(TierError, match=r"did not answer within 0\.5 s"):
+                await asyncio.wait_for(call, 30)  # only turns a hang into a failure
+        proxy.hold = {}
+        await c.set("k", 3)  # the held connections were dropped; new ones answer
+        assert await c.get("k") == 3
+    finally:
+        await c.close()
+        await proxy.stop()
 
 
 async def test_postgres_stop_and_restart(postgres_server: Any) -> None:

@@ -32,7 +32,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -467,13 +467,26 @@ class _SQLiteBackend:
 # --------------------------------------------------------------------------- PostgreSQL
 
 
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned task's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 class _PostgresBackend:
     """psycopg 3 AsyncConnectionPool; each operation is one statement on a pooled connection."""
 
     name = "postgres"
 
     def __init__(
-        self, url: str, table: str, *, pool_min: int, pool_max: int, timeout: float
+        self,
+        url: str,
+        table: str,
+        *,
+        pool_min: int,
+        pool_max: int,
+        timeout: float,
+        statement_timeout: float | None = 10.0,
     ) -> None:
         try:
             import psycopg
@@ -504,6 +517,29 @@ class _PostgresBackend:
         )
         self._opened = False
         self._timeout = timeout
+        self._statement_timeout = statement_timeout
+
+    async def _bounded(self, op: Coroutine[Any, Any, T]) -> T:
+        """Await ``op`` for at most ``statement_timeout`` seconds, then fail with TimeoutError.
+
+        A statement on an open connection has no timeout of its own: a server that stops
+        answering (a network partition, a stalled host) held a lookup, or the write-behind
+        flusher, until TCP gave up, hours later. Measured through a proxy holding PostgreSQL's
+        replies: a lookup waited as long as its caller did, and cancelling it then took 10 s more
+        (psycopg tries to cancel the query first). So the caller gets its error at the deadline
+        and psycopg's clean-up (cancel, then close the connection) goes on in the background.
+        """
+        task = asyncio.ensure_future(op)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self._statement_timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            task.add_done_callback(_consume)
+            raise TimeoutError(f"PostgreSQL did not answer within {self._statement_timeout:g} s")
+        return task.result()
 
     async def _open(self) -> None:
         if not self._opened:
@@ -512,19 +548,30 @@ class _PostgresBackend:
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         await self._open()
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(sql, params)
-            return list(await cur.fetchall())
+
+        async def run() -> list[tuple[Any, ...]]:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(sql, params)
+                return list(await cur.fetchall())
+
+        return await self._bounded(run())
 
     async def _exec(self, sql: str, params: Sequence[Any]) -> int:
         await self._open()
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(sql, params)
-            return int(cur.rowcount)
+
+        async def run() -> int:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(sql, params)
+                return int(cur.rowcount)
+
+        return await self._bounded(run())
 
     async def setup(self) -> None:
-        t = self.table
         await self._open()
+        await self._bounded(self._create())
+
+    async def _create(self) -> None:
+        t = self.table
         async with self._pool.connection() as conn, conn.transaction():
             # Two processes creating the table at once would race on the catalog: serialize.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"infercache:{t}",))
@@ -712,6 +759,10 @@ class SQLCache:
     written skip the query; only for a table this process alone writes (see ``_KeyFilter``).
     ``idle_writer``: run SQLite's writer thread at the lowest CPU priority (Linux SCHED_IDLE;
     see ``_SQLiteBackend``), so that on a busy core writes take only the time requests leave.
+    PostgreSQL: ``timeout`` bounds the wait for a pooled connection, ``statement_timeout`` (None:
+    none) the wait for a statement's answer, so that a server that stops answering fails calls
+    (and opens the breaker) instead of holding them; it is generous because one write-behind
+    flush is one statement of up to a batch of values.
     """
 
     def __init__(
@@ -725,6 +776,7 @@ class SQLCache:
         name: str | None = None,
         pool_size: int = 8,
         timeout: float = 1.0,
+        statement_timeout: float | None = 10.0,
         purge_interval: float | None = 60.0,
         purge_batch: int = 1000,
         failure_threshold: int = 3,
@@ -744,7 +796,12 @@ class SQLCache:
         elif scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
             pg_url = "postgresql" + url[len(scheme) :] if "+" in scheme else url
             self.backend = _PostgresBackend(
-                pg_url, table, pool_min=1, pool_max=pool_size, timeout=timeout
+                pg_url,
+                table,
+                pool_min=1,
+                pool_max=pool_size,
+                timeout=timeout,
+                statement_timeout=statement_timeout,
             )
         else:
             raise ConfigError(f"SQLCache url must be sqlite:/// or postgresql://, got {url!r}")
