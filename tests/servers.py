@@ -11,6 +11,7 @@ This module imports nothing from pytest so that ``benchmarks/`` can use the same
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import os
@@ -466,12 +467,13 @@ class ReplyDelayProxy:
     def __init__(self, port: int) -> None:
         self.target_port = port
         self.hold: dict[bytes, float] = {}
+        self._link = asyncio.Event()  # set: replies flow; clear: a silent link (see ``silent``)
+        self._link.set()
         self.port = 0
         self._server: Any = None
         self._writers: list[Any] = []
 
     async def start(self) -> ReplyDelayProxy:
-        import asyncio
 
         async def handle(client_r: Any, client_w: Any) -> None:
             server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -492,6 +494,7 @@ class ReplyDelayProxy:
                 while data := await server_r.read(65536):
                     if (wait := held_until - loop.time()) > 0:
                         await asyncio.sleep(wait)
+                    await self._link.wait()  # while silent, nothing comes back
                     client_w.write(data)
                     await client_w.drain()
 
@@ -507,11 +510,26 @@ class ReplyDelayProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
+    @property
+    def silent(self) -> bool:
+        """While True, no reply reaches any client and the connections stay open: a partition
+        that sends no RST, which only a client's own timeout or liveness check can notice."""
+        return not self._link.is_set()
+
+    @silent.setter
+    def silent(self, value: bool) -> None:
+        if value:
+            self._link.clear()
+        else:
+            self._link.set()
+
     def url_for_db(self, db: int) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
     async def stop(self) -> None:
-        for w in self._writers:
+        self._link.set()
+        writers, self._writers = self._writers, []
+        for w in writers:
             w.close()
         if self._server is not None:
             self._server.close()

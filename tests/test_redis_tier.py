@@ -243,6 +243,42 @@ async def test_a_timed_out_command_is_not_sent_again(
         await proxy.stop()
 
 
+async def test_a_subscriber_on_a_silent_link_reconnects_and_resyncs(
+    redis_server: Any, redis_url: str
+) -> None:
+    """A link that goes silent without closing (a partition): the subscriber used to wait on it
+    forever, deaf to invalidation events. Now it pings, gives up on the silence, reconnects and
+    calls on_reconnect (the caller resyncs: events sent meanwhile are lost)."""
+    proxy = await ReplyDelayProxy(redis_server.port).start()
+    db = int(redis_url.rsplit("/", 1)[1])
+    sub = RedisCache(proxy.url_for_db(db), namespace="t", socket_timeout=PATIENT)
+    sub.subscriber_ping, sub.subscriber_timeout = 0.2, 2.0
+    pub = RedisCache(redis_url, namespace="t", socket_timeout=PATIENT)
+    got: list[bytes] = []
+    resyncs = 0
+
+    def resync() -> None:
+        nonlocal resyncs
+        resyncs += 1
+
+    stop = await sub.subscribe(sub.channel("ev"), got.append, resync)
+    try:
+        await pub.publish(pub.channel("ev"), b"before")
+        await wait_until(lambda: got == [b"before"])
+        proxy.silent = True
+        await pub.publish(pub.channel("ev"), b"lost")
+        await asyncio.sleep(2.5)  # past subscriber_timeout: the subscriber gives up on the link
+        proxy.silent = False
+        await wait_until(lambda: resyncs >= 1)
+        await pub.publish(pub.channel("ev"), b"after")
+        await wait_until(lambda: b"after" in got)
+    finally:
+        await stop()
+        await sub.close()
+        await pub.close()
+        await proxy.stop()
+
+
 async def test_a_lock_acquire_sent_twice_is_still_ours(redis_url: str, raw: aioredis.Redis) -> None:
     """The cluster client re-sends a timed-out command whatever we ask; acquiring must survive
     that: the re-send finds our own token and reports the lock taken, not held by someone else."""

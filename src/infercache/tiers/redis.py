@@ -187,6 +187,12 @@ class RedisCache:
         else:
             self._client = aioredis.Redis.from_url(url, **common)
         self._m = TierMetrics()
+        #: A subscriber pings Redis after this many seconds without traffic, and reconnects
+        #: (then resyncs) when it has heard nothing for ``subscriber_timeout`` seconds: over a
+        #: connection that went silent (a partition, no RST) it would otherwise wait forever,
+        #: deaf to invalidation events, while redis-py's own health check pongs go unseen.
+        self.subscriber_ping = 5.0
+        self.subscriber_timeout = 15.0
         self._subscribers: list[asyncio.Task[None]] = []
         self._closed = False
         self._get_with_pttl = None if self.cluster else self._client.register_script(_GET_WITH_PTTL)
@@ -555,13 +561,26 @@ class RedisCache:
                             await res
                     connected_before = True
                     backoff = 0.05
+                    loop = asyncio.get_running_loop()
+                    heard = pinged = loop.time()
                     while not (stopped or self._closed):
-                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                        if msg is not None and msg.get("type") == "message":
-                            try:
-                                on_message(msg["data"])
-                            except Exception:  # a bad message must not kill the listener
-                                log.exception("invalidation handler failed")
+                        poll = min(1.0, self.subscriber_ping)
+                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll)
+                        now = loop.time()
+                        if msg is not None:
+                            heard = now  # a message or the pong of our ping: the link is alive
+                            if msg.get("type") == "message":
+                                try:
+                                    on_message(msg["data"])
+                                except Exception:  # a bad message must not kill the listener
+                                    log.exception("invalidation handler failed")
+                        if now - heard > self.subscriber_timeout:
+                            raise RedisConnectionError(
+                                f"no answer from Redis for {self.subscriber_timeout:g} s"
+                            )
+                        if now - max(heard, pinged) > self.subscriber_ping:
+                            await pubsub.ping("infercache-liveness")
+                            pinged = now
                 except asyncio.CancelledError:
                     raise
                 except _SUBSCRIBER_ERRORS as exc:
