@@ -306,3 +306,18 @@ async def test_stream_results_reach_subscribers(redis_url: str, tmp_path_factory
                 await asyncio.sleep(0.05)
             assert pending["pending"] == 0
             await client.aclose()
+
+
+async def test_client_timeout_holds_over_the_websocket_too(server: ServerProcess) -> None:
+    """``InfercacheClient(timeout=...)`` bounded HTTP requests only; over the WebSocket a request
+    the server was slow to answer waited for ever. Now both give up at the same timeout, and
+    the late answer does not disturb the next request."""
+    from infercache.client import InfercacheClient
+
+    async with InfercacheClient(server.url, timeout=0.1) as client:  # the model sleeps 0.3 s
+        with pytest.raises(TimeoutError, match=r"within 0\.1 s"):
+            await client.predict("slow", [1.0], transport="ws")
+        with pytest.raises(httpx.TimeoutException):
+            await client.predict("slow", [2.0])
+        await asyncio.sleep(0.5)  # the late answer arrives and is dropped
+        assert (await client.predict("mlp", vector(), transport="ws"))["type"] == "prediction"

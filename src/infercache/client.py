@@ -53,8 +53,11 @@ def _dumps(obj: Any) -> bytes:
 class WSConnection:
     """One WebSocket to ``/v1/ws`` with id-matched requests and topic subscriptions."""
 
-    def __init__(self, ws: Any, *, event_queue: int = 1024) -> None:
+    def __init__(self, ws: Any, *, event_queue: int = 1024, timeout: float | None = None) -> None:
         self._ws = ws
+        #: seconds to wait for an answer (None: for ever); the HTTP client's timeout, so that
+        #: ``predict(transport="ws")`` gives up when ``predict()`` over HTTP would
+        self.timeout = timeout
         self._ids = itertools.count(1)
         self._pending: dict[Any, asyncio.Future[dict[str, Any]]] = {}
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(event_queue)
@@ -92,7 +95,12 @@ class WSConnection:
         self._pending[msg_id] = fut
         try:
             await self._ws.send(_dumps(message).decode())
-            return await fut
+            try:
+                return await asyncio.wait_for(fut, self.timeout)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"no answer to {message.get('type')!r} #{msg_id} within {self.timeout:g} s"
+                ) from None
         finally:
             self._pending.pop(msg_id, None)
 
@@ -145,6 +153,7 @@ class InfercacheClient:
 
         self.base_url = base_url.rstrip("/")
         self.token = token
+        self.timeout = timeout  # per request, over HTTP and over the WebSocket alike
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
@@ -278,4 +287,4 @@ class InfercacheClient:
         url = "ws" + self.base_url[len("http") :] + "/v1/ws"
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         ws = await websockets.connect(url, additional_headers=headers, max_size=2**24)
-        return WSConnection(ws)
+        return WSConnection(ws, timeout=self.timeout)
