@@ -314,10 +314,11 @@ async def test_client_timeout_holds_over_the_websocket_too(server: ServerProcess
     the late answer does not disturb the next request."""
     from infercache.client import InfercacheClient
 
+    fresh = [vector()[0] + 10.0, vector()[0] + 20.0]  # never seen: not answered from the cache
     async with InfercacheClient(server.url, timeout=0.1) as client:  # the model sleeps 0.3 s
         with pytest.raises(TimeoutError, match=r"within 0\.1 s"):
-            await client.predict("slow", [1.0], transport="ws")
+            await client.predict("slow", [fresh[0]], transport="ws")
         with pytest.raises(httpx.TimeoutException):
-            await client.predict("slow", [2.0])
+            await client.predict("slow", [fresh[1]])
         await asyncio.sleep(0.5)  # the late answer arrives and is dropped
         assert (await client.predict("mlp", vector(), transport="ws"))["type"] == "prediction"
