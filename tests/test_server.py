@@ -209,6 +209,21 @@ async def test_bad_input_gets_a_json_4xx(
     assert_error(resp, status, code)
 
 
+async def test_a_compressed_body_is_refused_by_name(http: httpx.AsyncClient) -> None:
+    """A gzip body used to be read as JSON and refused as "not valid UTF-8": the wrong problem."""
+    import gzip
+
+    body = gzip.compress(b'{"input": [1.0]}')
+    for encoding in ("gzip", "br, gzip"):
+        headers = {"content-type": "application/json", "content-encoding": encoding}
+        resp = await http.post("/v1/models/mlp/predict", content=body, headers=headers)
+        assert_error(resp, 415, "unsupported_encoding")
+        assert "uncompressed" in resp.json()["error"]["message"]
+    ok = {"content-type": "application/json", "content-encoding": "identity"}
+    resp = await http.post("/v1/models/mlp/predict", json={"input": vector()}, headers=ok)
+    assert resp.status_code == 200
+
+
 async def test_too_many_inputs(http: httpx.AsyncClient) -> None:
     resp = await http.post("/v1/models/mlp/predict", json={"inputs": [vector(1)] * 9})
     assert_error(resp, 422, "invalid_input")

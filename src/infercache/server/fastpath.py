@@ -28,6 +28,7 @@ from infercache.server.errors import APIError, error_response, infercache_error_
 from infercache.server.routes import (
     PREDICT_PATH,
     admit_predict,
+    check_content_encoding,
     check_declared_length,
     predict_payload,
 )
@@ -63,12 +64,16 @@ async def serve_predict(
     try:
         authorization = None
         declared = None
+        encoding = None
         for key, value in scope["headers"]:
             if key == b"authorization":
                 authorization = value.decode("latin-1")
             elif key == b"content-length":
                 declared = value
+            elif key == b"content-encoding":
+                encoding = value
         admit_predict(service, name, authorization)
+        check_content_encoding(encoding)
         body = await _receive_body(receive, declared, service.settings.max_body_bytes)
         if body is None:  # the client went away before sending its body
             return

@@ -53,12 +53,28 @@ def check_declared_length(value: str | bytes | None, limit: int) -> None:
         raise APIError(413, "payload_too_large", f"request body over {limit} bytes")
 
 
+def check_content_encoding(value: str | bytes | None) -> None:
+    """415 for a compressed body: it would otherwise be read as JSON and refused as "not valid
+    UTF-8", which names the wrong problem. (Decompressing would need a limit on the inflated
+    size too; clients send JSON of a few KB here, so plain bodies only.)"""
+    if value is None:
+        return
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    if text.strip().lower() not in ("", "identity"):
+        raise APIError(
+            415,
+            "unsupported_encoding",
+            f"Content-Encoding {text.strip()[:40]!r} is not accepted: send the body uncompressed",
+        )
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) anything over ``limit`` bytes without buffering it all.
 
     ``Content-Length`` is checked first; a chunked body is counted as it arrives, so a client
     cannot make the server hold more than ``limit`` bytes by omitting the header.
     """
+    check_content_encoding(request.headers.get("content-encoding"))
     length = request.headers.get("content-length")
     if length is not None:
         check_declared_length(length, limit)
