@@ -1,10 +1,13 @@
-"""A server with tight limits: overload (503 + Retry-After), predict token, admin disabled."""
+"""A server with tight limits: overload (503 + Retry-After), predict token, admin disabled,
+and connections slow to send their headers."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import textwrap
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -88,3 +91,38 @@ async def test_admin_is_disabled_without_a_token(http: httpx.AsyncClient) -> Non
 async def test_small_body_limit(http: httpx.AsyncClient) -> None:
     r = await http.post("/v1/models/slow/predict", json={"input": [0.5] * 2000})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``sock`` within ``seconds`` (reads until EOF or the timeout)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except TimeoutError:
+        return False
+    except OSError:  # reset: closed too
+        return True
+
+
+async def test_connections_slow_to_send_headers_are_closed(tmp_path: Path) -> None:
+    """uvicorn held a connection that sent nothing, or half a request's headers, open for ever
+    (slowloris). With --header-timeout 1 both are closed; a request that arrives in time, and
+    a kept-alive connection idle between requests (uvicorn's own 5 s), are served as before."""
+    args = ("--sql-url", "none", "--header-timeout", "1", "--no-warmup")
+    with ServerProcess.infercache(*args, cwd=tmp_path) as srv:
+        silent = socket.create_connection(("127.0.0.1", srv.port))
+        partial = socket.create_connection(("127.0.0.1", srv.port))
+        partial.sendall(b"POST /v1/models/mlp/predict HTTP/1.1\r\nHost: x\r\n")
+        try:
+            assert await asyncio.to_thread(_closed_within, silent, 8.0)
+            assert await asyncio.to_thread(_closed_within, partial, 8.0)
+        finally:
+            silent.close()
+            partial.close()
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            for _ in range(2):  # the same kept-alive connection, idle past the header timeout
+                resp = await client.get("/healthz")
+                assert resp.status_code == 200
+                await asyncio.sleep(1.5)

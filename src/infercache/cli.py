@@ -46,6 +46,11 @@ _SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "max_body_bytes": ("--max-body-bytes", "largest request body (413 above)"),
     "max_inputs": ("--max-inputs", "largest {'inputs': [...]} list per request"),
     "request_timeout_s": ("--request-timeout", "seconds before a prediction gives up (504)"),
+    "header_timeout_s": (
+        "--header-timeout",
+        "seconds a connection may take to send a request's headers, from its first byte or "
+        "from opening; then it is closed",
+    ),
     "admin_token": ("--admin-token", "bearer token for /v1/cache/* (default: admin disabled)"),
     "api_token": ("--api-token", "bearer token required for predictions (default: none)"),
     "ws_max_inflight": ("--ws-max-inflight", "concurrent predictions per WebSocket"),

@@ -25,6 +25,8 @@ from infercache.errors import ConfigError
 
 ENV_PREFIX = "INFERCACHE_"
 CONFIG_ENV = "INFERCACHE_CONFIG"
+#: Environment variable carrying the validated serve settings to uvicorn worker processes.
+SERVE_SETTINGS_ENV = "INFERCACHE_SERVE_SETTINGS_JSON"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -61,6 +63,7 @@ class Settings:
     max_body_bytes: int = 1_048_576
     max_inputs: int = 256
     request_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
     # -- auth
     admin_token: str | None = None
     api_token: str | None = None
@@ -247,6 +250,7 @@ _MIN: dict[str, float] = {
     "max_body_bytes": 64,
     "max_inputs": 1,
     "request_timeout_s": 0.001,
+    "header_timeout_s": 0.001,
     "ws_max_inflight": 1,
     "ws_send_queue": 1,
     "torch_threads": 1,
@@ -418,6 +422,7 @@ def load_settings(
 __all__ = [
     "CONFIG_ENV",
     "ENV_PREFIX",
+    "SERVE_SETTINGS_ENV",
     "Settings",
     "build_settings",
     "load_settings",

@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infercache import __version__
-from infercache.config import Settings, build_settings
+from infercache.config import SERVE_SETTINGS_ENV, Settings, build_settings
 from infercache.server.errors import install_error_handlers
 from infercache.server.fastpath import InfercacheApp
 from infercache.server.routes import router
@@ -33,8 +33,7 @@ from infercache.server.ws import websocket_endpoint
 
 log = logging.getLogger("infercache.server")
 
-#: Environment variable carrying the validated settings to uvicorn worker processes.
-SETTINGS_ENV = "INFERCACHE_SERVE_SETTINGS_JSON"
+SETTINGS_ENV = SERVE_SETTINGS_ENV  # the validated settings, for uvicorn's worker processes
 
 
 class _MetricsMiddleware:
@@ -166,11 +165,15 @@ def run(settings: Settings) -> None:
 
     os.environ[SETTINGS_ENV] = json.dumps(settings.to_dict())
     loop = "uvloop" if _has("uvloop") else "asyncio"
-    http = "httptools" if _has("httptools") else "h11"
+    http: Any = "h11"
+    if _has("httptools"):
+        from infercache.server.protocol import HeaderDeadlineProtocol
+
+        http = HeaderDeadlineProtocol  # httptools, closing connections slow to send headers
     print(
         f"infercache {__version__}: listening on http://{settings.host}:{settings.port} "
         f"({settings.workers} worker{'s' if settings.workers > 1 else ''}, loop={loop}, "
-        f"http={http})",
+        f"http={'h11' if http == 'h11' else 'httptools'})",
         file=sys.stderr,
         flush=True,
     )
