@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import weakref
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -27,6 +28,10 @@ __all__ = ["HeaderDeadlineProtocol", "header_timeout"]
 
 _DEFAULT = 10.0
 _timeout: float | None = None
+# one sweeper per event loop (uvicorn runs one loop per worker process)
+_SWEEPERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def header_timeout() -> float:
@@ -42,36 +47,43 @@ def header_timeout() -> float:
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol that closes a connection slow to send a request's headers."""
+    """HttpToolsProtocol that closes a connection slow to send a request's headers.
 
-    _header_deadline: asyncio.TimerHandle | None = None
+    A connection notes when it started waiting for headers (opening, or a request's first byte)
+    and clears it when they are in; one sweeper task per event loop closes the late ones every
+    half timeout (at most a second). A timer per request would be simpler, but uvloop's
+    ``call_later`` plus ``cancel`` costs 3.5 µs, about 1 % of a request here; two attribute
+    writes cost nothing.
+    """
 
-    def _arm_header_deadline(self) -> None:
-        if self._header_deadline is None:
-            self._header_deadline = self.loop.call_later(header_timeout(), self._headers_late)
-
-    def _disarm_header_deadline(self) -> None:
-        if self._header_deadline is not None:
-            self._header_deadline.cancel()
-            self._header_deadline = None
-
-    def _headers_late(self) -> None:
-        self._header_deadline = None
-        if not self.transport.is_closing():
-            self.transport.close()
+    _headers_since: float | None = None
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self._arm_header_deadline()  # until the first request's headers are in
+        self._headers_since = self.loop.time()  # until the first request's headers are in
+        sweeper = _SWEEPERS.get(self.loop)
+        if sweeper is None or sweeper.done():
+            _SWEEPERS[self.loop] = self.loop.create_task(
+                _sweep(self.connections), name="infercache-header-deadline"
+            )
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm_header_deadline()  # a later request on a kept-alive connection
+        self._headers_since = self.loop.time()  # a later request on a kept-alive connection
 
     def on_headers_complete(self) -> None:
-        self._disarm_header_deadline()
+        self._headers_since = None
         super().on_headers_complete()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_deadline()
-        super().connection_lost(exc)
+
+async def _sweep(connections: set[Any]) -> None:
+    """Close every connection that has waited for a request's headers longer than the timeout."""
+    timeout = header_timeout()
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(min(1.0, timeout / 2))
+        now = loop.time()
+        for conn in list(connections):
+            since = getattr(conn, "_headers_since", None)
+            if since is not None and now - since > timeout and not conn.transport.is_closing():
+                conn.transport.close()
