@@ -333,7 +333,13 @@ def _hot_keys_through_a_scan(policy: str) -> tuple[MemoryCache, list[str], int]:
 def test_frequent_keys_survive_a_one_time_scan(policy: str) -> None:
     c, hot, hot_hits = _hot_keys_through_a_scan(policy)
     assert sum(k in c for k in hot) == len(hot)
-    assert hot_hits == 2500
+    if policy == "lfu":  # exact counts
+        assert hot_hits == 2500
+    else:
+        # tinylfu estimates frequencies with a sketch over hash(key), which Python salts per
+        # process: in 2 of 200 hash seeds a scan key collided with enough counters to evict a
+        # hot key once (2,499 hits). A scan that got through would cost hundreds.
+        assert hot_hits >= 2490
 
 
 def test_lru_is_not_scan_resistant() -> None:
