@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from infercache.tiers.base import MISSING, Coordinator
+from infercache.tiers.base import MISSING, Coordinator, consume_outcome
 
 __all__ = ["Loader", "SingleFlight", "call_loader"]
 
@@ -78,7 +78,7 @@ class SingleFlight:
         ``find()`` looks the key up in the shared tiers (MISSING on a miss).
         """
         fut = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(_consume_exception)
+        fut.add_done_callback(consume_outcome)  # its callers re-raise it
         self.inflight[key] = fut
         try:
             value = await self._locked(key, load, find)
@@ -139,9 +139,3 @@ class SingleFlight:
             if time.monotonic() >= deadline:
                 self._counters["lock_fallbacks"] += 1
                 return await load(False)
-
-
-def _consume_exception(fut: asyncio.Future[Any]) -> None:
-    """Mark a single-flight future's exception as retrieved (the caller re-raises it)."""
-    if not fut.cancelled():
-        fut.exception()

@@ -8,6 +8,7 @@ as well; MultiLevelCache finds one by its methods, so importing this module neve
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ __all__ = [
     "GenerationStore",
     "LatencyWindow",
     "TierMetrics",
+    "consume_outcome",
     "escape_glob",
     "validate_ttl",
 ]
@@ -144,6 +146,13 @@ def validate_ttl(ttl: float | None, *, what: str = "ttl") -> float | None:
 def ttl_ms(ttl: float) -> int:
     """Seconds to whole milliseconds for Redis PX, never rounding a positive TTL down to 0."""
     return max(1, math.ceil(ttl * 1000))
+
+
+def consume_outcome(fut: asyncio.Future[Any]) -> None:
+    """A done-callback marking a future's exception as retrieved, for a future nobody awaits
+    (or whose exception is re-raised elsewhere): asyncio would log it as never retrieved."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def escape_glob(text: str) -> str:

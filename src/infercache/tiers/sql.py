@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 
 from infercache.codec import Codec
 from infercache.errors import ConfigError, TierError
-from infercache.tiers.base import MISSING, TierMetrics, validate_ttl
+from infercache.tiers.base import MISSING, TierMetrics, consume_outcome, validate_ttl
 from infercache.tiers.bloom import BloomFilter
 from infercache.tiers.breaker import CircuitBreaker
 
@@ -467,12 +467,6 @@ class _SQLiteBackend:
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-def _consume(task: asyncio.Future[Any]) -> None:
-    """Retrieve an abandoned task's outcome, so asyncio does not log it as never retrieved."""
-    if not task.cancelled():
-        task.exception()
-
-
 class _PostgresBackend:
     """psycopg 3 AsyncConnectionPool; each operation is one statement on a pooled connection."""
 
@@ -537,7 +531,7 @@ class _PostgresBackend:
             raise
         if not done:
             task.cancel()
-            task.add_done_callback(_consume)
+            task.add_done_callback(consume_outcome)
             raise TimeoutError(f"PostgreSQL did not answer within {self._statement_timeout:g} s")
         return task.result()
 
