@@ -14,6 +14,7 @@ prefix (``INFERCACHE_MAX_BATCH_SIZE=64``); list settings (``models``) take comma
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -397,6 +398,13 @@ def build_settings(values: Mapping[str, Any], *, base: Settings | None = None) -
     return settings
 
 
+def serve_settings_from_env() -> Settings:
+    """The settings ``infercache serve`` validated and put in :data:`SERVE_SETTINGS_ENV` for
+    uvicorn's worker processes (the app factory and the HTTP protocol read them there)."""
+    raw = os.environ.get(SERVE_SETTINGS_ENV)
+    return build_settings(json.loads(raw)) if raw else Settings()
+
+
 def load_settings(
     flags: Mapping[str, Any] | None = None,
     *,
@@ -428,6 +436,7 @@ __all__ = [
     "load_settings",
     "parse_model_spec",
     "parse_stream_spec",
+    "serve_settings_from_env",
     "settings_from_env",
     "settings_from_file",
 ]

@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infercache import __version__
-from infercache.config import SERVE_SETTINGS_ENV, Settings, build_settings
+from infercache.config import SERVE_SETTINGS_ENV, Settings, serve_settings_from_env
 from infercache.server.errors import install_error_handlers
 from infercache.server.fastpath import InfercacheApp
 from infercache.server.routes import router
@@ -32,8 +32,6 @@ from infercache.server.service import Service, build_service, service_from_predi
 from infercache.server.ws import websocket_endpoint
 
 log = logging.getLogger("infercache.server")
-
-SETTINGS_ENV = SERVE_SETTINGS_ENV  # the validated settings, for uvicorn's worker processes
 
 
 class _MetricsMiddleware:
@@ -149,21 +147,20 @@ def _print_banner(service: Service) -> None:
 
 
 def app_from_env() -> FastAPI:
-    """uvicorn factory for ``infercache serve``: settings come from :data:`SETTINGS_ENV`.
+    """uvicorn factory for ``infercache serve``: settings come from
+    :data:`~infercache.config.SERVE_SETTINGS_ENV`.
 
     With ``--workers N`` uvicorn imports the app in each worker process by name, so the validated
     settings travel through the environment rather than being re-parsed from flags.
     """
-    raw = os.environ.get(SETTINGS_ENV)
-    settings = build_settings(json.loads(raw)) if raw else Settings()
-    return create_app(settings, banner=True)
+    return create_app(serve_settings_from_env(), banner=True)
 
 
 def run(settings: Settings) -> None:
     """Run uvicorn with ``settings`` (blocking). uvloop and httptools are used when installed."""
     import uvicorn
 
-    os.environ[SETTINGS_ENV] = json.dumps(settings.to_dict())
+    os.environ[SERVE_SETTINGS_ENV] = json.dumps(settings.to_dict())
     loop = "uvloop" if _has("uvloop") else "asyncio"
     http: Any = "h11"
     if _has("httptools"):

@@ -15,18 +15,15 @@ are in, nothing changes: bodies are bounded by ``max_body_bytes`` and the predic
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import weakref
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from infercache.config import SERVE_SETTINGS_ENV
+from infercache.config import serve_settings_from_env
 
 __all__ = ["HeaderDeadlineProtocol", "header_timeout"]
 
-_DEFAULT = 10.0
 _timeout: float | None = None
 # one sweeper per event loop (uvicorn runs one loop per worker process)
 _SWEEPERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
@@ -35,14 +32,10 @@ _SWEEPERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Non
 
 
 def header_timeout() -> float:
-    """``header_timeout_s`` from the serve settings uvicorn's workers inherit (read once)."""
+    """``header_timeout_s`` of the serve settings uvicorn's workers inherit (read once)."""
     global _timeout
     if _timeout is None:
-        try:
-            raw = json.loads(os.environ.get(SERVE_SETTINGS_ENV) or "{}")
-            _timeout = float(raw.get("header_timeout_s", _DEFAULT))
-        except (ValueError, TypeError, AttributeError):
-            _timeout = _DEFAULT
+        _timeout = serve_settings_from_env().header_timeout_s
     return _timeout
 
 
