@@ -309,18 +309,22 @@ def _check_sqlite_dir(url: str) -> None:
     on every write for the server's whole life (a cache that degrades quietly), and the usual
     cause is ``sqlite:///abs/path`` (three slashes: a path relative to here) meant as
     ``sqlite:////abs/path``."""
-    rest = url[len("sqlite://") :]
-    if rest in ("", "/", "/:memory:") or not rest.startswith("/"):
-        return  # in memory; a malformed URL is the SQL tier's to report
-    path = Path(rest[1:])
-    parent = path.parent
-    if not parent.is_dir():
-        where = f"{path} relative to {Path.cwd()}" if not path.is_absolute() else str(path)
-        hint = " (for an absolute path write four slashes: sqlite:////...)"
-        raise ConfigError(
-            f"setting 'sql_url': the directory of the SQLite file does not exist: {where}"
-            + (hint if not path.is_absolute() else "")
+    from infercache.tiers.sql import sqlite_path  # here: other commands need no SQL tier
+
+    try:
+        path = Path(sqlite_path(url))
+    except ConfigError:
+        return  # a malformed URL is the SQL tier's to report
+    if str(path) == ":memory:" or path.parent.is_dir():
+        return
+    where = str(path)
+    if not path.is_absolute():
+        where += (
+            f" relative to {Path.cwd()} (for an absolute path write four slashes: sqlite:////...)"
         )
+    raise ConfigError(
+        f"setting 'sql_url': the directory of the SQLite file does not exist: {where}"
+    )
 
 
 def parse_model_spec(spec: str) -> tuple[str | None, str]:

@@ -672,7 +672,7 @@ class _PostgresBackend:
 # --------------------------------------------------------------------------- SQLCache
 
 
-def _sqlite_path(url: str) -> str:
+def sqlite_path(url: str) -> str:
     """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs.db`` -> ``/abs.db``; ``sqlite://``
     or ``sqlite:///:memory:`` -> in-memory."""
     rest = url[len("sqlite://") :]
@@ -786,7 +786,7 @@ class SQLCache:
         scheme = urlsplit(url).scheme.lower()
         self.backend: _SQLiteBackend | _PostgresBackend
         if scheme == "sqlite":
-            self.backend = _SQLiteBackend(_sqlite_path(url), table, idle_writer=idle_writer)
+            self.backend = _SQLiteBackend(sqlite_path(url), table, idle_writer=idle_writer)
         elif scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
             pg_url = "postgresql" + url[len(scheme) :] if "+" in scheme else url
             self.backend = _PostgresBackend(
