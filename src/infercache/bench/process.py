@@ -140,13 +140,11 @@ class ServerProcess:
             return None
         if self.proc.poll() is None:
             self.resume()  # a paused server would not act on SIGTERM
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
+            self._signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self._signal(signal.SIGKILL)
                 self.proc.wait(5)
         code = self.proc.returncode
         if self._tmp is not None:
