@@ -523,8 +523,14 @@ class ReplyDelayProxy:
         else:
             self._link.set()
 
-    def url_for_db(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+    def through(self, url: str) -> str:
+        """``url`` (of the proxied server) with its host and port replaced by the proxy's."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
 
     async def stop(self) -> None:
         self._link.set()

@@ -41,6 +41,14 @@ async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await r.aclose()
 
 
+@pytest.fixture
+async def proxy(redis_server: Any) -> AsyncIterator[ReplyDelayProxy]:
+    """A ReplyDelayProxy in front of the session Redis (``proxy.through(redis_url)``)."""
+    p = await ReplyDelayProxy(redis_server.port).start()
+    yield p
+    await p.stop()
+
+
 async def test_implements_protocols(cache: RedisCache) -> None:
     assert isinstance(cache, AsyncTier)
     assert isinstance(cache, Coordinator)
@@ -217,14 +225,12 @@ async def test_lock_counter_and_pubsub(cache: RedisCache, redis_url: str) -> Non
 
 
 async def test_a_timed_out_command_is_not_sent_again(
-    redis_server: Any, redis_url: str, raw: aioredis.Redis
+    proxy: ReplyDelayProxy, redis_url: str, raw: aioredis.Redis
 ) -> None:
     """A reply that comes after the timeout: the command ran, so re-sending it applies it twice.
     (CI once saw a HINCRBY count 1, 3 on a loaded machine: the 0.5 s timeout and a retry.)"""
-    proxy = await ReplyDelayProxy(redis_server.port).start()
-    db = int(redis_url.rsplit("/", 1)[1])
     # a timeout a loaded CI machine does not reach by itself, and replies held past it
-    c = RedisCache(proxy.url_for_db(db), namespace="t", socket_timeout=1.0)
+    c = RedisCache(proxy.through(redis_url), namespace="t", socket_timeout=1.0)
     try:
         assert await c.incr_counter("gens", "ns") == 1
         proxy.hold = {b"HINCRBY": 1.5, b"EVAL": 1.5}
@@ -240,18 +246,15 @@ async def test_a_timed_out_command_is_not_sent_again(
         assert await c.incr_counter("gens", "ns") == 3
     finally:
         await c.close()
-        await proxy.stop()
 
 
 async def test_a_subscriber_on_a_silent_link_reconnects_and_resyncs(
-    redis_server: Any, redis_url: str
+    proxy: ReplyDelayProxy, redis_url: str
 ) -> None:
     """A link that goes silent without closing (a partition): the subscriber used to wait on it
     forever, deaf to invalidation events. Now it pings, gives up on the silence, reconnects and
     calls on_reconnect (the caller resyncs: events sent meanwhile are lost)."""
-    proxy = await ReplyDelayProxy(redis_server.port).start()
-    db = int(redis_url.rsplit("/", 1)[1])
-    sub = RedisCache(proxy.url_for_db(db), namespace="t", socket_timeout=PATIENT)
+    sub = RedisCache(proxy.through(redis_url), namespace="t", socket_timeout=PATIENT)
     sub.subscriber_ping, sub.subscriber_timeout = 0.2, 2.0
     pub = RedisCache(redis_url, namespace="t", socket_timeout=PATIENT)
     got: list[bytes] = []
@@ -276,7 +279,6 @@ async def test_a_subscriber_on_a_silent_link_reconnects_and_resyncs(
         await stop()
         await sub.close()
         await pub.close()
-        await proxy.stop()
 
 
 async def test_a_lock_acquire_sent_twice_is_still_ours(redis_url: str, raw: aioredis.Redis) -> None:
@@ -410,7 +412,7 @@ async def test_cluster_url_form_and_coordination(redis_cluster: Any) -> None:
 
 
 async def test_readiness_names_a_tier_that_answers_too_late(
-    redis_server: Any, redis_url: str
+    proxy: ReplyDelayProxy, redis_url: str
 ) -> None:
     """/readyz's probe of a tier that hangs says so in words (a bare TimeoutError has none)."""
     from infercache.config import Settings
@@ -418,9 +420,7 @@ async def test_readiness_names_a_tier_that_answers_too_late(
     from infercache.server.service import service_from_predictors
     from infercache.tiers.memory import MemoryCache
 
-    proxy = await ReplyDelayProxy(redis_server.port).start()
-    db = int(redis_url.rsplit("/", 1)[1])
-    redis = RedisCache(proxy.url_for_db(db), namespace="t", socket_timeout=PATIENT)
+    redis = RedisCache(proxy.through(redis_url), namespace="t", socket_timeout=PATIENT)
     cache = MultiLevelCache([MemoryCache(10), redis])
     service = service_from_predictors({}, Settings(), cache=cache)
     try:
@@ -430,4 +430,3 @@ async def test_readiness_names_a_tier_that_answers_too_late(
         assert tiers == {"l1": "ok", "redis": "no answer within 0.2 s"}
     finally:
         await cache.close()
-        await proxy.stop()

@@ -230,8 +230,9 @@ async def test_postgres_that_stops_answering_fails_calls_instead_of_holding_them
     statement has no timeout of its own, so a lookup, or the write-behind flusher, waited until
     TCP gave up. Now each call fails at statement_timeout, and the next ones work again."""
     proxy = await ReplyDelayProxy(postgres_server.port).start()
-    url = postgres_server.url.replace(f":{postgres_server.port}/", f":{proxy.port}/")
-    c = SQLCache(url, namespace=f"ns{next(_ns)}", statement_timeout=0.5)
+    c = SQLCache(
+        proxy.through(postgres_server.url), namespace=f"ns{next(_ns)}", statement_timeout=0.5
+    )
     try:
         await c.set("k", 1)
         proxy.hold = {b"SELECT": 60.0, b"INSERT": 60.0}  # replies held far past the timeout
