@@ -544,7 +544,7 @@ class MultiLevelCache:
         return {"tiers": tiers, "write_behind": self._wb.stats()}
 
     async def stats(self) -> dict[str, Any]:
-        """Per tier: hits, misses, errors, promotions, latency percentiles (ms), write-behind
+        """Per tier: :meth:`health`'s figures, promotions, latency percentiles (ms), write-behind
         retries and the tier's own stats; plus write-behind queue depth, single-flight and
         event counters."""
         tiers: dict[str, Any] = {}
@@ -558,17 +558,15 @@ class MultiLevelCache:
                 "latency": None,
                 "tier": own,
             }
+        health = self.health()
         for slot in self._remote:
             try:
                 own = await slot.tier.stats()
             except Exception as exc:
                 own = {"error": str(exc)}
             tiers[slot.name] = {
-                "hits": slot.hits,
-                "misses": slot.misses,
-                "errors": slot.errors,
+                **health["tiers"][slot.name],  # state, hits, misses, errors, retrying
                 "promotions": slot.promotions,
-                "write_behind_retrying": len(slot.retry),
                 "write_behind_retried": slot.retry.retried,
                 "write_behind_dropped": slot.retry.dropped,
                 "write_behind_failed": slot.retry.failed,
@@ -579,7 +577,7 @@ class MultiLevelCache:
         return {
             "write_policy": self.write,
             "tiers": tiers,
-            "write_behind": self._wb.stats(),
+            "write_behind": health["write_behind"],
             "single_flight": {
                 "loads": c["loads"],
                 "coalesced": c["coalesced"],
