@@ -131,7 +131,24 @@ def test_cache_stats_and_invalidate_commands(
     assert main(["cache", "invalidate", "--url", plain_server.url, "--token", "wrong-token"]) == 2
     assert main(["cache", "invalidate", "--url", plain_server.url, "--token", "wrong-token",
                  "--all"]) == 1  # fmt: skip
-    assert "unauthorized" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unauthorized" in err and "unauthorized: unauthorized" not in err
+
+
+def test_cache_commands_fail_clearly_without_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    assert main(["cache", "stats", "--url", closed, "--token", TOKEN]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"infercache: unreachable: cannot reach {closed}")
+    assert "Traceback" not in err
+    # bad arguments are refused before connecting (the URL is not even tried)
+    argv = ["cache", "invalidate", "--url", closed, "--token", TOKEN, "--model", "mlp"]
+    assert main([*argv, "--input", "[1, 2"]) == 2
+    assert "--input is not valid JSON" in capsys.readouterr().err
+    assert main(["cache", "invalidate", "--url", closed, "--key", "k", "--input", "[1]"]) == 2
+    assert "need --model" in capsys.readouterr().err
 
 
 def test_bench_command(plain_server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:

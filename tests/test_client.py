@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from infercache.bench.process import ServerProcess
-from infercache.client import InfercacheClient, ServerError
+from infercache.bench.process import ServerProcess, free_port
+from infercache.client import ClientTimeout, InfercacheClient, ServerError, ServerUnreachable
+from infercache.errors import InfercacheError
 
 ADMIN = "client-admin-token"
 
@@ -87,3 +88,73 @@ async def test_admin_calls_and_subscription(server: ServerProcess) -> None:
             await events.aclose()  # type: ignore[attr-defined]
         finally:
             await sub.close()
+
+
+async def test_an_unreachable_server_is_one_clear_error() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    async with InfercacheClient(url, timeout=5) as client:
+        assert await client.health() is False and await client.ready() is False
+        with pytest.raises(ServerUnreachable, match=f"cannot reach {url}"):
+            await client.predict("mlp", [1.0])
+        with pytest.raises(ServerUnreachable, match="cannot open a WebSocket"):
+            await client.predict("mlp", [1.0], transport="ws")
+        with pytest.raises(InfercacheError):  # one except covers the client's failures
+            await client.stats(token=ADMIN)
+
+
+async def _peer(handle: object) -> tuple[asyncio.Server, str]:
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)  # type: ignore[arg-type]
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_a_peer_that_is_not_infercache_gives_server_errors() -> None:
+    """A proxy's HTML error page, or a 200 that is not JSON, is a ServerError naming the
+    status, not a JSONDecodeError from deep inside the client."""
+    answers = iter(
+        [
+            b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: 13\r\n"
+            b"Retry-After: Wed, 21 Oct 2026 07:28:00 GMT\r\n\r\n<html></html>",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        ]
+    )
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(next(answers))
+        await writer.drain()
+        writer.close()
+
+    server, url = await _peer(answer)
+    try:
+        async with InfercacheClient(url, timeout=5) as client:
+            with pytest.raises(ServerError) as err:
+                await client.predict("mlp", [1.0])
+            assert (err.value.code, err.value.status) == ("http_error", 502)
+            assert err.value.message == "HTTP 502 Bad Gateway" and err.value.retry_after is None
+            with pytest.raises(ServerError) as err:
+                await client.predict("mlp", [1.0])
+            assert (err.value.code, err.value.status) == ("bad_response", 200)
+    finally:
+        server.close()
+
+
+async def test_a_server_that_never_answers_times_out() -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accept, read, never answer
+
+    server, url = await _peer(silent)
+    try:
+        async with InfercacheClient(url, timeout=0.3) as client:
+            with pytest.raises(ClientTimeout, match=r"no answer within 0\.3 s"):
+                await client.predict("mlp", [1.0])
+            assert await client.health() is False
+            with pytest.raises(ClientTimeout, match=r"no handshake within 0\.3 s"):
+                await client.predict("mlp", [1.0], transport="ws")
+    finally:
+        for w in held:
+            w.close()
+        server.close()

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from infercache.bench.process import ServerProcess
+from infercache.client import InfercacheClient, ServerError
 
 TOKEN = "predict-token-123"
 
@@ -81,6 +82,16 @@ async def test_predict_requires_the_api_token(server: ServerProcess) -> None:
         r = await anon.post("/v1/models/slow/predict", json={"input": [1.0]}, headers=wrong)
         assert r.status_code == 401
         assert (await anon.get("/healthz")).status_code == 200  # health stays open
+
+
+async def test_the_client_reports_a_refused_websocket(server: ServerProcess) -> None:
+    async with InfercacheClient(server.url) as anon:
+        with pytest.raises(ServerError) as err:
+            await anon.predict("slow", [1.0], transport="ws")
+        assert err.value.code == "unauthorized" and err.value.status == 403
+    async with InfercacheClient(server.url, token=TOKEN) as client:
+        answer = await client.predict("slow", [1.0], transport="ws")
+        assert answer["output"] == [1.0]
 
 
 async def test_admin_is_disabled_without_a_token(http: httpx.AsyncClient) -> None:

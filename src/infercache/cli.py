@@ -167,15 +167,26 @@ async def _cache_command(args: argparse.Namespace) -> int:
 
     from infercache.client import InfercacheClient
 
+    payload_input = None
+    if args.cache_command == "invalidate":  # check the arguments before connecting
+        problem = None
+        if not (args.all or args.model or args.key):
+            problem = "give --all, --model or --key"
+        elif (args.input is not None or args.model_version is not None) and not args.model:
+            problem = "--input and --version need --model"
+        elif args.input is not None:
+            try:
+                payload_input = json.loads(args.input)
+            except ValueError as exc:
+                problem = f"--input is not valid JSON: {exc}"
+        if problem:
+            print(f"infercache cache invalidate: {problem}", file=sys.stderr)
+            return 2
     async with InfercacheClient(args.url) as client:
         if args.cache_command == "stats":
             stats = await client.stats(token=args.token)
             print(json.dumps(stats, indent=2, default=str))
             return 0
-        if not (args.all or args.model or args.key):
-            print("infercache cache invalidate: give --all, --model or --key", file=sys.stderr)
-            return 2
-        payload_input = json.loads(args.input) if args.input is not None else None
         result = await client.invalidate(
             token=args.token,
             all=args.all,
@@ -212,7 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"infercache: invalid configuration: {exc}", file=sys.stderr)
         return 2
     except InfercacheError as exc:
-        print(f"infercache: {exc.code}: {exc}", file=sys.stderr)
+        text = str(exc)  # a ServerError's text already starts with its code
+        print(f"infercache: {text if text.startswith(exc.code) else f'{exc.code}: {text}'}",
+              file=sys.stderr)  # fmt: skip
         return 1
     except KeyboardInterrupt:
         return 130

@@ -10,7 +10,11 @@
 Over WebSocket the client keeps one connection, gives every request an id and matches answers by
 id as they arrive, so many requests share the connection without waiting for each other (the
 user's ``RealTimeAIClient`` sent one request and waited for its answer before the next). Server
-errors come back as :class:`ServerError` carrying the stable ``code``, whatever the transport.
+errors come back as :class:`ServerError` carrying the stable ``code``, whatever the transport. A
+server that cannot be reached, or a connection lost mid-request, is :class:`ServerUnreachable`; no
+answer within the client's ``timeout`` is :class:`ClientTimeout`. All three are
+:class:`~infercache.errors.InfercacheError`, so one ``except`` covers whatever the client raises on
+purpose (the transports' own exceptions, httpx's or websockets', never escape).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import orjson
 
 from infercache.errors import InfercacheError
@@ -38,6 +43,37 @@ class ServerError(InfercacheError):
         self.retry_after = retry_after
         if status is not None:
             self.http_status = status
+
+
+class ServerUnreachable(InfercacheError, ConnectionError):
+    """No connection to the server, or it closed the connection before answering."""
+
+    code = "unreachable"
+
+
+class ClientTimeout(InfercacheError, TimeoutError):
+    """No answer within the client's ``timeout`` (the request may still run on the server)."""
+
+    code = "timeout"
+
+
+def _error_body(content: bytes) -> dict[str, Any]:
+    """The ``error`` object of an error response, or ``{}`` when the body is not ours (a proxy's
+    HTML page, an empty body, a truncated one)."""
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return {}
+    err = data.get("error") if isinstance(data, dict) else None
+    return err if isinstance(err, dict) else {}
+
+
+def _seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header as seconds; None when absent or an HTTP date (not ours)."""
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
 
 
 def _dumps(obj: Any) -> bytes:
@@ -84,7 +120,10 @@ class WSConnection:
         finally:
             for fut in self._pending.values():
                 if not fut.done():
-                    fut.set_exception(ConnectionError(self.closed_reason or "websocket closed"))
+                    reason = self.closed_reason or "closed"
+                    fut.set_exception(
+                        ServerUnreachable(f"the WebSocket closed before answering ({reason})")
+                    )
             self._pending.clear()
 
     async def request(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -94,11 +133,14 @@ class WSConnection:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = fut
         try:
-            await self._ws.send(_dumps(message).decode())
+            try:
+                await self._ws.send(_dumps(message).decode())
+            except Exception as exc:  # websockets' ConnectionClosed: the reader saw it too
+                raise ServerUnreachable(f"the WebSocket is closed: {exc}") from exc
             try:
                 return await asyncio.wait_for(fut, self.timeout)
             except TimeoutError:
-                raise TimeoutError(
+                raise ClientTimeout(
                     f"no answer to {message.get('type')!r} #{msg_id} within {self.timeout:g} s"
                 ) from None
         finally:
@@ -149,8 +191,6 @@ class InfercacheClient:
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, token: str | None = None,
                  timeout: float = 30.0, max_connections: int = 100) -> None:  # fmt: skip
-        import httpx
-
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout  # per request, over HTTP and over the WebSocket alike
@@ -185,18 +225,33 @@ class InfercacheClient:
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         content = None if body is None else _dumps(body)
-        resp = await self._http.request(method, path, content=content, headers=headers)
-        data = orjson.loads(resp.content) if resp.content else None
+        try:
+            resp = await self._http.request(method, path, content=content, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise ClientTimeout(
+                f"{method} {self.base_url}{path}: no answer within {self.timeout:g} s"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(
+                f"cannot reach {self.base_url} ({type(exc).__name__}: {exc or 'no detail'})"
+            ) from exc
         if resp.status_code >= 400:
-            err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
+            err = _error_body(resp.content)
             retry = resp.headers.get("retry-after")
             raise ServerError(
-                err.get("code", "http_error"),
-                err.get("message", resp.reason_phrase),
+                str(err.get("code", "http_error")),
+                str(err.get("message") or f"HTTP {resp.status_code} {resp.reason_phrase}"),
                 resp.status_code,
-                float(retry) if retry else None,
+                _seconds(retry),
             )
-        return data
+        try:
+            return orjson.loads(resp.content) if resp.content else None
+        except orjson.JSONDecodeError as exc:
+            raise ServerError(
+                "bad_response",
+                f"{method} {path} answered {resp.status_code} with a body that is not JSON",
+                resp.status_code,
+            ) from exc
 
     async def predict(self, model: str, input: Any, *, transport: str = "http",
                       use_cache: bool = True) -> dict[str, Any]:  # fmt: skip
@@ -233,14 +288,14 @@ class InfercacheClient:
     async def health(self) -> bool:
         try:
             await self._request("GET", "/healthz")
-        except (ServerError, OSError):
+        except InfercacheError:  # an error answer, unreachable, or too slow: not healthy
             return False
         return True
 
     async def ready(self) -> bool:
         try:
             await self._request("GET", "/readyz")
-        except ServerError:
+        except InfercacheError:
             return False
         return True
 
@@ -286,5 +341,17 @@ class InfercacheClient:
 
         url = "ws" + self.base_url[len("http") :] + "/v1/ws"
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        ws = await websockets.connect(url, additional_headers=headers, max_size=2**24)
+        try:
+            ws = await asyncio.wait_for(
+                websockets.connect(url, additional_headers=headers, max_size=2**24), self.timeout
+            )
+        except TimeoutError as exc:
+            raise ClientTimeout(f"WebSocket {url}: no handshake within {self.timeout:g} s") from exc
+        except websockets.InvalidStatus as exc:  # the server refused the upgrade
+            status = exc.response.status_code
+            code = "unauthorized" if status in (401, 403) else "http_error"
+            refused = f"WebSocket upgrade refused with HTTP {status}"
+            raise ServerError(code, refused, status) from exc
+        except (OSError, websockets.InvalidHandshake) as exc:
+            raise ServerUnreachable(f"cannot open a WebSocket to {url} ({exc})") from exc
         return WSConnection(ws, timeout=self.timeout)
