@@ -54,6 +54,9 @@ async def test_errors_carry_codes(server: ServerProcess) -> None:
         with pytest.raises(ServerError) as err:
             await client.predict("nope", [1.0])
         assert err.value.code == "model_not_found" and err.value.status == 404
+        with pytest.raises(ServerError) as err:  # a model name is sent as one path segment
+            await client.predict("a?b#c", [1.0])
+        assert err.value.code == "model_not_found" and "a?b#c" in err.value.message
         with pytest.raises(ServerError) as err:
             await client.predict("mlp", [1.0, 2.0], transport="ws")
         assert err.value.code == "invalid_input" and err.value.status is None

@@ -24,6 +24,7 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -261,23 +262,19 @@ class InfercacheClient:
             return await ws.predict(model, input, use_cache=use_cache)
         if transport != "http":
             raise ValueError("transport must be 'http' or 'ws'")
-        body: dict[str, Any] = {"input": input}
-        if not use_cache:
-            body["use_cache"] = False
-        result: dict[str, Any] = await self._request(
-            "POST", f"/v1/models/{model}/predict", body=body
-        )
-        return result
+        return await self._predict(model, {"input": input}, use_cache)
 
     async def predict_many(self, model: str, inputs: list[Any], *,
                            use_cache: bool = True) -> dict[str, Any]:  # fmt: skip
         """Several inputs in one HTTP request: ``{"outputs", "cached", "tier", ...}``."""
-        body: dict[str, Any] = {"inputs": inputs}
+        return await self._predict(model, {"inputs": inputs}, use_cache)
+
+    async def _predict(self, model: str, body: dict[str, Any], use_cache: bool) -> dict[str, Any]:
         if not use_cache:
             body["use_cache"] = False
-        result: dict[str, Any] = await self._request(
-            "POST", f"/v1/models/{model}/predict", body=body
-        )
+        # quoted: a model name is one path segment, never a way to reach another endpoint
+        path = f"/v1/models/{quote(model, safe='')}/predict"
+        result: dict[str, Any] = await self._request("POST", path, body=body)
         return result
 
     async def models(self) -> list[dict[str, Any]]:
