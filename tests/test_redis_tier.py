@@ -248,6 +248,41 @@ async def test_a_timed_out_command_is_not_sent_again(
         await c.close()
 
 
+async def test_more_concurrent_calls_than_connections_wait_for_one(
+    redis_url: str, raw: aioredis.Redis
+) -> None:
+    """redis-py's pool fails at once when exhausted: 500 concurrent sets through a 32-connection
+    pool stored 32. Calls beyond max_connections now wait for a connection."""
+    c = RedisCache(redis_url, namespace="pool", max_connections=4, socket_timeout=PATIENT)
+    try:
+        await asyncio.gather(*(c.set(f"k{i}", i) for i in range(500)))
+        got = await c.get_many([f"k{i}" for i in range(500)])
+        assert got == {f"k{i}": i for i in range(500)}
+        assert (await c.stats())["errors"] == 0
+    finally:
+        await c.clear()
+        await c.close()
+
+
+async def test_waiting_for_a_connection_is_bounded(proxy: ReplyDelayProxy, redis_url: str) -> None:
+    c = RedisCache(proxy.through(redis_url), namespace="pool", max_connections=1,
+                   pool_timeout=0.2, socket_timeout=PATIENT)  # fmt: skip
+    try:
+        await c.ping()  # connected
+        proxy.hold = {b"GET": 1.0}
+        slow = asyncio.ensure_future(c.get("a"))  # holds the only connection for 1 s
+        await asyncio.sleep(0.05)
+        with pytest.raises(TierError, match=r"all 1 connections busy for 0\.2 s"):
+            await c.get("b")
+        assert await slow is None  # the held call itself completes
+        proxy.hold = {}
+        assert await c.get("b") is None  # and the connection is free again
+        with pytest.raises(ConfigError):
+            RedisCache(redis_url, max_connections=0)
+    finally:
+        await c.close()
+
+
 async def test_a_subscriber_on_a_silent_link_reconnects_and_resyncs(
     proxy: ReplyDelayProxy, redis_url: str
 ) -> None:

@@ -131,6 +131,10 @@ class RedisCache:
     ``url`` accepts ``redis://``, ``rediss://`` (TLS) and ``unix://``; ``redis+cluster://`` (or
     ``cluster=True``) connects to a Redis Cluster through any of its nodes.
     ``ttl`` is the default TTL in seconds for ``set`` when none is given (None: no expiry).
+    ``max_connections`` bounds the calls in flight at once (per node in a cluster); a call beyond
+    it waits for one to finish, up to ``pool_timeout`` seconds, then fails with TierError.
+    redis-py's own pools fail at once when exhausted (``MaxConnectionsError``): 500 concurrent
+    ``set`` calls through MultiLevelCache stored 32, the rest dropped as a degraded tier.
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class RedisCache:
         socket_timeout: float = 0.5,
         connect_timeout: float = 0.5,
         max_connections: int = 32,
+        pool_timeout: float = 1.0,
         failure_threshold: int = 3,
         recovery_time: float = 1.0,
         name: str = "redis",
@@ -169,6 +174,14 @@ class RedisCache:
             recovery_time=recovery_time,
             timer=timer,
         )
+        if max_connections < 1 or pool_timeout <= 0:
+            raise ConfigError(
+                f"max_connections must be >= 1 and pool_timeout > 0, got {max_connections} "
+                f"and {pool_timeout}"
+            )
+        self.pool_timeout = pool_timeout
+        self._slots = asyncio.Semaphore(max_connections)  # see the class docstring
+        self._slots_total = max_connections
         self._socket_timeout = socket_timeout
         self._connect_timeout = connect_timeout
         common: dict[str, Any] = {
@@ -219,10 +232,27 @@ class RedisCache:
 
     async def _run(self, op: str, coro: Coroutine[Any, Any, T]) -> T:
         """Run one Redis call through the breaker, timing it and mapping errors to TierError
-        (a RedisError is the server answering with an error: not an outage)."""
-        return await self._m.timed(
-            self.breaker.run(f"redis {op}", coro, outage=_CONNECTION_ERRORS, answered=(RedisError,))
-        )
+        (a RedisError is the server answering with an error: not an outage). At most
+        ``max_connections`` run at once; the others wait here for a connection."""
+        if self._slots.locked():
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self.pool_timeout)
+            except TimeoutError:
+                coro.close()
+                raise TierError(
+                    f"redis {op}: all {self._slots_total} connections busy for "
+                    f"{self.pool_timeout:g} s"
+                ) from None
+        else:
+            await self._slots.acquire()
+        try:
+            return await self._m.timed(
+                self.breaker.run(
+                    f"redis {op}", coro, outage=_CONNECTION_ERRORS, answered=(RedisError,)
+                )
+            )
+        finally:
+            self._slots.release()
 
     async def _decode_hits(self, keys: Sequence[str], raws: Sequence[Any]) -> dict[str, Any]:
         """Decode what was found for ``keys`` (None: absent) and count hits and misses.
