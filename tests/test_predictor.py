@@ -213,6 +213,45 @@ async def test_redis_tier(redis_url: str) -> None:
     assert model.items == 51
 
 
+async def test_a_fresh_process_never_serves_what_another_invalidated(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Keys embed the model's generation: a new Predictor must load it before its first key,
+    whether or not anyone called start(). It used to build the first key with generation 0 and
+    answer from Redis what another process had invalidated."""
+    from infercache.tiers.redis import RedisCache
+    from infercache.tiers.sql import SQLCache
+
+    model = CountingModel()
+    runner = counting_runner(model, version="gen-test")
+    ns = f"g-{np.random.default_rng().integers(1 << 30)}"
+
+    def make() -> MultiLevelCache:
+        return MultiLevelCache([
+            MemoryCache(),
+            RedisCache(redis_url, namespace=ns, socket_timeout=5.0),
+            SQLCache(f"sqlite:///{tmp_path}/gen.db", namespace=ns),
+        ])  # fmt: skip
+
+    first = make()
+    p1 = Predictor(runner, first)  # no start(), no async with: lazily, as the README shows
+    for x in ([1, 1, 1, 1], [2, 2, 2, 2]):
+        assert (await p1.predict(x)).tier is None
+    await first.invalidate(namespace="sum")
+    await p1.close()
+    await first.close()
+    for started, x in ((False, [1, 1, 1, 1]), (True, [2, 2, 2, 2])):
+        cache = make()
+        p = Predictor(runner, cache)
+        if started:
+            await p.start()
+        again = await p.predict(x)
+        assert again.tier is None and not again.cached, (started, again.tier)
+        await p.close()
+        await cache.close()
+    assert model.items == 4
+
+
 async def test_cancelled_callers_are_dropped_and_followers_survive_the_leader() -> None:
     model = CountingModel()
     async with Predictor(counting_runner(model), MemoryCache()) as p:

@@ -186,6 +186,9 @@ class Predictor:
         }
         self._hits: dict[str, int] = {}
         self._closed = False
+        # Keys embed the cache's generations, which a fresh process must load before building
+        # its first key: else it would read entries an invalidation in another process retired.
+        self._cache_started = cache is None or not callable(getattr(cache, "start", None))
         # request bytes (BLAKE3-128 digest) -> (namespace, key); see lookup_raw()
         self._raw_index: MemoryCache | None = (
             MemoryCache(raw_index_size, policy="lru", name=f"{runner.name}-raw-index")
@@ -277,6 +280,8 @@ class Predictor:
     async def _predict_validated(
         self, item: Any, st: StageTimer, use_cache: bool, deadline: float | None
     ) -> Prediction:
+        if not self._cache_started:
+            await self._start_cache()
         ns = self.namespace()
         key = fingerprint(item, namespace=ns)
         st.mark("key")
@@ -443,8 +448,15 @@ class Predictor:
 
     # -- lifecycle and stats ---------------------------------------------------------------------
 
+    async def _start_cache(self) -> None:
+        await self.cache.start()  # idempotent; loads the generations (see __init__)
+        self._cache_started = True
+
     async def start(self) -> Predictor:
-        """Start the batchers now (they also start lazily on the first request)."""
+        """Start the cache (its generations) and the batchers now; they also start lazily on the
+        first request."""
+        if not self._cache_started:
+            await self._start_cache()
         await self.batcher.start()
         for b in (self._lookup, self._writer):
             if b is not None:
