@@ -124,6 +124,72 @@ def test_invalid_arguments() -> None:
             StreamProcessor(**kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"size": "5"}, TypeError, "size"),
+        ({"size": True}, TypeError, "size"),
+        ({"size": 2.5}, TypeError, "size"),
+        ({"window": None}, TypeError, "window"),
+        ({"window": "sliding", "step": "2"}, TypeError, "step"),
+        ({"window": "time", "duration": "1"}, TypeError, "duration"),
+        ({"window": "time", "duration": float("nan")}, ValueError, "duration"),
+        ({"window": "time", "duration": -1.0}, ValueError, "duration"),
+        ({"idle_timeout": "1"}, TypeError, "idle_timeout"),
+        ({"idle_timeout": float("inf")}, ValueError, "idle_timeout"),
+        ({"max_buffer": 8.0}, TypeError, "max_buffer"),
+        # arguments the chosen window kind would silently ignore
+        ({"window": "count", "duration": 1.0}, ValueError, "duration"),
+        ({"window": "sliding", "duration": 1.0}, ValueError, "duration"),
+        ({"window": "count", "step": 2}, ValueError, "step"),
+        ({"window": "time", "duration": 1.0, "step": 2}, ValueError, "step"),
+        # a predictor and fn: fn would be ignored
+        ({"predictor": object(), "fn": double}, ValueError, "fn"),
+        ({"predictor": object()}, TypeError, "predictor"),
+        ({"fn": 3}, TypeError, "fn"),
+        ({"extract": None}, TypeError, "extract"),
+        ({"publish": "hub"}, TypeError, "publish"),
+    ],
+)
+def test_bad_arguments_fail_at_construction_naming_the_argument(
+    kwargs: dict[str, Any], error: type[Exception], name: str
+) -> None:
+    with pytest.raises(error, match=rf"\b{name}\b"):
+        StreamProcessor(**kwargs)
+
+
+def test_good_arguments_are_accepted_and_normalised() -> None:
+    import numpy as np
+
+    proc = StreamProcessor(window="sliding", size=np.int64(3), step=2)  # type: ignore[arg-type]
+    assert proc.size == 3 and type(proc.size) is int and proc.step == 2
+    # the server passes its size setting to every window kind; a time window ignores it
+    proc = StreamProcessor(window="time", size=10, duration=1, idle_timeout=None)
+    assert proc.duration == 1.0 and proc.idle_timeout is None
+
+
+async def test_fn_that_fails_is_reported_in_its_window_and_the_stream_goes_on() -> None:
+    def flaky(xs: list[dict[str, Any]]) -> list[int]:
+        values = [x["value"] for x in xs]
+        if 5 in values:
+            raise ValueError("model rejected the batch")
+        if 9 in values:
+            return [v * 2 for v in values][:-1]  # one output short
+        return [v * 2 for v in values]
+
+    proc = StreamProcessor(fn=flaky, window="count", size=4, idle_timeout=None)
+    results = await collect(proc, numbers(12))
+    assert [r.outputs for r in results] == [[0, 2, 4, 6], [None] * 4, [None] * 4]
+    assert results[0].errors == {}
+    # the Predictor path's shape: "<code or type>: <message>" for every item of the call
+    assert results[1].errors == dict.fromkeys(range(4), "ValueError: model rejected the batch")
+    assert results[1].summary["errors"] == 4 and results[1].summary["mean_output"] is None
+    assert results[2].errors == dict.fromkeys(
+        range(4), "ValueError: fn returned 3 outputs for 4 inputs"
+    )
+    assert results[2].to_dict()["errors"]["0"].startswith("ValueError")
+
+
 # --------------------------------------------------------------------------- Redis Streams
 
 _CHILD = r"""
@@ -216,4 +282,67 @@ async def test_redis_stream_restarted_consumer_rereads_its_own_pending(redis_url
     assert list(r.errors.values()) == [r.errors[6]] and "invalid JSON" in r.errors[6]
     assert (await client.xpending(stream, "g"))["pending"] == 0
     assert await again.pending() == 0
+    await client.aclose()
+
+
+async def test_redis_stream_window_whose_fn_fails_is_acknowledged_and_the_worker_goes_on(
+    redis_url: str,
+) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    stream = "infercache:test:fnfail"
+    for i in range(6):
+        await client.xadd(stream, {"data": json.dumps(i)})
+
+    async def model(xs: list[int]) -> list[int]:
+        if 2 in xs:
+            raise RuntimeError("out of memory")
+        return [x * 2 for x in xs]
+
+    source = RedisStreamSource(client, stream, "g", "c1", block_ms=50, stop_when_empty=True)
+    proc = StreamProcessor(fn=model, window="count", size=2, idle_timeout=None)
+    results = [r async for r in proc.process(source)]
+    assert [r.outputs for r in results] == [[0, 2], [None, None], [8, 10]]
+    assert results[1].errors == {0: "RuntimeError: out of memory", 1: "RuntimeError: out of memory"}
+    # reported, not retried forever: the failed window's entries are acknowledged too
+    assert source.acked == 6
+    assert (await client.xpending(stream, "g"))["pending"] == 0
+    await client.aclose()
+
+
+async def test_redis_stream_idle_claim_takes_dead_consumers_entries_not_its_own_in_flight(
+    redis_url: str,
+) -> None:
+    """An idle stream runs XAUTOCLAIM; it must not hand this consumer's own unacknowledged
+    entries (still in its open window) back to it -- that duplicated them in the window."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    stream = "infercache:test:selfclaim"
+    for i in range(3):
+        await client.xadd(stream, {"data": json.dumps(i)})
+    source = RedisStreamSource(client, stream, "g", "c1", block_ms=50, claim_min_idle_ms=100,
+                               claim_interval=0.05)  # fmt: skip
+    await source.ensure_group()
+    await client.xreadgroup("g", "dead", {stream: ">"}, count=1)  # entry 0: a crashed consumer's
+    await asyncio.sleep(0.15)  # idle past claim_min_idle_ms
+
+    async def feed_later() -> None:
+        # long enough for c1's own entries 1 and 2 to go idle through several claim passes
+        await asyncio.sleep(0.6)
+        await client.xadd(stream, {"data": json.dumps(3)})
+
+    feeder = asyncio.create_task(feed_later())
+    proc = StreamProcessor(window="count", size=4, idle_timeout=None)
+    results = []
+    async for r in proc.process(source):
+        results.append(r)
+        source.stop_when_empty = True  # end at the next empty read; acks this window first
+    await feeder
+    (r,) = results
+    assert r.outputs == [0, 1, 2, 3]
+    assert len(set(r.ids)) == 4
+    assert source.claimed == 1  # the dead consumer's entry, and nothing of c1's own
+    assert (await client.xpending(stream, "g"))["pending"] == 0
     await client.aclose()

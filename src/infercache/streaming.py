@@ -12,7 +12,8 @@ timeout, and produced mock results. This one keeps the ideas and makes them depe
   concurrently, so repeated items are cache hits and misses reach the model in batches; each
   window yields one :class:`WindowResult` with per-item outputs and a summary (count, cache hits,
   errors, latency, mean output). An item that fails (bad input) is reported in the result; it does
-  not sink the window.
+  not sink the window. With ``fn=`` instead of a Predictor, a call that raises is reported for
+  every item of its window, and the stream goes on with the next one.
 - **Backpressure.** A reader task fills a bounded queue (``max_buffer``); results are produced only
   as fast as the consumer of :meth:`StreamProcessor.process` (or the ``sink`` of
   :meth:`StreamProcessor.run`) takes them. A slow sink therefore stops the reader -- and, for a
@@ -22,7 +23,8 @@ timeout, and produced mock results. This one keeps the ideas and makes them depe
   handed on and the consumer asked for the next one. A consumer that crashes leaves its entries
   pending; on start and every ``claim_interval`` seconds each consumer first re-reads its own
   pending entries, then takes over other consumers' entries idle longer than
-  ``claim_min_idle_ms`` with ``XAUTOCLAIM``. Nothing is lost; an entry may be processed twice
+  ``claim_min_idle_ms`` with ``XAUTOCLAIM`` (never the entries it holds itself, in an open window
+  and not acknowledged yet). Nothing is lost; an entry may be processed twice
   (at-least-once), which the cache makes cheap.
 - **Publishing.** ``publish`` (for instance ``lambda r: hub.publish("topic", r)`` with the server's
   broadcast hub) receives every result as a dict; WebSocket subscribers of the topic get it.
@@ -34,6 +36,8 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import math
+import numbers
 import time
 from collections import deque
 from collections.abc import (
@@ -102,6 +106,30 @@ def default_extract(value: Any) -> Any:
     return value
 
 
+def _error_text(exc: BaseException) -> str:
+    """How a failed item is reported: the error's ``code`` (InfercacheErrors) or its type, and
+    its message."""
+    return f"{getattr(exc, 'code', type(exc).__name__)}: {exc}"
+
+
+def _check_int(name: str, value: Any) -> None:
+    """``value`` is an integer >= 1 (bool is not: ``size=True`` is a mistake, not 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, not {value!r}")
+
+
+def _check_seconds(name: str, value: Any, *, none_hint: bool = False) -> None:
+    """``value`` is a finite number of seconds > 0 (NaN would pass a ``<= 0`` test and then
+    never expire; infinity never expires either)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        hint = " (None: never)" if none_hint else ""
+        raise ValueError(f"{name} must be a finite number of seconds > 0{hint}, not {value!r}")
+
+
 def _mean_output(outputs: Sequence[Any]) -> Any:
     """Element-wise mean of numeric outputs of one shape; None when they are not numeric."""
     values = [o for o in outputs if o is not None]
@@ -123,11 +151,13 @@ class StreamProcessor:
     Args:
         predictor: a Predictor (``await predict(x)`` returning a Prediction); or None with ``fn``.
         fn: instead of a predictor, ``fn(list_of_inputs) -> list_of_outputs`` (sync or async).
-            With neither, outputs are the extracted inputs themselves (pure windowing).
+            With neither, outputs are the extracted inputs themselves (pure windowing). A call
+            that raises (or returns the wrong number of outputs) is reported as the error of
+            every item it was given; the stream goes on with the next window.
         window: ``"count"``, ``"time"`` or ``"sliding"``.
-        size: items per count window, or the sliding window's length.
-        step: new items between sliding windows (default 1).
-        duration: seconds per time window.
+        size: items per count window, or the sliding window's length (time windows ignore it).
+        step: new items between sliding windows (default 1; sliding windows only).
+        duration: seconds per time window (time windows only, and required there).
         idle_timeout: flush the open window after this many seconds without input (None: never).
         extract: item payload -> model input (default: ``payload["input"]`` for dicts that have
             it, else the payload).
@@ -153,33 +183,86 @@ class StreamProcessor:
         publish: Callable[[dict[str, Any]], Any] | None = None,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
-        if window not in ("count", "time", "sliding"):
-            raise ValueError("window must be 'count', 'time' or 'sliding'")
-        if size < 1:
-            raise ValueError("size must be >= 1")
-        if window == "time" and (duration is None or duration <= 0):
-            raise ValueError("a time window needs duration > 0")
-        if step is not None and step < 1:
-            raise ValueError("step must be >= 1")
-        if idle_timeout is not None and idle_timeout <= 0:
-            raise ValueError("idle_timeout must be > 0 or None")
-        if max_buffer < 1:
-            raise ValueError("max_buffer must be >= 1")
+        self._validate(
+            predictor=predictor,
+            fn=fn,
+            window=window,
+            size=size,
+            step=step,
+            duration=duration,
+            idle_timeout=idle_timeout,
+            extract=extract,
+            summarize=summarize,
+            max_buffer=max_buffer,
+            publish=publish,
+            timer=timer,
+        )
         self.predictor = predictor
         self.fn = fn
         self.window = window
-        self.size = size
-        self.step = step or 1
-        self.duration = duration
-        self.idle_timeout = idle_timeout
+        self.size = int(size)
+        self.step = 1 if step is None else int(step)
+        self.duration = None if duration is None else float(duration)
+        self.idle_timeout = None if idle_timeout is None else float(idle_timeout)
         self.extract = extract
         self.summarize = summarize
-        self.max_buffer = max_buffer
+        self.max_buffer = int(max_buffer)
         self.publish = publish
         self.timer = timer
         self._seq = itertools.count()
         self.windows = 0
         self.items = 0
+
+    @staticmethod
+    def _validate(
+        *,
+        predictor: Any,
+        fn: Any,
+        window: Any,
+        size: Any,
+        step: Any,
+        duration: Any,
+        idle_timeout: Any,
+        extract: Any,
+        summarize: Any,
+        max_buffer: Any,
+        publish: Any,
+        timer: Any,
+    ) -> None:
+        """Reject bad arguments here, naming them: otherwise a wrong type fails windows later
+        (inside the reader or at the first comparison) and an argument that does not apply to
+        the window kind is silently ignored, so the caller never learns the window is not the
+        one they asked for."""
+        if not isinstance(window, str):
+            raise TypeError(f"window must be a str, not {type(window).__name__}")
+        if window not in ("count", "time", "sliding"):
+            raise ValueError(f"window must be 'count', 'time' or 'sliding', not {window!r}")
+        _check_int("size", size)
+        if step is not None:
+            _check_int("step", step)
+            if window != "sliding":
+                raise ValueError(f"step applies to sliding windows only, not to window={window!r}")
+        if window == "time":
+            if duration is None:
+                raise ValueError("a time window needs duration (seconds > 0)")
+            _check_seconds("duration", duration)
+        elif duration is not None:
+            raise ValueError(f"duration applies to time windows only, not to window={window!r}")
+        if idle_timeout is not None:
+            _check_seconds("idle_timeout", idle_timeout, none_hint=True)
+        _check_int("max_buffer", max_buffer)
+        if predictor is not None and fn is not None:
+            raise ValueError("give a predictor or fn, not both (fn would be ignored)")
+        if predictor is not None and not callable(getattr(predictor, "predict", None)):
+            raise TypeError(
+                f"predictor must have a predict(x) method; {type(predictor).__name__} has none"
+            )
+        for name, value in (("fn", fn), ("summarize", summarize), ("publish", publish)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be callable or None, not {type(value).__name__}")
+        for name, value in (("extract", extract), ("timer", timer)):
+            if not callable(value):
+                raise TypeError(f"{name} must be callable, not {type(value).__name__}")
 
     # -- the public loops ----------------------------------------------------------------------
 
@@ -330,7 +413,7 @@ class StreamProcessor:
                 if isinstance(r, BaseException):
                     if isinstance(r, asyncio.CancelledError):
                         raise r
-                    errors[i] = f"{getattr(r, 'code', type(r).__name__)}: {r}"
+                    errors[i] = _error_text(r)
                     outputs.append(None)
                     cached.append(False)
                 else:
@@ -338,10 +421,21 @@ class StreamProcessor:
                     cached.append(bool(r.cached))
             return outputs, cached, errors
         if self.fn is not None:
-            res = self.fn(inputs)
-            if inspect.isawaitable(res):
-                res = await res
-            return list(res), [False] * len(inputs), errors
+            try:
+                res = self.fn(inputs)
+                if inspect.isawaitable(res):
+                    res = await res
+                outs = list(res)
+                if len(outs) != len(inputs):
+                    raise ValueError(f"fn returned {len(outs)} outputs for {len(inputs)} inputs")
+            except Exception as exc:
+                # One failing call must not end the stream (and, for a Redis Stream, stop the
+                # worker with the entries pending, to fail again on every restart): it is
+                # reported like a Predictor's per-item failure, for every item of the call.
+                # CancelledError is not an Exception and still propagates.
+                n = len(inputs)
+                return [None] * n, [False] * n, dict.fromkeys(range(n), _error_text(exc))
+            return outs, [False] * len(inputs), errors
         return list(inputs), [False] * len(inputs), errors
 
     async def _emit(self, items: list[StreamItem], reason: str) -> WindowResult:
@@ -407,6 +501,11 @@ async def _ack(ack: Callable[[list[str]], Awaitable[Any]] | None, items: list[St
         await ack(ids)
 
 
+def _entry_id(entry_id: Any) -> str:
+    """A Redis entry id as str (redis-py returns bytes): the form acks and the in-flight set use."""
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
 class RedisStreamSource:
     """A Redis Stream read in a consumer group (``XREADGROUP``), acknowledged after processing.
 
@@ -420,7 +519,8 @@ class RedisStreamSource:
             map (decoded as UTF-8 strings).
         count: entries per XREADGROUP / XAUTOCLAIM call.
         block_ms: how long one XREADGROUP waits for new entries.
-        claim_min_idle_ms: pending entries of other consumers idle this long are taken over.
+        claim_min_idle_ms: pending entries of other consumers idle this long are taken over
+            (entries this source delivered and has not acknowledged yet are never re-delivered).
         claim_interval: seconds between XAUTOCLAIM passes.
         stop_when_empty: end the iteration when nothing is new and nothing is claimable (batch
             jobs, tests); otherwise iterate forever.
@@ -461,6 +561,10 @@ class RedisStreamSource:
         self.stop_when_empty = stop_when_empty
         self.acked = 0
         self.claimed = 0
+        # Entries this source delivered and nobody acknowledged yet: they sit in an open window
+        # (or the read-ahead queue) and are acked with it. XAUTOCLAIM cannot leave out our own
+        # consumer, so its passes skip these instead of delivering them a second time.
+        self._in_flight: set[str] = set()
 
     async def ensure_group(self) -> None:
         """Create the consumer group (and the stream) unless it exists."""
@@ -473,7 +577,8 @@ class RedisStreamSource:
                 raise
 
     def _item(self, entry_id: Any, fields: dict[Any, Any] | None) -> StreamItem:
-        eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        eid = _entry_id(entry_id)
+        self._in_flight.add(eid)
         if fields is None:  # deleted while pending
             return StreamItem(None, eid, "entry was deleted")
         raw = fields.get(self.field)
@@ -522,6 +627,11 @@ class RedisStreamSource:
             )
             cursor, entries = resp[0], resp[1]
             for entry_id, fields in entries:
+                # Ours and still in a window: already delivered, acked with that window. (The
+                # pass did reset its idle time, which keeps other consumers from taking an
+                # entry a live consumer holds in a slow-filling window.)
+                if _entry_id(entry_id) in self._in_flight:
+                    continue
                 self.claimed += 1
                 yield self._item(entry_id, fields)
             # An empty page with a non-zero cursor is possible: keep scanning until 0-0.
@@ -530,6 +640,9 @@ class RedisStreamSource:
 
     async def __aiter__(self) -> AsyncIterator[StreamItem]:
         await self.ensure_group()
+        # A new iteration re-reads all of our pending entries (below): whatever an earlier one
+        # delivered and never acknowledged is no longer held by anyone.
+        self._in_flight.clear()
         async for item in self._own_pending():
             yield item
         async for item in self._claim():
@@ -562,6 +675,7 @@ class RedisStreamSource:
             return 0
         n = int(await self.redis.xack(self.stream, self.group, *ids))
         self.acked += n
+        self._in_flight.difference_update(ids)
         return n
 
     async def pending(self) -> int:
