@@ -398,3 +398,43 @@ async def test_generations_survive_redis_restart(fresh_redis: Any, tmp_path: Pat
         assert await c.get(k(c.generation("m"))) is None
     finally:
         await c.close()
+
+
+async def test_a_value_no_tier_can_encode_does_not_stop_the_writes_behind_it(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A model output msgpack cannot hold (a datetime, an int beyond 64 bits) once failed its
+    write-behind batch, was retried, and held every later write behind it: the SQLite L3 stored
+    nothing more. Now it stays in L1 only, counted, and the rest is written."""
+    import datetime
+
+    from infercache.errors import EncodeError
+
+    ns = f"enc{next(_ns)}"
+    redis = RedisCache(redis_url, namespace=ns, socket_timeout=5.0)
+    sql = SQLCache(f"sqlite:///{tmp_path}/l3.db", namespace=ns, purge_interval=None)
+    cache = MultiLevelCache([MemoryCache(), redis, sql], write="behind", close_tiers=False)
+    odd = {"at": datetime.datetime(2024, 1, 1), "big": 2**70}
+    await cache.set_many({"odd": odd, "before": 1})
+    assert await cache.get("odd") == odd  # L1 has it
+    for i in range(20):
+        await cache.set(f"after{i}", i)
+    await cache.close()
+    try:
+        want = {"before": 1, **{f"after{i}": i for i in range(20)}}
+        for tier in (redis, sql):
+            assert await tier.get_many([*want, "odd"]) == want
+        wb = cache.health()["write_behind"]
+        assert wb["unencodable"] == 2 and wb["retrying"] == 0  # one value, two tiers
+        # the tiers themselves: the others written, the odd one named
+        for tier in (redis, sql):
+            try:
+                await tier.set_many({"x": 1, "y": odd})
+            except EncodeError as exc:
+                assert exc.keys == ("y",)
+            else:
+                raise AssertionError("no EncodeError")
+            assert await tier.get("x") == 1 and await tier.get("y") is None
+    finally:
+        await redis.close()
+        await sql.close()

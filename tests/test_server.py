@@ -26,6 +26,7 @@ _seed = itertools.count(1000)
 
 FACTORY = textwrap.dedent(
     """
+    import datetime
     import numpy as np
     from infercache.models import ModelRunner
 
@@ -34,6 +35,28 @@ FACTORY = textwrap.dedent(
 
     def make():
         return ModelRunner(total, name="summer", version="v1")
+
+    def odd(batch):
+        out = []
+        for x in batch:
+            k = int(np.asarray(x).ravel()[0])
+            if k == 0:  # JSON can carry it, msgpack (the tiers' codec) cannot
+                out.append({"at": datetime.datetime(2024, 1, 1), "k": k})
+            elif k == 1:  # msgpack and JSON both cannot
+                out.append(2**70)
+            elif k == 2:  # an interpreter error carrying a traceback with server paths
+                raise RuntimeError(
+                    "The following operation failed in the interpreter.\\n"
+                    "Traceback (most recent call last):\\n"
+                    '  File "/srv/secret/model.py", line 3, in forward\\n'
+                    "RuntimeError: boom"
+                )
+            else:
+                out.append({"k": k})
+        return out
+
+    def make_odd():
+        return ModelRunner(odd, name="odd", version="v1")
     """
 )
 
@@ -51,6 +74,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = ServerProcess.infercache(
         "--model", "mlp=demo",
         "--model", "sum=mymodels:make",
+        "--model", "odd=mymodels:make_odd",
         "--admin-token", ADMIN,
         "--sql-url", f"sqlite:///{workdir / 'l3.db'}",
         "--max-inputs", "8",
@@ -90,11 +114,11 @@ def assert_error(resp: httpx.Response, status: int, code: str) -> dict[str, Any]
 # --------------------------------------------------------------------------- predictions
 
 
-async def test_models_lists_both_models(http: httpx.AsyncClient) -> None:
+async def test_models_lists_every_model(http: httpx.AsyncClient) -> None:
     resp = await http.get("/v1/models")
     assert resp.status_code == 200
     models = {m["name"]: m for m in resp.json()["models"]}
-    assert set(models) == {"mlp", "sum"}
+    assert set(models) == {"mlp", "sum", "odd"}
     assert models["sum"]["version"] == "v1"
     assert models["mlp"]["version"]
     assert models["mlp"]["input_spec"]
@@ -273,7 +297,7 @@ async def test_admin_stats(http: httpx.AsyncClient) -> None:
     resp = await http.get("/v1/cache/stats", headers={"Authorization": f"Bearer {ADMIN}"})
     assert resp.status_code == 200
     stats = resp.json()
-    assert set(stats["models"]) == {"mlp", "sum"}
+    assert set(stats["models"]) == {"mlp", "sum", "odd"}
     assert stats["models"]["mlp"]["batcher"]["items"] >= 1
     assert "l1" in stats["cache"]["tiers"]
 
@@ -345,6 +369,43 @@ async def test_metrics(http: httpx.AsyncClient) -> None:
     assert "infercache_write_behind_retrying 0.0" in text
 
 
+async def test_odd_model_outputs_are_answered_and_never_block_the_l3(
+    http: httpx.AsyncClient,
+) -> None:
+    ok = await http.post("/v1/models/odd/predict", json={"input": [0]})
+    assert ok.status_code == 200 and ok.json()["output"] == {"at": "2024-01-01T00:00:00", "k": 0}
+    again = await http.post("/v1/models/odd/predict", json={"input": [0]})
+    assert again.json()["cached"] is True  # from L1: the SQLite L3 cannot hold a datetime
+    # JSON cannot carry an int beyond 64 bits: the model's fault, said so, not internal_error
+    err = assert_error(await http.post("/v1/models/odd/predict", json={"input": [1]}), 500,
+                       "model_error")  # fmt: skip
+    assert "cannot be encoded as JSON" in err["message"]
+    # an interpreter's traceback stays in the server's log
+    err = assert_error(await http.post("/v1/models/odd/predict", json={"input": [2]}), 500,
+                       "model_error")  # fmt: skip
+    assert "/srv/secret" not in err["message"] and "\n" not in err["message"]
+    assert err["message"].endswith("RuntimeError: boom")
+    # the unencodable value was dropped from the L3's queue, and later writes still land there
+    for k in range(10, 20):
+        await http.post("/v1/models/odd/predict", json={"input": [k]})
+
+    async def flushed() -> bool:
+        text = (await http.get("/metrics")).text
+        # two values: the datetime, and 2**70, which msgpack cannot hold either
+        return "infercache_write_behind_unencodable_total 2.0" in text and (
+            "infercache_write_behind_queue_depth 0.0" in text
+        )
+
+    for _ in range(100):
+        if await flushed():
+            break
+        await asyncio.sleep(0.1)
+    text = (await http.get("/metrics")).text
+    assert "infercache_write_behind_unencodable_total 2.0" in text
+    assert "infercache_write_behind_retrying 0.0" in text
+    assert 'infercache_tier_errors_total{tier="sqlite"} 0.0' in text
+
+
 async def test_dashboard_and_docs(http: httpx.AsyncClient) -> None:
     page = await http.get("/dashboard")
     assert page.status_code == 200 and "<canvas" in page.text
@@ -355,7 +416,7 @@ async def test_dashboard_and_docs(http: httpx.AsyncClient) -> None:
     assert (await http.get("/docs")).status_code == 200
     schema = (await http.get("/openapi.json")).json()
     assert "/v1/models/{name}/predict" in schema["paths"]
-    assert (await http.get("/")).json()["models"] == ["mlp", "sum"]
+    assert (await http.get("/")).json()["models"] == ["mlp", "sum", "odd"]
 
 
 async def test_a_tier_that_does_not_answer_is_named_at_start(tmp_path: Path) -> None:

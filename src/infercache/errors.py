@@ -30,10 +30,14 @@ class DecodeError(InfercacheError, ValueError):
 
 
 class EncodeError(InfercacheError, TypeError):
-    """A value cannot be encoded by the safe codec (an unsupported type, say)."""
+    """A value cannot be encoded by the safe codec (an unsupported type, say).
+
+    From a tier's ``set_many``, ``keys`` names the values left out; the others were written.
+    """
 
     code = "encode_error"
     http_status = 500
+    keys: tuple[str, ...] = ()
 
 
 class InputError(InfercacheError, ValueError):

@@ -19,8 +19,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from infercache.errors import Overloaded
-from infercache.multilevel.slots import Slot, each_remote, eff_ttl, set_items
+from infercache.errors import EncodeError, Overloaded
+from infercache.multilevel.slots import Slot, each_remote, eff_ttl, log_tier_error, set_items
 from infercache.tiers.base import MISSING
 
 __all__ = ["QueueFull", "WriteBehind", "write_now"]
@@ -81,7 +81,16 @@ class WriteBehind:
         self._flush_idle: asyncio.Event | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.counters: dict[str, int] = dict.fromkeys(
-            ("enqueued", "flushed", "batches", "full_waits", "full_errors", "full_through"), 0
+            (
+                "enqueued",
+                "flushed",
+                "batches",
+                "full_waits",
+                "full_errors",
+                "full_through",
+                "unencodable",
+            ),
+            0,
         )
 
     # ----------------------------------------------------------------- what waits
@@ -226,6 +235,7 @@ class WriteBehind:
             "full_waits": c["full_waits"],
             "full_errors": c["full_errors"],
             "full_through": c["full_through"],
+            "unencodable": c["unencodable"],
             "retrying": sum(len(slot.retry) for slot in self._slots),
             "retries": self.retries,
         }
@@ -322,6 +332,8 @@ class WriteBehind:
                 return
             try:
                 await set_items(slot.tier, per)
+            except EncodeError as exc:
+                self._unencodable(slot, exc, len(per))  # the rest of the batch is written
             except Exception:
                 # The tier is down: keep its copy for retries; the other tiers have theirs.
                 slot.retry.failed_write(per, now)
@@ -340,10 +352,21 @@ class WriteBehind:
                 continue
             try:
                 await set_items(slot.tier, items)
+            except EncodeError as exc:
+                self._unencodable(slot, exc, len(items))
             except Exception:
                 buf.attempt_failed(time.monotonic())
                 raise
             buf.succeeded()
+
+    def _unencodable(self, slot: Slot, exc: EncodeError, tried: int) -> None:
+        """Values the tier's codec cannot hold were left out; the rest landed. Retrying cannot
+        help (the value will never encode) and must not hold up the writes behind it: drop
+        them from this tier (L1 keeps them), count them, and log (at most once a second). A
+        tier that names no keys (not built on ``tiers.base.encode_values``) lost all ``tried``."""
+        slot.retry.discard(exc.keys)
+        self.counters["unencodable"] += len(exc.keys) or tried
+        log_tier_error(slot, "write-behind", exc)
 
     async def _wait_flushing(self, keys: Iterable[str] | None) -> None:
         """Let an in-flight flush or retry holding these keys (None: any) land first."""

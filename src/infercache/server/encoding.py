@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from infercache.errors import ModelError
+
 _OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
@@ -34,8 +36,15 @@ def _default(obj: Any) -> Any:
 
 
 def dumps(obj: Any) -> bytes:
-    """Serialize ``obj`` to JSON bytes (NaN and infinities become null, as orjson does)."""
-    return orjson.dumps(obj, default=_default, option=_OPTS)
+    """Serialize ``obj`` to JSON bytes (NaN and infinities become null, as orjson does).
+
+    What JSON cannot carry at all (an int beyond 64 bits, an object of an unknown type) is the
+    model's output, not the client's input: a ModelError (500 ``model_error``, saying so)
+    rather than an unexplained ``internal_error``."""
+    try:
+        return orjson.dumps(obj, default=_default, option=_OPTS)
+    except orjson.JSONEncodeError as exc:
+        raise ModelError(f"the model's output cannot be encoded as JSON: {exc}") from exc
 
 
 loads = orjson.loads

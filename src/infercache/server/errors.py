@@ -78,6 +78,23 @@ def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
+_MAX_MESSAGE = 400
+
+
+def public_message(exc: InfercacheError) -> str:
+    """The message a client gets for ``exc``: one line, bounded. A TorchScript or ONNX error's
+    text carries the interpreter's traceback, with file paths of the server (measured: a
+    wrong-shape input to a ``.pt`` model answered the whole TorchScript traceback); the client
+    gets its first line and its last (the error itself), the log gets everything."""
+    text = str(exc) or exc.code
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        text = f"{lines[0]} ... {lines[-1]}"
+    if len(text) > _MAX_MESSAGE:
+        text = text[: _MAX_MESSAGE - 3] + "..."
+    return text
+
+
 def infercache_error_response(exc: InfercacheError) -> Response:
     """The response for an infercache exception, from its ``.code`` and ``.http_status``."""
     headers: dict[str, str] = {}
@@ -88,11 +105,10 @@ def infercache_error_response(exc: InfercacheError) -> Response:
     if exc.http_status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="infercache"'
     status = exc.http_status
-    message = str(exc) or exc.code
     if status >= 500 and status not in (503, 504):
         # Our own fault (a model that raised, an encode failure): log it, say little.
-        log.error("request failed: %s: %s", exc.code, message, exc_info=exc)
-    return error_response(status, exc.code, message, headers)
+        log.error("request failed: %s: %s", exc.code, exc, exc_info=exc)
+    return error_response(status, exc.code, public_message(exc), headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:

@@ -193,6 +193,13 @@ def _tier_metrics(health: Mapping[str, Any]) -> Iterator[Any]:
             g = GaugeMetricFamily(f"infercache_write_behind_{key}", f"Write-behind {text}")
             g.add_metric([], float(wb[key]))
             yield g
+    if "unencodable" in wb:
+        c = CounterMetricFamily(
+            "infercache_write_behind_unencodable",
+            "Values the tiers below L1 could not store (their codec cannot encode the type)",
+        )
+        c.add_metric([], float(wb["unencodable"]))
+        yield c
 
 
 class ServerMetrics:

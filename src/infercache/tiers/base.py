@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
-from infercache.errors import ConfigError, DecodeError, TierError
+from infercache.errors import ConfigError, DecodeError, EncodeError, TierError
 
 __all__ = [
     "MISSING",
@@ -146,6 +146,36 @@ def validate_ttl(ttl: float | None, *, what: str = "ttl") -> float | None:
 def ttl_ms(ttl: float) -> int:
     """Seconds to whole milliseconds for Redis PX, never rounding a positive TTL down to 0."""
     return max(1, math.ceil(ttl * 1000))
+
+
+def encode_values(
+    codec: Any, items: Mapping[str, tuple[Any, float | None]]
+) -> tuple[list[tuple[str, bytes, float | None]], EncodeError | None]:
+    """``(key, encoded value, ttl)`` for each pair (None values skipped: None means a miss), and
+    the EncodeError the tier raises *after* writing those: a value the codec cannot hold is left
+    out instead of failing the whole batch. One model output of an odd type (a datetime, an int
+    beyond 64 bits) used to fail every write-behind batch queued behind it, so the SQLite L3
+    stored nothing more for the life of the process."""
+    rows: list[tuple[str, bytes, float | None]] = []
+    bad: list[str] = []
+    first: EncodeError | None = None
+    for k, (v, t) in items.items():
+        if v is None:
+            continue
+        try:
+            rows.append((k, codec.encode(v), t))
+        except EncodeError as exc:
+            bad.append(k)
+            first = first or exc
+    if first is None:
+        return rows, None
+    named = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+    err = EncodeError(
+        f"{len(bad)} of {len(bad) + len(rows)} values cannot be encoded and were not written "
+        f"({first}); keys: {named}"
+    )
+    err.keys = tuple(bad)
+    return rows, err
 
 
 def consume_outcome(fut: asyncio.Future[Any]) -> None:

@@ -53,7 +53,14 @@ from redis.exceptions import (
 
 from infercache.codec import Codec
 from infercache.errors import ConfigError, TierError
-from infercache.tiers.base import MISSING, TierMetrics, escape_glob, ttl_ms, validate_ttl
+from infercache.tiers.base import (
+    MISSING,
+    TierMetrics,
+    encode_values,
+    escape_glob,
+    ttl_ms,
+    validate_ttl,
+)
 from infercache.tiers.breaker import CircuitBreaker
 
 __all__ = ["RedisCache"]
@@ -363,28 +370,28 @@ class RedisCache:
 
         A TTL of None here means "no expiry" (callers pass the effective TTL already).
         """
-        encoded = [
-            (self._k(k), self.codec.encode(v), None if t is None else ttl_ms(t))
-            for k, (v, t) in items.items()
-            if v is not None
-        ]
+        rows, unencodable = encode_values(self.codec, items)
+        encoded = [(self._k(k), raw, None if t is None else ttl_ms(t)) for k, raw, t in rows]
         if not encoded:
+            if unencodable is not None:
+                raise unencodable
             return
 
         if len(encoded) == 1:  # a pipeline costs more client CPU than one plain SET
             fk, raw, px = encoded[0]
             await self._run("SET", self._client.set(fk, raw, px=px))
-            self._m.sets += 1
-            return
+        else:
 
-        async def go() -> None:
-            pipe = self._client.pipeline(transaction=False)
-            for fk, raw, px in encoded:
-                pipe.set(fk, raw, px=px)
-            await pipe.execute()
+            async def go() -> None:
+                pipe = self._client.pipeline(transaction=False)
+                for fk, raw, px in encoded:
+                    pipe.set(fk, raw, px=px)
+                await pipe.execute()
 
-        await self._run("SET*", go())
+            await self._run("SET*", go())
         self._m.sets += len(encoded)
+        if unencodable is not None:
+            raise unencodable
 
     async def delete(self, key: str) -> bool:
         n = await self._run("UNLINK", self._client.unlink(self._k(key)))

@@ -39,7 +39,13 @@ from urllib.parse import urlsplit
 
 from infercache.codec import Codec
 from infercache.errors import ConfigError, TierError
-from infercache.tiers.base import MISSING, TierMetrics, consume_outcome, validate_ttl
+from infercache.tiers.base import (
+    MISSING,
+    TierMetrics,
+    consume_outcome,
+    encode_values,
+    validate_ttl,
+)
 from infercache.tiers.bloom import BloomFilter
 from infercache.tiers.breaker import CircuitBreaker
 
@@ -957,18 +963,18 @@ class SQLCache:
     async def set_many_with_ttl(self, items: Mapping[str, tuple[Any, float | None]]) -> None:
         """UPSERT pairs that carry their own TTL (None: no expiry) in one transaction."""
         now = self._timer()
+        encoded, unencodable = encode_values(self.codec, items)
         rows: list[Row] = []
-        for k, (v, t) in items.items():
-            if v is None:
-                continue
+        for k, raw, t in encoded:
             t = validate_ttl(t)
-            rows.append((k, self.codec.encode(v), None if t is None else now + t))
-        if not rows:
-            return
-        if self._filter is not None:  # before the write: a lookup must never miss a written row
-            self._filter.keys.add_many(r[0] for r in rows)
-        await self._guarded("upsert", lambda: self.backend.upsert(self.namespace, rows, now))
-        self._m.sets += len(rows)
+            rows.append((k, raw, None if t is None else now + t))
+        if rows:
+            if self._filter is not None:  # before the write: a lookup never misses a written row
+                self._filter.keys.add_many(r[0] for r in rows)
+            await self._guarded("upsert", lambda: self.backend.upsert(self.namespace, rows, now))
+            self._m.sets += len(rows)
+        if unencodable is not None:
+            raise unencodable
 
     async def delete(self, key: str) -> bool:
         return bool(await self.delete_many([key]))
