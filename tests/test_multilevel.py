@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from infercache.errors import ConfigError, Overloaded
 from infercache.multilevel import MultiLevelCache
+from infercache.tiers.base import MISSING
 from infercache.tiers.memory import MemoryCache
 from infercache.tiers.redis import RedisCache
 from infercache.tiers.sql import SQLCache
@@ -47,12 +48,14 @@ async def make(redis_url: str, tmp_path: Path) -> AsyncIterator[Factory]:
         l1_ttl: float | None = None,
         redis_ttl: float | None = None,
         sql: bool = True,
+        sql_file: str | None = None,
         **kw: Any,
     ) -> MultiLevelCache:
         tiers: list[Any] = [l1 if l1 is not None else MemoryCache(1000, ttl=l1_ttl)]
         tiers.append(RedisCache(redis_url, namespace="ml", ttl=redis_ttl, socket_timeout=5.0))
         if sql:
-            tiers.append(SQLCache(f"sqlite:///{db}", namespace="ml", purge_interval=None))
+            path = db if sql_file is None else tmp_path / sql_file  # one per host, or shared
+            tiers.append(SQLCache(f"sqlite:///{path}", namespace="ml", purge_interval=None))
         cache = MultiLevelCache(tiers, **kw)
         await cache.start()
         made.append(cache)
@@ -509,6 +512,36 @@ async def test_delete_and_invalidate_reach_other_l1s(make: Factory) -> None:
     await wait_until(lambda: "z" not in b.l1)
     assert await b.get("z") is None
     assert (await b.stats())["events"]["received"] >= 3
+
+
+async def test_invalidation_reaches_other_hosts_sqlite_and_their_queued_writes(
+    make: Factory, raw: aioredis.Redis
+) -> None:
+    """Two servers sharing Redis, each with its own SQLite L3: a delete on one used to leave the
+    other's L3 copy, which answered the next lookup and was promoted back into Redis; and the
+    other's queued write-behind copy would have put the old value back everywhere."""
+    a = await make(sql_file="a.db")
+    b = await make(sql_file="b.db", write="behind", write_behind_interval=60)
+    b_sql = b.tiers[2]
+    await b_sql.set_many({"k": "old", "q": "old"})  # copies only b's own L3 holds
+    await b.set("p", "old")  # queued for the slower tiers (the flush interval is a minute)
+    await a.delete_many(["k", "p"])
+
+    async def cleaned() -> bool:
+        return await b_sql.get("k") is None and b._wb.value("p") is MISSING
+
+    await wait_until(cleaned)
+    await b.flush()
+    assert await b.get("k") is None and await b.get("p") is None
+    assert await raw.exists("ml:k", "ml:p") == 0  # nothing came back into Redis
+    assert await b_sql.get("q") == "old"
+    await a.invalidate(all=True)
+
+    async def cleared() -> bool:
+        return await b_sql.get("q") is None
+
+    await wait_until(cleared)
+    assert await b.get("q") is None
 
 
 async def test_broadcast_sets_drop_stale_copies(make: Factory) -> None:

@@ -164,6 +164,11 @@ class MultiLevelCache:
                     coordinator = slot.tier
                     break
         self._coord: Coordinator | None = coordinator
+        # tiers this host alone reaches (an SQLite file): other processes' invalidation events
+        # are applied to them too (see _on_event); shared tiers were cleaned by the sender
+        self._private = [
+            s for s in self._remote if getattr(s.tier, "network_lookups", True) is False
+        ]
 
         self._started = False
         self._start_lock: asyncio.Lock | None = None
@@ -677,18 +682,42 @@ class MultiLevelCache:
             self._refresh.maybe(key, loader, ttl, remaining, tier, busy=busy)
 
     def _on_event(self, event: dict[str, Any]) -> None:
-        """Apply another process's invalidation to our L1 and generations."""
+        """Apply another process's invalidation to our L1, our private tiers and generations.
+
+        The sender deleted from the tiers it has; a tier only this host reaches (an SQLite
+        file) may hold its own copy, which would answer the next lookup and be promoted back
+        into the shared tiers (measured: two servers sharing Redis, each with its SQLite L3, an
+        invalidated entry was served from the other's L3 and reached Redis again 1.5 s later).
+        Generation bumps need nothing: keys built with the old generation are unreachable.
+        """
         kind = event.get("t")
         l1 = self._l1
-        if kind == "del" and l1 is not None:
-            for k in event.get("k", ()):
-                l1.delete(k)
-        elif kind == "clear" and l1 is not None:
-            l1.clear()
+        if kind == "del":
+            keys = [k for k in event.get("k", ()) if isinstance(k, str)]
+            if l1 is not None:
+                for k in keys:
+                    l1.delete(k)
+            self._bg.spawn(self._apply_remote_event(keys))
+        elif kind == "clear":
+            if l1 is not None:
+                l1.clear()
+            self._bg.spawn(self._apply_remote_event(None))
         elif kind == "gen":
             ns, gen = event.get("ns"), event.get("g")
             if isinstance(ns, str) and isinstance(gen, int):
                 self._generations.observe(ns, gen)
+
+    async def _apply_remote_event(self, keys: list[str] | None) -> None:
+        """The rest of another process's delete (``keys``) or clear (None): our queued
+        write-behind copies would put the old values back into every tier, shared ones too, and
+        our private tiers hold copies the sender cannot reach (see :meth:`_on_event`)."""
+        await (self._wb.clear() if keys is None else self._wb.forget(keys))
+        for slot in self._private:
+            try:
+                await (slot.tier.clear() if keys is None else slot.tier.delete_many(keys))
+            except Exception as exc:
+                slot.errors += 1
+                log_tier_error(slot, "invalidation", exc)
 
     async def _on_resync(self) -> None:
         """Events sent while we were disconnected are lost: drop L1 and re-read generations
