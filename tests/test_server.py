@@ -369,6 +369,19 @@ async def test_metrics(http: httpx.AsyncClient) -> None:
     assert "infercache_write_behind_retrying 0.0" in text
 
 
+async def test_error_metrics_count_stable_codes(http: httpx.AsyncClient) -> None:
+    """``infercache_errors_total{code}`` is labelled with the codes clients see, never with
+    bare HTTP statuses, on the fast predict path and on every other route alike."""
+    await http.post("/v1/models/mlp/predict", json={"input": [1.0]})  # fast path
+    await http.post("/v1/models/mlp/predict", json={"input": [1.0], "x": 1})  # FastAPI route
+    await http.get("/no/such/route")
+    await http.get("/v1/cache/stats")  # no token
+    text = (await http.get("/metrics")).text
+    for code in ("invalid_input", "invalid_request", "not_found", "unauthorized"):
+        assert f'infercache_errors_total{{code="{code}"}}' in text, code
+    assert not re.search(r'infercache_errors_total\{code="\d+"\}', text)
+
+
 async def test_odd_model_outputs_are_answered_and_never_block_the_l3(
     http: httpx.AsyncClient,
 ) -> None:

@@ -25,10 +25,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infercache import __version__
 from infercache.config import SERVE_SETTINGS_ENV, Settings, serve_settings_from_env
-from infercache.server.errors import install_error_handlers
+from infercache.server.errors import ERROR_CODE_SCOPE_KEY, install_error_handlers
 from infercache.server.fastpath import InfercacheApp
 from infercache.server.routes import router
-from infercache.server.service import Service, build_service, service_from_predictors
+from infercache.server.service import (
+    Service,
+    build_service,
+    load_models,
+    service_from_predictors,
+)
 from infercache.server.ws import websocket_endpoint
 
 log = logging.getLogger("infercache.server")
@@ -64,8 +69,11 @@ class _MetricsMiddleware:
             service = getattr(getattr(app, "state", None), "service", None)
             if service is not None:
                 service.metrics.observe_request(path, status, time.perf_counter() - start)
-                if status >= 400:
-                    service.metrics.errors.labels(str(status)).inc()
+                # an error response's stable code, noted by the handler that made it; answers
+                # that are not errors of the request (a 503 from /readyz) carry none
+                code = scope.get(ERROR_CODE_SCOPE_KEY)
+                if code is not None:
+                    service.metrics.errors.labels(code).inc()
 
 
 def create_app(
@@ -75,6 +83,7 @@ def create_app(
     cache: Any = None,
     monitor: Any = None,
     banner: bool = False,
+    runners: Sequence[Any] | None = None,
 ) -> FastAPI:
     """The infercache FastAPI app.
 
@@ -87,6 +96,7 @@ def create_app(
             the first predictor's ``cache``).
         monitor: a LatencyMonitor to report in stats.
         banner: print where the server listens and what it serves once started.
+        runners: with Settings, the models already loaded (``service.load_models``).
     """
     if isinstance(predictors, Settings):
         settings, predictors = predictors, None
@@ -96,7 +106,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if given is None:
-            service = await build_service(settings)
+            service = await build_service(settings, runners)
         else:
             service = service_from_predictors(given, settings, cache=cache, monitor=monitor)
         app.state.service = service
@@ -153,7 +163,11 @@ def app_from_env() -> FastAPI:
     With ``--workers N`` uvicorn imports the app in each worker process by name, so the validated
     settings travel through the environment rather than being re-parsed from flags.
     """
-    return create_app(serve_settings_from_env(), banner=True)
+    settings = serve_settings_from_env()
+    # The models load here rather than in the lifespan: a ConfigError (a model that does not
+    # load, two models under one name) then reaches `infercache serve`, which prints it on one
+    # line and exits 2, where the lifespan's became uvicorn's traceback and exit code 3.
+    return create_app(settings, banner=True, runners=load_models(settings))
 
 
 def run(settings: Settings) -> None:

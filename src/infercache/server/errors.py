@@ -119,30 +119,43 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+#: where an error handler notes the error code of its response, for the metrics middleware
+#: (which sees only the status): ``infercache_errors_total{code}`` counts stable codes
+ERROR_CODE_SCOPE_KEY = "infercache.error"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register handlers so that no error, expected or not, leaves without a JSON body."""
 
+    def noted(request: Request, code: str, response: Response) -> Response:
+        request.scope[ERROR_CODE_SCOPE_KEY] = code
+        return response
+
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        resp = error_response(exc.status, exc.code, exc.message, exc.headers)
+        return noted(request, exc.code, resp)
 
     async def on_infercache_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, InfercacheError)
-        return infercache_error_response(exc)
+        return noted(request, exc.code, infercache_error_response(exc))
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return error_response(422, "invalid_request", _validation_message(exc))
+        resp = error_response(422, "invalid_request", _validation_message(exc))
+        return noted(request, "invalid_request", resp)
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = HTTP_CODES.get(exc.status_code, "http_error")
         detail = exc.detail if isinstance(exc.detail, str) else code
-        return error_response(exc.status_code, code, detail, dict(exc.headers or {}))
+        resp = error_response(exc.status_code, code, detail, dict(exc.headers or {}))
+        return noted(request, code, resp)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal server error")
+        resp = error_response(500, "internal_error", "internal server error")
+        return noted(request, "internal_error", resp)
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(InfercacheError, on_infercache_error)

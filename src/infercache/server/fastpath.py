@@ -79,12 +79,13 @@ async def serve_predict(
             return
         payload, timing = await predict_payload(service, name, body)
     except APIError as exc:
-        response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        response, code = error_response(exc.status, exc.code, exc.message, exc.headers), exc.code
     except InfercacheError as exc:
-        response = infercache_error_response(exc)
+        response, code = infercache_error_response(exc), exc.code
     except Exception:
         log.exception("unhandled error on POST %s", scope["path"])
         response = error_response(500, "internal_error", "internal server error")
+        code = "internal_error"
     else:
         await send(
             {
@@ -103,7 +104,7 @@ async def serve_predict(
     await response(scope, receive, send)
     status = response.status_code
     service.metrics.observe_request(PREDICT_PATH, status, time.perf_counter() - start)
-    service.metrics.errors.labels(str(status)).inc()
+    service.metrics.errors.labels(code).inc()
 
 
 async def _receive_body(receive: Receive, declared: bytes | None, limit: int) -> bytes | None:
