@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import os
+import re
 import socket
 import textwrap
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -130,6 +133,13 @@ BAD: list[tuple[str | bytes, str]] = [
     ('{"type": "predict", "id": 14, "model": "mlp", "input": [1], "use_cache": 1}',
      "invalid_message"),
     ('{"type": "subscribe", "id": 15}', "invalid_message"),
+    # unknown fields are refused as over HTTP (same code), not silently ignored
+    ('{"type": "predict", "id": 16, "model": "mlp", "input": [1], "extra": 1}',
+     "invalid_request"),
+    ('{"type": "predict", "id": 17, "model_id": "mlp", "input": [1], "use_cahce": false}',
+     "invalid_request"),
+    ('{"type": "subscribe", "id": 18, "topic": "a/b"}', "invalid_topic"),
+    ('{"type": "subscribe", "id": 19, "topic": ""}', "invalid_topic"),
 ]  # fmt: skip
 
 
@@ -151,16 +161,53 @@ async def test_bad_messages_get_errors_and_the_connection_stays_open(
     assert (await recv(ws))["type"] == "pong"
 
 
-async def _publish(url: str, topic: str, data: Any) -> int:
-    async with httpx.AsyncClient(base_url=url) as client:
-        r = await client.post(
+async def test_unknown_fields_get_the_http_error_code_on_the_fast_path_too(
+    server: ServerProcess, ws: ClientConnection
+) -> None:
+    """A predict message over 512 bytes is decoded by server.fastjson; an unknown field there is
+    refused as on the orjson path and as over HTTP."""
+    x = vector()
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        r = await client.post("/v1/models/mlp/predict", json={"input": x, "extra": 1})
+    assert r.status_code == 422
+    http_code = r.json()["error"]["code"]
+    message = {"type": "predict", "id": "big", "model": "mlp", "input": x, "extra": 1}
+    assert len(json.dumps(message)) > 512
+    await ws.send(json.dumps(message))
+    err = await recv(ws)
+    assert err["type"] == "error" and err["id"] == "big" and err["code"] == http_code, err
+    assert "extra" in err["message"]
+    del message["extra"]
+    await ws.send(json.dumps(message))
+    assert (await recv(ws))["type"] == "prediction"  # still open, and the same message works
+
+
+async def _publish(
+    url: str, topic: str, data: Any, *, status: int = 200, http: httpx.AsyncClient | None = None
+) -> int:
+    """POST to the publish route; pass ``http`` in loops (a new client costs ~0.1 s here)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if http is None:
+            http = await stack.enter_async_context(httpx.AsyncClient(base_url=url))
+        r = await http.post(
             f"/v1/topics/{topic}/publish",
             json=data,
             headers={"Authorization": f"Bearer {ADMIN}"},
         )
-        assert r.status_code == 200, r.text
+        assert r.status_code == status, r.text
+        if status != 200:
+            assert r.json()["error"]["code"] == "invalid_topic", r.text
+            return 0
         delivered: int = r.json()["delivered"]
         return delivered
+
+
+async def _metric(url: str, name: str) -> float:
+    async with httpx.AsyncClient(base_url=url) as client:
+        text = (await client.get("/metrics")).text
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert found is not None, name
+    return float(found.group(1))
 
 
 async def test_subscribe_and_broadcast(server: ServerProcess, ws: ClientConnection) -> None:
@@ -174,6 +221,60 @@ async def test_subscribe_and_broadcast(server: ServerProcess, ws: ClientConnecti
     assert await _publish(server.url, "news", {"n": 3}) == 0
 
 
+async def test_one_topic_rule_for_subscribe_and_publish(
+    server: ServerProcess, ws: ClientConnection
+) -> None:
+    """A topic a client may subscribe to can be published to, and a name that breaks the rule is
+    refused on both sides (subscribe once took "/" and 200 chars, publish could not reach "/" and
+    took 300)."""
+    longest = "t" * 200
+    ok = ["news", "scores.v2", "user-42:feed_1", longest]
+    bad = ["a/b", "a%2Fb", "t" * 201, "t" * 300, ".hidden", "with space", "ümlaut"]
+    for i, topic in enumerate(ok):
+        await ws.send(json.dumps({"type": "subscribe", "id": i, "topic": topic}))
+        assert (await recv(ws))["type"] == "subscribed"
+        assert await _publish(server.url, topic, {"i": i}) == 1
+        assert await recv(ws) == {"type": "event", "topic": topic, "data": {"i": i}}
+    for i, topic in enumerate(bad):
+        await ws.send(json.dumps({"type": "subscribe", "id": i, "topic": topic}))
+        err = await recv(ws)
+        assert err["type"] == "error" and err["code"] == "invalid_topic", (topic, err)
+        await _publish(server.url, topic, {"i": i}, status=422)
+
+
+async def test_subscribing_again_at_the_topic_limit_is_idempotent(ws: ClientConnection) -> None:
+    for i in range(64):
+        await ws.send(json.dumps({"type": "subscribe", "id": i, "topic": f"limit-{i}"}))
+        assert (await recv(ws))["type"] == "subscribed"
+    await ws.send(json.dumps({"type": "subscribe", "id": "again", "topic": "limit-3"}))
+    assert await recv(ws) == {"type": "subscribed", "id": "again", "topic": "limit-3"}
+    await ws.send(json.dumps({"type": "subscribe", "id": "new", "topic": "limit-64"}))
+    err = await recv(ws)
+    assert err["type"] == "error" and err["code"] == "too_many_topics"
+
+
+async def test_dashboard_shows_websocket_aggregates_not_topic_names(
+    server: ServerProcess, ws: ClientConnection
+) -> None:
+    secret = "user-42-secret-session-abc123"
+    await ws.send(json.dumps({"type": "subscribe", "id": 1, "topic": secret}))
+    assert (await recv(ws))["type"] == "subscribed"
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        r = await client.get("/dashboard/data")
+    assert r.status_code == 200 and secret not in r.text
+    counts = r.json()["websocket"]
+    assert set(counts) == {"connections", "topics", "subscriptions"}
+    assert counts["connections"] >= 1 and counts["topics"] >= 1 and counts["subscriptions"] >= 1
+
+
+class ClosedByServer(ConnectionError):
+    """A close frame arrived; ``code`` is its status code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"close frame {code}")
+        self.code = code
+
+
 class RawWS:
     """A minimal blocking WebSocket client that reads only when told to: a truly slow consumer
     (library clients keep reading into their own buffers). Tiny receive buffer on purpose."""
@@ -181,6 +282,7 @@ class RawWS:
     def __init__(self, port: int) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        self.sock.settimeout(30.0)
         self.sock.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall(
@@ -221,7 +323,7 @@ class RawWS:
             n = int.from_bytes(self._read(8), "big")
         data = self._read(n)
         if b0 & 0x0F == 0x8:
-            raise ConnectionError(f"close frame {data[:2].hex()} {data[2:]!r}")
+            raise ClosedByServer(int.from_bytes(data[:2], "big"))
         msg: dict[str, Any] = json.loads(data)
         return msg
 
@@ -235,6 +337,8 @@ async def test_slow_subscriber_drops_oldest_and_does_not_stall_others(
     ws_url = server.url.replace("http", "ws") + "/v1/ws"
     blob = "x" * 100_000
     n = 80  # 8 MB: about twice what the kernel buffers for a connection that does not read
+    dropped_before = await _metric(server.url, "infercache_ws_dropped_total")
+    disconnects_before = await _metric(server.url, "infercache_ws_slow_disconnects_total")
     slow = await asyncio.to_thread(RawWS, server.port)
     try:
         slow.send({"type": "subscribe", "id": 0, "topic": "firehose"})
@@ -251,8 +355,9 @@ async def test_slow_subscriber_drops_oldest_and_does_not_stall_others(
                         fast_events.append(msg["data"]["i"])
 
             reader = asyncio.create_task(read_fast())
-            for i in range(n):  # the slow client reads nothing meanwhile
-                await _publish(server.url, "firehose", {"i": i, "blob": blob})
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                for i in range(n):  # the slow client reads nothing meanwhile
+                    await _publish(server.url, "firehose", {"i": i, "blob": blob}, http=http)
             await asyncio.wait_for(reader, 30)
             assert fast_events == list(range(n))  # the fast one got everything, in order
 
@@ -268,6 +373,119 @@ async def test_slow_subscriber_drops_oldest_and_does_not_stall_others(
         assert dropped > 0
         assert len(got) + dropped == n
         assert got == sorted(got) and got[-1] == n - 1  # oldest dropped, newest kept
+        # the counter counts dropped events (what the client was told), nobody is disconnected
+        dropped_after = await _metric(server.url, "infercache_ws_dropped_total")
+        assert dropped_after - dropped_before == dropped
+        disconnects = await _metric(server.url, "infercache_ws_slow_disconnects_total")
+        assert disconnects == disconnects_before
+    finally:
+        slow.close()
+
+
+@pytest.fixture(scope="module")
+def disconnect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess.infercache(
+        "--admin-token", ADMIN,
+        "--sql-url", "none",
+        "--ws-send-queue", "4",
+        "--ws-slow-consumer", "disconnect",
+        cwd=tmp_path_factory.mktemp("ws-disconnect"),
+    )  # fmt: skip
+    with proc:
+        yield proc
+
+
+async def _wait_metric(url: str, name: str, want: float, within: float = 10.0) -> float:
+    deadline = time.monotonic() + within
+    value = await _metric(url, name)
+    while value != want and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        value = await _metric(url, name)
+    return value
+
+
+def _drain(raw: RawWS) -> tuple[int, int | None]:
+    """Read until the server ends the connection: (events read, close code or None)."""
+    events = 0
+    while True:
+        try:
+            msg = raw.recv()
+        except ClosedByServer as closed:
+            return events, closed.code
+        except TimeoutError:
+            raise AssertionError(f"still open after {events} events") from None
+        except OSError:  # EOF or reset: the transport was aborted
+            return events, None
+        assert msg["type"] == "event", msg
+        events += 1
+
+
+async def test_disconnect_policy_closes_a_stalled_consumer_promptly(
+    disconnect_server: ServerProcess,
+) -> None:
+    """The writer of a client that never reads is blocked in a send, so it never saw the
+    overflow flag: the connection stayed open for ever and every refused event counted as a
+    disconnect. Now it is closed within the grace, counted once, and a reading subscriber of the
+    same topic gets every event."""
+    server = disconnect_server
+    blob = "x" * 100_000
+    n = 80  # 8 MB, twice what the kernel buffers for a client that does not read
+    slow = await asyncio.to_thread(RawWS, server.port)
+    try:
+        slow.send({"type": "subscribe", "id": 0, "topic": "firehose"})
+        assert (await asyncio.to_thread(slow.recv))["type"] == "subscribed"
+        async with connect(server.url.replace("http", "ws") + "/v1/ws") as fast:
+            await fast.send(json.dumps({"type": "subscribe", "id": 0, "topic": "firehose"}))
+            assert (await recv(fast))["type"] == "subscribed"
+            fast_events: list[int] = []
+
+            async def read_fast() -> None:
+                while len(fast_events) < n:
+                    fast_events.append((await recv(fast))["data"]["i"])
+
+            reader = asyncio.create_task(read_fast())
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                delivered = [
+                    await _publish(server.url, "firehose", {"i": i, "blob": blob}, http=http)
+                    for i in range(n)
+                ]
+            await asyncio.wait_for(reader, 30)
+            assert fast_events == list(range(n))
+            assert delivered[0] == 2 and delivered[-1] == 1, delivered  # the slow one was cut off
+            assert await _wait_metric(server.url, "infercache_ws_connections", 1.0) == 1.0
+            await asyncio.sleep(2 * 1.0)  # past the grace: nothing more is counted
+            assert await _metric(server.url, "infercache_ws_slow_disconnects_total") == 1.0
+        assert await _wait_metric(server.url, "infercache_ws_connections", 0.0) == 0.0
+        slow.sock.settimeout(5.0)
+        events, code = await asyncio.to_thread(_drain, slow)
+        assert events < n and code in (None, 1008), (events, code)
+    finally:
+        slow.close()
+
+
+async def test_disconnect_policy_sends_1008_to_a_consumer_that_reads_within_the_grace(
+    disconnect_server: ServerProcess,
+) -> None:
+    """When the transport takes the close frame (the client catches up within the grace), the
+    client reads its events and then a 1008 close, rather than a reset."""
+    server = disconnect_server
+    before = await _metric(server.url, "infercache_ws_slow_disconnects_total")
+    blob = "x" * 100_000
+    slow = await asyncio.to_thread(RawWS, server.port)
+    try:
+        slow.send({"type": "subscribe", "id": 0, "topic": "lagging"})
+        assert (await asyncio.to_thread(slow.recv))["type"] == "subscribed"
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            for i in range(200):
+                if await _publish(server.url, "lagging", {"i": i, "blob": blob}, http=http) == 0:
+                    break  # overflowed: the server now waits (up to 1 s) to send the close frame
+            else:
+                raise AssertionError("the queue never overflowed")
+        slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        slow.sock.settimeout(5.0)
+        events, code = await asyncio.to_thread(_drain, slow)
+        assert code == 1008 and 0 < events <= i, (events, code)
+        assert await _metric(server.url, "infercache_ws_slow_disconnects_total") == before + 1
     finally:
         slow.close()
 
@@ -318,7 +536,7 @@ async def test_client_timeout_holds_over_the_websocket_too(server: ServerProcess
     async with InfercacheClient(server.url, timeout=0.1) as client:  # the model sleeps 0.3 s
         with pytest.raises(TimeoutError, match=r"within 0\.1 s"):
             await client.predict("slow", [fresh[0]], transport="ws")
-        with pytest.raises(httpx.TimeoutException):
+        with pytest.raises(TimeoutError, match=r"within 0\.1 s"):  # ClientTimeout, both ways
             await client.predict("slow", [fresh[1]])
         await asyncio.sleep(0.5)  # the late answer arrives and is dropped
         assert (await client.predict("mlp", vector(), transport="ws"))["type"] == "prediction"

@@ -328,7 +328,9 @@ async def cache_invalidate(request: Request) -> Response:
 
 
 @router.post(
-    "/v1/topics/{topic}/publish",
+    # {topic:path}: a name with "/" (or "%2F") reaches the handler and gets a 422 naming the rule,
+    # not a 404 that reads like a wrong URL
+    "/v1/topics/{topic:path}/publish",
     summary="Publish to WebSocket subscribers (admin)",
     tags=["admin"],
     response_class=Response,
@@ -338,7 +340,12 @@ async def cache_invalidate(request: Request) -> Response:
 )
 async def publish(topic: str, request: Request) -> Response:
     """Broadcast the JSON body to the subscribers of `topic`. Bearer token."""
+    from infercache.server.ws import topic_error
+
     service = _admin(request)
+    problem = topic_error(topic)  # the rule subscribe applies: one that fails it has no subscriber
+    if problem is not None:
+        raise APIError(422, "invalid_topic", problem)
     data = _decode_json(await read_body(request, service.settings.max_body_bytes))
     return _json({"topic": topic, "delivered": service.hub.publish(topic, data)})
 

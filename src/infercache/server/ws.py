@@ -9,7 +9,8 @@ Protocol (JSON text frames, one object per frame):
 - ``{"type": "ping", "id"?: ...}`` -> ``{"type": "pong", "id": ...}``.
 - ``{"type": "subscribe", "topic": "..."}`` / ``"unsubscribe"`` -> ``subscribed`` /
   ``unsubscribed``; then ``{"type": "event", "topic": ..., "data": ...}`` for each result
-  published on the topic.
+  published on the topic. Topic names follow :func:`topic_error`, the rule the publish route
+  applies too.
 - anything wrong -> ``{"type": "error", "id": ..., "code": ..., "message": ...}``; the connection
   stays open.
 
@@ -27,6 +28,10 @@ Why it is built this way:
   ``disconnect`` closes the connection with code 1008 ("slow consumer"). Either way the publisher
   and the other subscribers never wait for a slow one (the user's ``broadcast`` awaited each send
   in turn, so one stalled client stalled everyone).
+- A slow consumer's writer is usually blocked in a send (the socket buffers are full), so the
+  disconnect cannot wait for it: the publisher's ``offer`` starts a closer that cancels the writer,
+  sends the close frame if the transport takes it within ``_CLOSE_GRACE_S``, and otherwise, or if
+  the frame is still unsent a grace later, aborts the transport (see :func:`_server_transport`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +48,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from infercache.errors import InfercacheError
 from infercache.server import fastjson
+from infercache.server.errors import public_message
 
 if TYPE_CHECKING:
     from infercache.server.service import Service
@@ -49,9 +56,51 @@ if TYPE_CHECKING:
 log = logging.getLogger("infercache.server.ws")
 
 _SLOW_CLOSE_CODE = 1008
+# How long a slow consumer's close frame may wait for the transport (and then for the client to
+# take it) before the connection is aborted instead.
+_CLOSE_GRACE_S = 1.0
 _KNOWN_TYPES = frozenset({"predict", "prediction", "ping", "subscribe", "unsubscribe"})
-_MAX_TOPIC_LEN = 200
+# the same fields HTTP accepts (less "inputs", which has no WebSocket form), plus the envelope's
+_PREDICT_FIELDS = frozenset({"type", "id", "model", "model_id", "input", "use_cache"})
+MAX_TOPIC_LEN = 200
+_TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 _MAX_TOPICS_PER_CONNECTION = 64
+
+
+def topic_error(topic: str) -> str | None:
+    """Why ``topic`` is not a valid topic name, or None when it is.
+
+    The one rule for ``subscribe`` and ``POST /v1/topics/{topic}/publish``, so that every topic a
+    client can subscribe to can be published to: the name is one URL path segment (no ``/``, which
+    ends the segment even as ``%2F``, no ``%``, ``?``, ``#`` or spaces) and does not start with a
+    dot (clients collapse ``.`` and ``..`` segments before sending).
+    """
+    if not 0 < len(topic) <= MAX_TOPIC_LEN:
+        return f"topic must be 1 to {MAX_TOPIC_LEN} characters long, not {len(topic)}"
+    if _TOPIC.fullmatch(topic) is None:
+        return (
+            "topic may hold only letters, digits and . _ : - and must start with a letter or digit"
+        )
+    return None
+
+
+def _server_transport(websocket: WebSocket) -> Any | None:
+    """The server's transport under ``websocket``, or None when it cannot be found.
+
+    Needed to abort a slow consumer: ASGI has no message for it, and a close frame cannot reach a
+    client that does not read (it waits behind the unsent data), while uvicorn's own close,
+    ``transport.close()``, waits for that data to leave, so the connection would stay open for as
+    long as the client stays silent. uvicorn's WebSocket protocols hand the app their bound
+    ``receive`` method (Starlette passes it through unwrapped) and keep the transport as
+    ``.transport``. Under another server a slow consumer gets the close frame only.
+    """
+    owner = getattr(getattr(websocket, "_receive", None), "__self__", None)
+    transport = getattr(owner, "transport", None)
+    if callable(getattr(transport, "abort", None)) and callable(
+        getattr(transport, "get_write_buffer_size", None)
+    ):
+        return transport
+    return None
 
 
 def dumps(obj: Any) -> bytes:
@@ -66,9 +115,16 @@ class Outbox:
     (bounded by ``maxsize``, with the slow-consumer policy)."""
 
     def __init__(
-        self, websocket: WebSocket, *, maxsize: int, policy: str, service: Service
+        self,
+        websocket: WebSocket,
+        *,
+        maxsize: int,
+        policy: str,
+        service: Service,
+        transport: Any | None = None,
     ) -> None:
         self._ws = websocket
+        self._transport = transport
         self._replies: deque[bytes] = deque()
         self._events: deque[bytes] = deque()
         self._maxsize = maxsize
@@ -76,9 +132,19 @@ class Outbox:
         self._service = service
         self._wake = asyncio.Event()
         self._dropped = 0
-        self.overflowed = False
+        self._writer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
         self.closed = False
         self.topics: set[str] = set()
+
+    @property
+    def slow_closed(self) -> bool:
+        """Whether this connection was (or is being) closed as a slow consumer."""
+        return self._closer is not None
+
+    def start(self) -> None:
+        """Start the writer task."""
+        self._writer = asyncio.create_task(self.run(), name="infercache-ws-writer")
 
     def reply(self, message: dict[str, Any]) -> None:
         """Queue an answer to this client's own request."""
@@ -93,9 +159,7 @@ class Outbox:
             return False
         if len(self._events) >= self._maxsize:
             if self._policy == "disconnect":
-                self.overflowed = True
-                self._service.metrics.ws_disconnected.inc()
-                self._wake.set()
+                self._disconnect_slow()
                 return False
             self._events.popleft()
             self._dropped += 1
@@ -104,17 +168,66 @@ class Outbox:
         self._wake.set()
         return True
 
+    def _disconnect_slow(self) -> None:
+        """Close this connection for the ``disconnect`` policy, counted once per connection.
+
+        Not left to the writer: a consumer that overflows is one whose writer is blocked in a send
+        (the socket buffers are full), and it would never look at a flag.
+        """
+        self.closed = True
+        self._events.clear()
+        self._replies.clear()
+        self._service.metrics.ws_disconnected.inc()
+        self._closer = asyncio.get_running_loop().create_task(
+            self._close_slow(), name="infercache-ws-slow-close"
+        )
+
+    async def _close_slow(self) -> None:
+        writer = self._writer
+        if writer is not None and writer is not asyncio.current_task():
+            writer.cancel()  # blocked in a send, most likely: nothing half-written is lost
+            await asyncio.wait([writer])
+        try:
+            await asyncio.wait_for(
+                self._ws.close(code=_SLOW_CLOSE_CODE, reason="slow consumer"), _CLOSE_GRACE_S
+            )
+        except Exception:  # TimeoutError: the transport takes nothing; or already gone
+            self._abort()
+            return
+        # The frame is queued behind whatever the client has not read yet. One that takes neither
+        # within the grace will not; uvicorn would then wait for ever to flush before closing.
+        asyncio.get_running_loop().call_later(_CLOSE_GRACE_S, self._abort_if_unsent)
+
+    def _abort_if_unsent(self) -> None:
+        transport = self._transport
+        with contextlib.suppress(Exception):
+            if transport is not None and transport.get_write_buffer_size() > 0:
+                transport.abort()
+
+    def _abort(self) -> None:
+        if self._transport is None:
+            log.warning("slow WebSocket consumer: no close frame sent and no transport to abort")
+            return
+        with contextlib.suppress(Exception):
+            self._transport.abort()
+
+    async def shutdown(self) -> None:
+        """Stop the writer and wait for a slow-consumer close in progress (bounded by the grace)."""
+        self.closed = True
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.wait([self._writer])
+        if self._closer is not None:
+            await asyncio.wait([self._closer])
+
     async def run(self) -> None:
-        """Writer loop: the only coroutine that sends on this socket."""
+        """Writer loop: the only coroutine that sends on this socket (until a slow-consumer
+        closer cancels it and takes over)."""
         ws = self._ws
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                if self.overflowed:
-                    self.closed = True
-                    await ws.close(code=_SLOW_CLOSE_CODE, reason="slow consumer")
-                    return
                 while self._replies or self._events:
                     if self._replies:
                         data = self._replies.popleft()
@@ -157,6 +270,14 @@ class Hub:
     def subscribers(self, topic: str) -> int:
         return len(self._topics.get(topic, ()))
 
+    def counts(self) -> dict[str, int]:
+        """Aggregates without topic names (names can carry user or session ids): for the
+        dashboard, which anyone who can reach the server may read."""
+        return {
+            "topics": len(self._topics),
+            "subscriptions": sum(len(s) for s in self._topics.values()),
+        }
+
     def publish(self, topic: str, data: Any) -> int:
         """Send ``data`` to every subscriber of ``topic``; returns how many accepted it.
 
@@ -171,6 +292,7 @@ class Hub:
         return sum(1 for outbox in list(subs) if outbox.offer(frame))
 
     def stats(self) -> dict[str, Any]:
+        """Subscribers per topic name: for the admin stats only (see :meth:`counts`)."""
         return {
             "topics": {t: len(s) for t, s in self._topics.items()},
             "published": self.published,
@@ -218,7 +340,7 @@ async def _predict_task(
         outbox.reply(answer)
     except InfercacheError as exc:
         service.metrics.errors.labels(exc.code).inc()
-        outbox.reply(_error(msg_id, exc.code, str(exc) or exc.code))
+        outbox.reply(_error(msg_id, exc.code, public_message(exc)))
     except Exception:  # never let one request kill the connection
         log.exception("websocket prediction failed")
         outbox.reply(_error(msg_id, "internal_error", "internal server error"))
@@ -242,8 +364,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         maxsize=settings.ws_send_queue,
         policy=settings.ws_slow_consumer,
         service=service,
+        transport=_server_transport(websocket),
     )
-    writer = asyncio.create_task(outbox.run(), name="infercache-ws-writer")
+    outbox.start()
     slots = asyncio.Semaphore(settings.ws_max_inflight)
     tasks: set[asyncio.Task[None]] = set()
 
@@ -287,6 +410,11 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             metrics.ws_messages.labels(kind if kind in _KNOWN_TYPES else "other").inc()
             if kind in ("predict", "prediction"):
                 model = data.get("model", data.get("model_id"))
+                if not _PREDICT_FIELDS.issuperset(data):  # as HTTP: a misspelt field is an error
+                    extra = sorted(data.keys() - _PREDICT_FIELDS)[:5]
+                    text = f"unknown field(s) {extra}; expected 'model', 'input', 'id', 'use_cache'"
+                    outbox.reply(_error(msg_id, "invalid_request", text))
+                    continue
                 if not isinstance(model, str):
                     outbox.reply(_error(msg_id, "invalid_message", "'model' must be a string"))
                     continue
@@ -307,12 +435,25 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                 outbox.reply({"type": "pong", "id": msg_id})
             elif kind in ("subscribe", "unsubscribe"):
                 topic = data.get("topic")
-                if not isinstance(topic, str) or not 0 < len(topic) <= _MAX_TOPIC_LEN:
+                if not isinstance(topic, str):
                     outbox.reply(_error(msg_id, "invalid_message", "'topic' must be a string"))
                     continue
+                problem = topic_error(topic)
+                if problem is not None:
+                    outbox.reply(_error(msg_id, "invalid_topic", problem))
+                    continue
                 if kind == "subscribe":
-                    if len(outbox.topics) >= _MAX_TOPICS_PER_CONNECTION:
-                        outbox.reply(_error(msg_id, "too_many_topics", "subscription limit"))
+                    if (
+                        topic not in outbox.topics  # subscribing again is a no-op, not a new one
+                        and len(outbox.topics) >= _MAX_TOPICS_PER_CONNECTION
+                    ):
+                        outbox.reply(
+                            _error(
+                                msg_id,
+                                "too_many_topics",
+                                f"at most {_MAX_TOPICS_PER_CONNECTION} topics per connection",
+                            )
+                        )
                         continue
                     service.hub.subscribe(topic, outbox)
                 else:
@@ -329,10 +470,11 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         service.hub.unsubscribe_all(outbox)
         for task in list(tasks):
             task.cancel()
-        outbox.closed = True
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer
-        if websocket.client_state == WebSocketState.CONNECTED:
-            with contextlib.suppress(Exception):
-                await websocket.close()
+        await outbox.shutdown()
+        if (
+            not outbox.slow_closed
+            and websocket.client_state == WebSocketState.CONNECTED
+            and websocket.application_state == WebSocketState.CONNECTED
+        ):
+            with contextlib.suppress(Exception):  # bounded: the client may not be reading
+                await asyncio.wait_for(websocket.close(), _CLOSE_GRACE_S)
