@@ -273,9 +273,31 @@ async def test_queue_full_error(make: Factory) -> None:
     await c.set("q0", "coalesced: no new slot needed")
     with pytest.raises(Overloaded):
         await c.set("q5", 5)
+    assert await c.get("q5") is None  # refused: not even in L1
+    with pytest.raises(Overloaded):
+        await c.set_many({"q1": "queued already: kept", "q6": 6})
+    assert await c.get("q1") == "queued already: kept" and await c.get("q6") is None
     await c.flush()
     await c.set("q5", 5)
-    assert (await c.stats())["write_behind"]["full_errors"] == 1
+    assert (await c.stats())["write_behind"]["full_errors"] == 2
+
+
+async def test_a_closed_cache_says_so_instead_of_losing_writes(make: Factory) -> None:
+    from infercache.errors import Closed
+
+    c = await make(write="behind")
+    await c.set("before", 1)
+    await c.close()
+    with pytest.raises(Closed):
+        await c.set("after", 2)
+    with pytest.raises(Closed):
+        await c.get("never-cached")
+    with pytest.raises(Closed):
+        await c.get_or_compute("k", lambda: 3)
+    with pytest.raises(Closed):
+        await c.invalidate(all=True)
+    assert await c.get("before") == 1  # an L1 hit still answers
+    await c.close()  # idempotent
 
 
 async def test_queue_full_blocks_until_flushed(make: Factory) -> None:
@@ -393,6 +415,39 @@ async def test_single_flight_in_process(make: Factory) -> None:
     assert await c.tiers[1].get(k) == "computed"
     s = (await c.stats())["single_flight"]
     assert s["loads"] == 1 and s["coalesced"] >= 1  # the rest found the stored value
+
+
+async def test_a_cancelled_leader_does_not_fail_the_callers_waiting_on_it(make: Factory) -> None:
+    """One client going away cancelled the leading call; every caller waiting on the same key
+    then got CancelledError. Now a waiter leads in its place; a waiter cancelled itself still
+    gets its CancelledError, and the leader goes on."""
+    c = await make()
+    calls = 0
+
+    async def slow() -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.3)
+        return f"v{calls}"
+
+    k = key()
+    leader = asyncio.create_task(c.get_or_compute(k, slow))
+    await asyncio.sleep(0.05)
+    follower = asyncio.create_task(c.get_or_compute(k, slow))
+    await asyncio.sleep(0.05)
+    leader.cancel()
+    assert await follower == "v2"
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    k2 = key()
+    leader = asyncio.create_task(c.get_or_compute(k2, slow))
+    await asyncio.sleep(0.05)
+    follower = asyncio.create_task(c.get_or_compute(k2, slow))
+    await asyncio.sleep(0.05)
+    follower.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await follower
+    assert await leader == "v3" and calls == 3
 
 
 async def test_single_flight_across_instances(make: Factory) -> None:

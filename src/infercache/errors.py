@@ -75,6 +75,14 @@ class Overloaded(InfercacheError):
         self.retry_after = retry_after
 
 
+class Closed(InfercacheError):
+    """The object was closed: a cache or predictor used after ``close()`` (a server shutting
+    down). Its writes would be lost, so it says so instead of answering as if they were not."""
+
+    code = "closed"
+    http_status = 503
+
+
 class DeadlineExceeded(InfercacheError, TimeoutError):
     """An item's deadline passed before it could be computed."""
 

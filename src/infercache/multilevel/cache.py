@@ -18,7 +18,7 @@ import signal
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from infercache.errors import ConfigError
+from infercache.errors import Closed, ConfigError, Overloaded
 from infercache.multilevel.invalidation import EventBus, Generations
 from infercache.multilevel.lookup import Lookup
 from infercache.multilevel.refresh import Background, RefreshAhead
@@ -67,6 +67,10 @@ class MultiLevelCache:
             generations are kept by it and by every tier that implements
             :class:`~infercache.tiers.base.GenerationStore` (RedisCache and SQLCache): loading
             takes the maximum, bumps go to all of them.
+        events: where invalidation events go when no tier is a coordinator: an object with
+            ``publish``/``subscribe``/``channel`` (:class:`~infercache.tiers.events.SQLiteEventLog`
+            for processes that share an SQLite file and no Redis, as ``serve --workers N`` on the
+            default configuration). Closed with the tiers.
         broadcast: publish deletes/invalidations so other processes drop their L1 copies.
         invalidation_channel: the pub/sub channel for those events; by default one derived from
             the coordinator's namespace, so caches sharing a namespace share events.
@@ -94,6 +98,7 @@ class MultiLevelCache:
         write_behind_retry_delay: float = 0.1,
         write_behind_retry_max_delay: float = 5.0,
         coordinator: Coordinator | None = None,
+        events: Any | None = None,
         broadcast: bool = True,
         invalidation_channel: str | None = None,
         broadcast_sets: bool = False,
@@ -226,8 +231,12 @@ class MultiLevelCache:
             if isinstance(candidate, GenerationStore) and all(candidate is not s for s in stores):
                 stores.append(candidate)
         self._generations = Generations(stores)
+        self._event_log = events if coordinator is None else None
         self._events = EventBus(
-            coordinator, enabled=broadcast, channel=invalidation_channel, counters=self._counters
+            coordinator or events,
+            enabled=broadcast,
+            channel=invalidation_channel,
+            counters=self._counters,
         )
 
     # ================================================================= public properties
@@ -275,10 +284,14 @@ class MultiLevelCache:
         """Subscribe to invalidation events and load namespace generations (idempotent).
 
         Every async method calls it lazily; call it yourself before relying on
-        :meth:`generation` in a fresh process, or on events reaching this process.
+        :meth:`generation` in a fresh process, or on events reaching this process. After
+        :meth:`close` it raises :class:`~infercache.errors.Closed`, and so does every method but
+        an L1 hit: a write would reach L1 only, the tiers below being closed, and be lost.
         """
         if self._started:
             return
+        if self._closed:
+            raise Closed("this MultiLevelCache is closed")
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
@@ -298,12 +311,16 @@ class MultiLevelCache:
             return
         await self._wb.close()
         self._closed = True
+        self._started = False  # so every lazy start() says it is closed
         await self._bg.cancel_all()
         await self._events.stop()
         if self.close_tiers:
             for slot in self._remote:
                 with contextlib.suppress(Exception):
                     await slot.tier.close()
+            if self._event_log is not None:
+                with contextlib.suppress(Exception):
+                    await self._event_log.close()
 
     async def __aenter__(self) -> MultiLevelCache:
         await self.start()
@@ -410,17 +427,17 @@ class MultiLevelCache:
         pending = self._wb.value(key)
         if pending is not MISSING:
             return pending
-        joined = self._flight.join(key)
-        if joined is not None:
-            return await joined
-        found = await self._lookup([key])
-        if key in found:
-            value, remaining, i = found[key]
-            self._maybe_refresh(key, loader, ttl, remaining, self._remote[i].tier)
-            return value
-        joined = self._flight.join(key)  # another caller may have started while we looked
-        if joined is not None:
-            return await joined
+        while True:
+            value = await self._flight.follow(key)
+            if value is not MISSING:
+                return value
+            found = await self._lookup([key])
+            if key in found:
+                value, remaining, i = found[key]
+                self._maybe_refresh(key, loader, ttl, remaining, self._remote[i].tier)
+                return value
+            if key not in self._flight.inflight:  # else one started while we looked: follow it
+                break
 
         async def load(through: bool) -> Any:
             return await self._load_and_store(key, loader, ttl, through=through)
@@ -451,7 +468,14 @@ class MultiLevelCache:
             if self._l1 is not None:
                 self._l1_set_many(items, t)
             if self._remote:  # with L1 alone there is nothing to write behind
-                await self._wb.enqueue(items, t)
+                try:
+                    await self._wb.enqueue(items, t)
+                except Overloaded:  # when_full="error": a write refused is not visible either
+                    if self._l1 is not None:
+                        for k in items:
+                            if k not in self._wb.pending:
+                                self._l1.delete(k)
+                    raise
         else:
             if self._l1 is not None:
                 self._l1_set_many(items, t)

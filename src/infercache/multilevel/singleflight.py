@@ -57,13 +57,22 @@ class SingleFlight:
         self._counters = counters
         self.inflight: dict[str, asyncio.Future[Any]] = {}
 
-    def join(self, key: str) -> Awaitable[Any] | None:
-        """The result of ``key``'s computation in progress, or None when there is none."""
+    async def follow(self, key: str) -> Any:
+        """The result of ``key``'s computation in progress; MISSING when there is none, or when
+        its leader was cancelled (its caller went away) while we were not: then the caller looks
+        again and may lead itself. Cancelling the leader used to raise CancelledError in every
+        caller waiting on the key, so one client that disconnected failed all the others."""
         fut = self.inflight.get(key)
         if fut is None:
-            return None
+            return MISSING
         self._counters["coalesced"] += 1
-        return asyncio.shield(fut)
+        try:  # shielded: a follower going away must not cancel the leader's computation
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if fut.cancelled() and task is not None and not task.cancelling():
+                return MISSING  # the leader went away, not us
+            raise
 
     async def lead(
         self,
