@@ -121,17 +121,26 @@ async def test_connections_slow_to_send_headers_are_closed(tmp_path: Path) -> No
     """uvicorn held a connection that sent nothing, or half a request's headers, open for ever
     (slowloris). With --header-timeout 1 both are closed; a request that arrives in time, and
     a kept-alive connection idle between requests (uvicorn's own 5 s), are served as before."""
-    args = ("--sql-url", "none", "--header-timeout", "1", "--no-warmup")
+    args = ("--sql-url", "none", "--header-timeout", "1", "--request-timeout", "2",
+            "--no-warmup")  # fmt: skip
     with ServerProcess.infercache(*args, cwd=tmp_path) as srv:
         silent = socket.create_connection(("127.0.0.1", srv.port))
         partial = socket.create_connection(("127.0.0.1", srv.port))
         partial.sendall(b"POST /v1/models/mlp/predict HTTP/1.1\r\nHost: x\r\n")
+        # headers in time, then a body that never completes: closed request_timeout_s later
+        slow_body = socket.create_connection(("127.0.0.1", srv.port))
+        slow_body.sendall(
+            b"POST /v1/models/mlp/predict HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"input\": ["
+        )
         try:
             assert await asyncio.to_thread(_closed_within, silent, 8.0)
             assert await asyncio.to_thread(_closed_within, partial, 8.0)
+            assert await asyncio.to_thread(_closed_within, slow_body, 10.0)
         finally:
             silent.close()
             partial.close()
+            slow_body.close()
         async with httpx.AsyncClient(base_url=srv.url) as client:
             for _ in range(2):  # the same kept-alive connection, idle past the header timeout
                 resp = await client.get("/healthz")

@@ -7,9 +7,10 @@ few thousand sockets (slowloris), holds file descriptors and memory that way. Re
 usually enforce this; a server that is reachable directly should too.
 
 :class:`HeaderDeadlineProtocol` closes a connection whose request headers are not complete
-``header_timeout_s`` seconds after it opened or after the request's first byte. Once the headers
-are in, nothing changes: bodies are bounded by ``max_body_bytes`` and the prediction by
-``request_timeout_s``; a WebSocket upgrade happens after the headers, so it is never affected.
+``header_timeout_s`` seconds after it opened or after the request's first byte, and one whose
+body is not complete ``request_timeout_s`` seconds after its headers (a body sent a few bytes at a
+time held the connection for ever too). Bodies are also bounded by ``max_body_bytes``; a
+WebSocket upgrade happens after the headers, so it is never affected.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from infercache.config import serve_settings_from_env
 
-__all__ = ["HeaderDeadlineProtocol", "header_timeout"]
+__all__ = ["HeaderDeadlineProtocol", "body_timeout", "header_timeout"]
 
 _timeout: float | None = None
+_body_timeout: float | None = None
 # one sweeper per event loop (uvicorn runs one loop per worker process)
 _SWEEPERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
     weakref.WeakKeyDictionary()
@@ -33,10 +35,18 @@ _SWEEPERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Non
 
 def header_timeout() -> float:
     """``header_timeout_s`` of the serve settings uvicorn's workers inherit (read once)."""
-    global _timeout
+    global _timeout, _body_timeout
     if _timeout is None:
-        _timeout = serve_settings_from_env().header_timeout_s
+        settings = serve_settings_from_env()
+        _timeout, _body_timeout = settings.header_timeout_s, settings.request_timeout_s
     return _timeout
+
+
+def body_timeout() -> float:
+    """``request_timeout_s`` of the same settings: how long a body may take to arrive."""
+    header_timeout()
+    assert _body_timeout is not None
+    return _body_timeout
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
@@ -50,6 +60,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     """
 
     _headers_since: float | None = None
+    _body_since: float | None = None
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -66,17 +77,26 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._headers_since = None
+        self._body_since = self.loop.time()  # until the body is in (at once without one)
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._body_since = None
+        super().on_message_complete()
 
 
 async def _sweep(connections: set[Any]) -> None:
     """Close every connection that has waited for a request's headers longer than the timeout."""
-    timeout = header_timeout()
+    timeout, body = header_timeout(), body_timeout()
     loop = asyncio.get_running_loop()
     while True:
-        await asyncio.sleep(min(1.0, timeout / 2))
+        await asyncio.sleep(min(1.0, timeout / 2, body / 2))
         now = loop.time()
         for conn in list(connections):
             since = getattr(conn, "_headers_since", None)
-            if since is not None and now - since > timeout and not conn.transport.is_closing():
+            late = since is not None and now - since > timeout
+            if not late:
+                since = getattr(conn, "_body_since", None)
+                late = since is not None and now - since > body
+            if late and not conn.transport.is_closing():
                 conn.transport.close()
