@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -159,3 +161,127 @@ def test_bench_command(plain_server: ServerProcess, capsys: pytest.CaptureFixtur
     assert result["ok"] > 0 and not result["errors"]
     assert result["p50_ms"] > 0
     assert main(["bench", "--url", "http://192.0.2.1:8000", "--duration", "0.1"]) == 2
+
+
+_FACTORIES = '''
+import torch
+
+
+def module():
+    """A factory returning an nn.Module: served under its own name, "module"."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+
+
+def bare():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(4, 2))
+
+
+class Reshapes(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.lin(x.reshape(x.shape[0], -1))
+'''
+
+
+def _write_factories(where: Path) -> None:
+    (where / "ic_cli_models.py").write_text(_FACTORIES)
+    (where / "ic_cli_other.py").write_text(_FACTORIES)  # the same factory names, elsewhere
+
+
+@pytest.fixture(scope="module")
+def models_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Two nn.Module factories and TorchScript files: a Sequential (its input shape is its first
+    Linear's), and a module with its own forward, served open and with a declared spec."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    workdir = tmp_path_factory.mktemp("models")
+    _write_factories(workdir)
+    sys.path.insert(0, str(workdir))
+    try:
+        import ic_cli_models
+    finally:
+        sys.path.remove(str(workdir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.trace(ic_cli_models.module(), torch.zeros(1, 4)).save(str(workdir / "seq.pt"))
+        torch.jit.script(ic_cli_models.Reshapes()).save(str(workdir / "net.pt"))
+    proc = ServerProcess.infercache(
+        "--sql-url", "none",
+        "--model", "ic_cli_models:module", "--model", "ic_cli_models:bare",
+        "--model", "seq.pt", "--model", "open=net.pt", "--model", "declared=net.pt;shape=2x3",
+        cwd=workdir,
+        env={"PYTHONPATH": str(workdir)},
+    )  # fmt: skip
+    with proc:
+        yield proc
+
+
+def test_factory_and_torchscript_models_are_named_and_validated(
+    models_server: ServerProcess,
+) -> None:
+    valid = {
+        "module": [1, 2, 3, 4],
+        "bare": [1, 2, 3, 4],
+        "seq": [1, 2, 3, 4],
+        "open": [1, 2, 3, 4, 5, 6],
+        "declared": [[1, 2, 3], [4, 5, 6]],
+    }
+    with httpx.Client(base_url=models_server.url) as client:
+        models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+        shapes = {name: m["input_spec"]["shape"] for name, m in models.items()}
+        assert shapes == {"module": [4], "bare": [4], "seq": [4], "open": None, "declared": [2, 3]}
+
+        def post(model: str, body: Any) -> httpx.Response:
+            return client.post(f"/v1/models/{model}/predict", json=body)
+
+        for model, ok in valid.items():
+            assert post(model, {"input": ok}).status_code == 200, model
+            for bad in ([1, 2, 3, None], [1e39, 2, 3, 4], None, [True, False, True, False]):
+                r = post(model, {"input": bad})
+                assert r.status_code == 422, (model, bad, r.text)
+                assert r.json()["error"]["code"] == "invalid_input"
+        for model in ("module", "seq", "declared"):  # a wrong shape never reaches the model
+            r = post(model, {"input": [1, 2, 3]})
+            assert r.status_code == 422 and "wrong shape" in r.json()["error"]["message"], model
+
+
+def test_duplicate_model_names_stop_serve_with_one_line(tmp_path: Path) -> None:
+    _write_factories(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "infercache", "serve", "--port", str(free_port()),
+         "--sql-url", "none", "--model", "ic_cli_models:module", "--model", "ic_cli_other:module"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
+        timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "infercache: invalid configuration: setting 'models': two models are named 'module'" in (
+        out.stderr
+    )
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flag", ["--api-token", "--admin-token"])
+def test_token_with_surrounding_whitespace_stops_serve(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--check", flag, "        x"]) == 2
+    assert "must not begin or end with whitespace" in capsys.readouterr().err
+
+
+def test_config_file_with_settings_in_both_places_stops_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c1.toml"
+    path.write_text('port = 18106\nmax_batch_size = 8\nadmin_token = "filetokenxx"\n'
+                    "[infercache]\nl1_size = 5\n")  # fmt: skip
+    assert main(["serve", "--config", str(path), "--check"]) == 2
+    assert "both at top level (admin_token, max_batch_size, port)" in capsys.readouterr().err

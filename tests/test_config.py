@@ -142,3 +142,67 @@ def test_sqlite_file_in_a_missing_directory_stops_at_start(
     ok = [f"sqlite:///{tmp_path}/here/cache.db", "sqlite:///here/cache.db", "sqlite:///a.db"]
     for url in [*ok, "sqlite:///:memory:", "sqlite://"]:
         assert load_settings({"sql_url": url}, env={}).sql_url == url
+
+
+def test_file_with_settings_both_at_top_level_and_in_the_table_is_refused(tmp_path: Path) -> None:
+    # reading only the table dropped port, max_batch_size and the admin token without a word
+    text = (
+        'port = 18106\nmax_batch_size = 8\nadmin_token = "filetokenxx"\n[infercache]\nl1_size = 5\n'
+    )
+    with pytest.raises(
+        ConfigError, match=r"both at top level \(admin_token, max_batch_size, port\)"
+    ):
+        load_settings(env={}, config_file=_toml(tmp_path, text))
+    # unknown keys are named wherever they are, all of them
+    with pytest.raises(ConfigError, match="unknown settings 'prot', 'warmpu'"):
+        load_settings(env={}, config_file=_toml(tmp_path, "prot = 1\n[infercache]\nwarmpu = 0\n"))
+    with pytest.raises(ConfigError, match="unknown setting 'prot'"):
+        load_settings(env={}, config_file=_toml(tmp_path, "[infercache]\nprot = 1\n"))
+    with pytest.raises(ConfigError, match="must be a table"):
+        load_settings(env={}, config_file=_toml(tmp_path, "infercache = 1\n"))
+    # either place alone still works
+    s = load_settings(env={}, config_file=_toml(tmp_path, "[infercache]\nport = 7001\n"))
+    assert s.port == 7001
+    assert load_settings(env={}, config_file=_toml(tmp_path, "port = 7002\n")).port == 7002
+
+
+@pytest.mark.parametrize(
+    "token", ["        x", " abcdefgh", "abcdefgh ", "abcdefgh\n", "\tabcdefgh"]
+)
+@pytest.mark.parametrize("setting", ["admin_token", "api_token"])
+def test_tokens_with_surrounding_whitespace_are_refused(token: str, setting: str) -> None:
+    # the server strips the presented header value, so such a token could never match
+    with pytest.raises(ConfigError, match=f"'{setting}': a token must not begin or end with white"):
+        load_settings({setting: token}, env={})
+    with pytest.raises(ConfigError, match=f"'{setting}'"):
+        load_settings(env={f"INFERCACHE_{setting.upper()}": token})
+    assert getattr(load_settings({setting: "in side token"}, env={}), setting) == "in side token"
+
+
+def test_model_spec_declares_the_input_spec() -> None:
+    from infercache.config import model_input_spec
+    from infercache.models import InputSpec
+
+    spec = "net=/m/net.pt;shape=3x224x224;dtype=uint8"
+    assert parse_model_spec(spec) == ("net", "/m/net.pt")
+    assert model_input_spec(spec) == InputSpec(shape=(3, 224, 224), dtype="uint8")
+    assert model_input_spec("pkg.mod:make; shape=*x16") == InputSpec(shape=(None, 16))
+    assert model_input_spec("demo;shape=()") == InputSpec(shape=())
+    ids = model_input_spec("pkg.mod:make;dtype=int64;min=0;max=9")
+    assert ids == InputSpec(shape=None, dtype="int64", min=0, max=9)  # no shape: any shape
+    assert model_input_spec("net=/m/net.pt") is None
+    # the env var separates models by commas: dimensions are joined by x
+    s = load_settings(env={"INFERCACHE_MODELS": "a=/m/a.pt;shape=784, b=demo"})
+    assert s.models == ("a=/m/a.pt;shape=784", "b=demo")
+    for bad, match in [
+        ("m.pt;shape=3,4", "joined by 'x'"),
+        ("m.pt;shape=-1", "joined by 'x'"),
+        ("m.pt;size=4", "unknown option 'size'"),
+        ("m.pt;shape", "not key=value"),
+        ("m.pt;shape=4;shape=5", "given twice"),
+        ("m.pt;dtype=complex64", "numeric or 'str'"),
+        ("m.pt;dtype=float33", "not a numpy dtype"),
+        ("m.pt;min=low", "min 'low'"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_settings({"models": [bad]}, env={})

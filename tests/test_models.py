@@ -390,3 +390,134 @@ def test_minilm_embeddings() -> None:
     np.testing.assert_allclose(single, out[0], rtol=1e-4, atol=1e-5)
     with pytest.raises(InputError):
         r.predict_single(42)
+
+
+def test_factory_models_are_named_after_the_factory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an nn.Module factory: named "build_mlp", not "model" (two such factories collided)
+    r = ModelRunner.load("infercache.models.demo:build_mlp", freeze_gc=False, warmup=False)
+    assert r.name == "build_mlp"
+    named = ModelRunner.load("infercache.models.demo:build_mlp", name="x", freeze_gc=False)
+    assert named.name == "x"
+    assert ModelRunner.load("infercache.models.demo:demo_mlp", freeze_gc=False).name == "mlp"
+    (tmp_path / "ic_factories.py").write_text(
+        "from infercache.models.demo import demo_mlp\n"
+        "def ready():\n"
+        "    return demo_mlp(warmup=False, freeze_gc=False)\n"
+        "def double():\n"
+        "    return lambda batch: batch * 2\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert ModelRunner.load("ic_factories:ready").name == "mlp"  # a runner keeps its own name
+    with pytest.raises(ConfigError, match=r"no runner options \(input_spec\)"):
+        ModelRunner.load("ic_factories:ready", input_spec=InputSpec())
+    fn = ModelRunner.load("ic_factories:double", version="1", input_spec=InputSpec(shape=(2,)))
+    assert fn.name == "double"
+    assert fn.predict_single([1, 2]).tolist() == [2.0, 4.0]
+
+
+class _Reshapes(torch.nn.Module):
+    """A forward of its own: nothing tells the input shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.reshape(x.shape[0], -1))
+
+
+def test_torch_models_get_an_input_spec(tmp_path: Path, mlp: Any) -> None:
+    r = ModelRunner(mlp, freeze_gc=False)  # a Linear-first Sequential: (784,) float32
+    assert r.input_spec == InputSpec(shape=(784,), dtype="float32")
+    assert r.warmup_batch_s is not None  # and so it warms up
+    with pytest.raises(InputError, match=r"wrong shape: got shape \(783,\)"):
+        r.validate([0.5] * 783)  # refused before the model runs, not a 500 from the matmul
+    nested = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(3, 1))).double()
+    assert ModelRunner(nested, freeze_gc=False).input_spec == InputSpec(shape=(3,), dtype="float64")
+    # TorchScript files, traced and scripted, keep their layers' types
+    for how in ("trace", "script"):
+        path = tmp_path / f"{how}.pt"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            m = (
+                torch.jit.trace(mlp, torch.zeros(1, 784))
+                if how == "trace"
+                else torch.jit.script(mlp)
+            )
+            m.save(str(path))
+        ts = ModelRunner(path, freeze_gc=False)
+        assert ts.input_spec == InputSpec(shape=(784,), dtype="float32"), how
+        with pytest.raises(InputError, match="wrong shape"):
+            ts.predict_single([1.0, 2.0, 3.0])
+        np.testing.assert_allclose(ts.predict_batch(XS), reference(mlp, XS), rtol=1e-5, atol=1e-6)
+    # token ids below num_embeddings, any shape
+    emb = ModelRunner(torch.nn.Sequential(torch.nn.Embedding(10, 4)), freeze_gc=False)
+    assert emb.input_spec == InputSpec(shape=None, dtype="int64", min=0, max=9)
+    assert emb.predict_single([1, 9, 0]).shape == (3, 4)
+    with pytest.raises(InputError, match="above the maximum 9"):
+        emb.validate([1, 10])
+    # nothing to go by: any shape, the weights' dtype; the describe() says so
+    open_ = ModelRunner(_Reshapes(), freeze_gc=False)
+    assert open_.input_spec == InputSpec(shape=None, dtype="float32")
+    assert open_.describe()["input_spec"]["shape"] is None
+    np.testing.assert_array_equal(open_.validate([[1, 2, 3], [4, 5, 6]]).shape, (2, 3))
+    # an example input or a declared spec still wins
+    declared = InputSpec(shape=(2, 3))
+    assert ModelRunner(_Reshapes(), input_spec=declared, freeze_gc=False).input_spec == declared
+    ex = np.zeros((3, 2), np.float32)
+    from_example = ModelRunner(_Reshapes(), example_input=ex, freeze_gc=False).input_spec
+    assert from_example == InputSpec(shape=(3, 2), dtype="float32")
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ([1.0, 2.0, 3.0, None], "wrong dtype: got mixed/non-numeric"),
+        ([1e39, 2.0, 3.0, 4.0], "NaN or infinity .or a number too large for float32"),
+        ([1.0, float("nan"), 3.0, 4.0], "NaN or infinity"),
+        (np.array([1.0, np.inf, 3.0, 4.0]), "NaN or infinity"),
+        (None, "got null"),
+        ([True, False, True, False], "got booleans"),
+        (np.ones(4, bool), "got booleans"),
+    ],
+)
+def test_torch_models_refuse_null_booleans_and_non_finite_inputs(
+    bad: Any, match: str, tmp_path: Path
+) -> None:
+    for model in (torch.nn.Sequential(torch.nn.Linear(4, 2)), _Reshapes()):  # fixed and open
+        r = ModelRunner(model, version="v", warmup=False, freeze_gc=False)
+        with pytest.raises(InputError, match=match):
+            r.validate(bad)
+        with pytest.raises(InputError):
+            r.predict_batch([bad])
+
+
+def test_integer_specs_take_json_integers_that_fit() -> None:
+    u8 = InputSpec(shape=(2,), dtype="uint8")
+    out = u8.validate([255, 1])  # JSON integers are int64: cast when every value fits
+    assert out.dtype == np.uint8 and out.tolist() == [255, 1]
+    assert u8.validate([2.0, 3.0]).tolist() == [2, 3]  # integral floats are integers
+    assert u8.validate_batch([[0, 1], [2, 3]]).dtype == np.uint8
+    for bad, match in [
+        ([256, 1], "value 256 out of range for uint8: expected integers from 0 to 255"),
+        ([-1, 1], "value -1 out of range for uint8"),
+        ([1.5, 2.0], "wrong dtype: got float64 with non-integral values"),
+        ([1e30, 1.0], "out of range for uint8"),
+        ([True, False], "wrong dtype: got booleans"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            u8.validate(bad)
+    i32 = InputSpec(shape=(1,), dtype="int32")
+    with pytest.raises(InputError, match="out of range for int32"):
+        i32.validate([2**31])  # numpy's cast would wrap it to -2**31
+    assert i32.validate([-(2**31)]).tolist() == [-(2**31)]
+    i64 = InputSpec(shape=(1,), dtype="int64")
+    with pytest.raises(InputError, match="out of range for int64"):
+        i64.validate([2.0**63])  # a float that looks like int64's maximum but is beyond it
+    assert InputSpec(shape=(2,), dtype="bool").validate([True, False]).tolist() == [True, False]
+    with pytest.raises(InputError, match="wrong dtype: got int64"):
+        InputSpec(shape=(2,), dtype="bool").validate([1, 0])
+    with pytest.raises(InputError, match="wrong dtype: got booleans"):
+        InputSpec(shape=(2,), dtype="float32").validate([True, False])

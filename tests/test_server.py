@@ -334,6 +334,13 @@ async def test_invalidate_by_input_model_key_and_all(http: httpx.AsyncClient) ->
         assert r.status_code == 422, (body, r.text)
     r = await http.post("/v1/cache/invalidate", json={"model": "nope"}, headers=auth)
     assert_error(r, 404, "model_not_found")
+    # an input's key is built with the served version: another version is refused, not ignored
+    body = {"model": "sum", "version": "v0", "input": [1.0]}
+    r = await http.post("/v1/cache/invalidate", json=body, headers=auth)
+    assert "served version 'v1'" in assert_error(r, 422, "invalid_input")["message"]
+    body["version"] = "v1"
+    r = await http.post("/v1/cache/invalidate", json=body, headers=auth)
+    assert r.status_code == 200 and r.json()["invalidated"] == "input"
     r = await http.post("/v1/cache/invalidate", content=b"{", headers=auth)
     assert_error(r, 400, "invalid_json")
 

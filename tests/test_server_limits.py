@@ -131,7 +131,7 @@ async def test_connections_slow_to_send_headers_are_closed(tmp_path: Path) -> No
         slow_body = socket.create_connection(("127.0.0.1", srv.port))
         slow_body.sendall(
             b"POST /v1/models/mlp/predict HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"input\": ["
+            b'Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{"input": ['
         )
         try:
             assert await asyncio.to_thread(_closed_within, silent, 8.0)

@@ -13,6 +13,7 @@ import socket
 import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -540,3 +541,44 @@ async def test_client_timeout_holds_over_the_websocket_too(server: ServerProcess
             await client.predict("slow", [fresh[1]])
         await asyncio.sleep(0.5)  # the late answer arrives and is dropped
         assert (await client.predict("mlp", vector(), transport="ws"))["type"] == "prediction"
+
+
+async def test_a_stream_whose_redis_is_down_logs_one_traceback_then_lines(
+    fresh_redis: Any, tmp_path: Path
+) -> None:
+    """With Redis down the stream loop logged a ~27-line traceback every second; now the first
+    failure has its traceback and later ones a line each, backing off; it resumes once Redis
+    is back."""
+    import redis.asyncio as aioredis
+
+    proc = ServerProcess.infercache(
+        "--redis-url", fresh_redis.url, "--sql-url", "none", "--no-require-tiers",
+        "--stream", "down=mlp@infercache:test:down", "--stream-size", "1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    with proc:
+        fresh_redis.kill()
+        await asyncio.sleep(4.5)  # failures at about 0, 1, 3 s: one traceback, then lines
+        log = proc.log()
+        assert log.count("Traceback") == 1, log[-3000:]
+        assert "failed again (2 in a row)" in log
+        fresh_redis.start()
+        async with connect(proc.url.replace("http", "ws") + "/v1/ws") as conn:
+            await conn.send(json.dumps({"type": "subscribe", "topic": "down"}))
+            assert (await recv(conn))["type"] == "subscribed"
+            client = aioredis.Redis.from_url(fresh_redis.url)
+            try:
+                for _ in range(40):  # until the loop's next try finds Redis back
+                    await client.xadd(
+                        "infercache:test:down", {"data": json.dumps({"input": vector()})}
+                    )
+                    try:
+                        event = await recv(conn, wait=0.5)
+                    except TimeoutError:
+                        continue
+                    assert event["type"] == "event"
+                    break
+                else:
+                    raise AssertionError("the stream did not resume")
+            finally:
+                await client.aclose()

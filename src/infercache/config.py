@@ -6,9 +6,10 @@ one-off run. Every value is validated once, here, at start-up: a bad setting sto
 :class:`~infercache.errors.ConfigError` that names the setting, instead of surfacing as a confusing
 failure on the first request.
 
-The file is TOML; its keys are the setting names below, either at top level or inside an
-``[infercache]`` table. Environment variables are the upper-cased names with an ``INFERCACHE_``
-prefix (``INFERCACHE_MAX_BATCH_SIZE=64``); list settings (``models``) take comma-separated values.
+The file is TOML; its keys are the setting names below, either all at top level or all inside an
+``[infercache]`` table (both at once is an error: one of the two would be ignored). Environment
+variables are the upper-cased names with an ``INFERCACHE_`` prefix
+(``INFERCACHE_MAX_BATCH_SIZE=64``); list settings (``models``) take comma-separated values.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class Settings:
     port: int = 8000
     workers: int = 1
     log_level: str = "info"
-    # -- models: "name=spec" or "spec"; spec is "module:factory", a TorchScript .pt or .onnx file.
+    # -- models: "name=spec" or "spec"; spec is "module:factory", a TorchScript .pt or .onnx file,
+    # optionally followed by the input spec: ";shape=784;dtype=float32" (see parse_model_spec).
     # Empty means the demo MLP, so that `infercache serve` with no arguments serves something.
     models: tuple[str, ...] = ()
     # -- cache tiers
@@ -292,6 +294,9 @@ def _validate(s: Settings) -> None:
         _check_sqlite_dir(s.sql_url)
     for name in ("admin_token", "api_token"):
         token = getattr(s, name)
+        if token is not None and token != token.strip():
+            # HTTP strips the header value's ends (and so does server.auth): it could never match
+            raise ConfigError(f"setting {name!r}: a token must not begin or end with whitespace")
         if token is not None and len(token) < 8:
             raise ConfigError(f"setting {name!r}: a token must be at least 8 characters")
     if s.streams and not s.redis_url:
@@ -327,17 +332,58 @@ def _check_sqlite_dir(url: str) -> None:
     )
 
 
+#: what may follow a model spec after ``;`` (InputSpec fields)
+_MODEL_OPTIONS = ("shape", "dtype", "min", "max")
+
+
 def parse_model_spec(spec: str) -> tuple[str | None, str]:
-    """Split ``"name=spec"`` into (name, spec); (None, spec) when no name is given.
+    """Split ``"name=spec;options"`` into (name, spec); (None, spec) when no name is given.
 
     A spec is ``module:factory`` (a callable returning a ModelRunner, an ``nn.Module`` or a batch
     callable), a TorchScript ``.pt``/``.pth`` file, an ``.onnx`` file, or ``demo`` (the demo MLP).
+    It may be followed by the model's input spec, ``;key=value`` each (see
+    :func:`model_input_spec`), which is checked here and left out of the returned spec.
     Only the shape is checked here; loading happens when the server starts.
     """
+    name, body, options = _split_model_spec(spec)
+    if options:
+        _input_spec(spec, options)
+    return name, body
+
+
+def model_input_spec(spec: str) -> Any:
+    """The :class:`~infercache.models.InputSpec` a model spec declares, or None.
+
+    ``"net=model.pt;shape=3x224x224;dtype=uint8"``: ``shape`` is the dimensions of one input
+    joined by ``x`` (``*`` for any length, ``()`` for a scalar; left out: any shape), ``dtype``
+    a numpy dtype or ``str`` (default float32), ``min``/``max`` inclusive value limits. Dimensions
+    are joined by ``x``, not commas, because ``INFERCACHE_MODELS`` separates models by commas.
+    It replaces what the runner would infer, for a model that does not tell its input (a
+    TorchScript file that reshapes first, an ``nn.Module`` with its own ``forward``).
+    """
+    _, _, options = _split_model_spec(spec)
+    return _input_spec(spec, options) if options else None
+
+
+def _split_model_spec(spec: str) -> tuple[str | None, str, dict[str, str]]:
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError("setting 'models': empty model spec")
+    head, _, tail = spec.strip().partition(";")
+    options: dict[str, str] = {}
+    for part in tail.split(";") if tail else ():
+        key, eq, value = (p.strip() for p in part.partition("="))
+        if not eq or not key or not value:
+            raise ConfigError(f"setting 'models': {part.strip()!r} in {spec!r} is not key=value")
+        if key not in _MODEL_OPTIONS:
+            raise ConfigError(
+                f"setting 'models': unknown option {key!r} in {spec!r} "
+                f"(expected {', '.join(_MODEL_OPTIONS)})"
+            )
+        if key in options:
+            raise ConfigError(f"setting 'models': option {key!r} given twice in {spec!r}")
+        options[key] = value
     name: str | None = None
-    body = spec.strip()
+    body = head.strip()
     if "=" in body:
         name, body = (p.strip() for p in body.split("=", 1))
         if not name or not all(c.isalnum() or c in "-_." for c in name):
@@ -348,13 +394,50 @@ def parse_model_spec(spec: str) -> tuple[str | None, str]:
         raise ConfigError(f"setting 'models': empty spec in {spec!r}")
     lower = body.lower()
     if lower == "demo" or lower.endswith((".pt", ".pth", ".onnx", ".ts")):
-        return name, body
+        return name, body, options
     module, sep, attr = body.partition(":")
     if not sep or not module or not attr:
         raise ConfigError(
             f"setting 'models': {body!r} is not module:factory, a .pt/.onnx file or 'demo'"
         )
-    return name, body
+    return name, body, options
+
+
+def _input_spec(spec: str, options: Mapping[str, str]) -> Any:
+    from infercache.models.spec import InputSpec  # here: numpy only for a spec that has options
+
+    kwargs: dict[str, Any] = {"shape": None}
+    shape = options.get("shape")
+    if shape is not None and shape != "()":
+        dims: list[int | None] = []
+        for d in shape.split("x"):
+            d = d.strip()
+            if d == "*":
+                dims.append(None)
+            elif d.isascii() and d.isdigit():
+                dims.append(int(d))
+            else:
+                raise ConfigError(
+                    f"setting 'models': shape {shape!r} in {spec!r} is not dimensions joined by "
+                    "'x' (a number or * each, e.g. 3x224x224 or *x16)"
+                )
+        kwargs["shape"] = tuple(dims)
+    elif shape == "()":
+        kwargs["shape"] = ()
+    if "dtype" in options:
+        kwargs["dtype"] = options["dtype"]
+    for key in ("min", "max"):
+        if key in options:
+            try:
+                kwargs[key] = _as_float("models", options[key])
+            except ConfigError:
+                raise ConfigError(
+                    f"setting 'models': {key} {options[key]!r} in {spec!r} is not a finite number"
+                ) from None
+    try:
+        return InputSpec(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"setting 'models': {spec!r}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- sources
@@ -385,13 +468,22 @@ def settings_from_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"setting 'config': file {str(p)!r} does not exist") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"setting 'config': cannot read {str(p)!r}: {exc}") from None
-    table = data.get("infercache", data)
-    if not isinstance(table, dict):
+    table = data.get("infercache")
+    if table is not None and not isinstance(table, dict):
         raise ConfigError(f"setting 'config': [infercache] in {str(p)!r} must be a table")
-    for key in table:
-        if key not in FIELDS:
-            raise ConfigError(f"unknown setting {key!r} in config file {str(p)!r}")
-    return dict(table)
+    top = {k: v for k, v in data.items() if k != "infercache"}
+    unknown = sorted(k for k in (*top, *(table or {})) if k not in FIELDS)
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        plural = "s" if len(unknown) > 1 else ""
+        raise ConfigError(f"unknown setting{plural} {names} in config file {str(p)!r}")
+    if table is not None and top:
+        # Reading one place silently dropped the other's settings (an admin_token among them).
+        raise ConfigError(
+            f"setting 'config': {str(p)!r} has settings both at top level "
+            f"({', '.join(sorted(top))}) and in its [infercache] table; put them all in one place"
+        )
+    return dict(table if table is not None else top)
 
 
 def build_settings(values: Mapping[str, Any], *, base: Settings | None = None) -> Settings:
@@ -438,6 +530,7 @@ __all__ = [
     "Settings",
     "build_settings",
     "load_settings",
+    "model_input_spec",
     "parse_model_spec",
     "parse_stream_spec",
     "serve_settings_from_env",

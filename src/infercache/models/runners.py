@@ -56,6 +56,7 @@ import importlib
 import inspect
 import io
 import os
+import re
 import threading
 import time
 import warnings
@@ -151,6 +152,70 @@ def _callable_digest(fn: Callable[..., Any]) -> str:
     return h.hexdigest()
 
 
+_MANGLE = re.compile(r"___torch_mangle_\d+\.")
+
+
+def _torch_class(module: Any) -> str:
+    """``torch.nn.modules.linear.Linear`` for an eager module and for a TorchScript one (whose
+    class is RecursiveScriptModule; its TorchScript type keeps the original's qualified name,
+    prefixed ``__torch__.`` and with ``___torch_mangle_N.`` where two types shared a name)."""
+    import torch
+
+    if isinstance(module, torch.jit.ScriptModule):
+        try:
+            name = module._c._type().qualified_name()
+        except Exception:  # a private API: no name, no inference
+            return ""
+        return _MANGLE.sub("", name).removeprefix("__torch__.")
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _torch_input_spec(module: Any) -> InputSpec:
+    """The per-item input a torch module (eager or TorchScript) takes, as far as it tells.
+
+    A Sequential runs its first layer on the input, so a first ``Linear`` fixes the input to
+    ``(in_features,)`` of the weight's dtype, and a first ``Embedding`` to integer ids below
+    ``num_embeddings`` (any shape). Anything else may reshape its input first (a custom
+    ``forward``, ``Flatten``, a convolution's open height and width), so the spec is left open:
+    any shape, in the dtype of the module's first floating-point parameter (float32 without one),
+    which still refuses null, booleans, NaN and values beyond that dtype before the model runs.
+    A ``Linear`` also takes ``(..., in_features)``: a model fed sequences of vectors per item
+    must declare its spec (``ModelRunner(input_spec=...)``, ``--model 'm=f.pt;shape=*x16'``).
+    """
+    import torch
+
+    numpy_floats: dict[Any, str] = {
+        torch.float32: "float32",
+        torch.float64: "float64",
+        torch.float16: "float16",
+    }
+    first = module
+    while _torch_class(first) == "torch.nn.modules.container.Sequential":
+        children = list(first.children())
+        if not children:
+            break
+        first = children[0]
+    kind = _torch_class(first)
+    weight = getattr(first, "weight", None)
+    if isinstance(weight, torch.Tensor) and not _is_lazy(weight) and weight.dim() == 2:
+        if kind == "torch.nn.modules.linear.Linear":
+            dtype = numpy_floats.get(weight.dtype)
+            if dtype is not None:
+                return InputSpec(shape=(int(weight.shape[1]),), dtype=dtype)
+        elif kind == "torch.nn.modules.sparse.Embedding":
+            return InputSpec(shape=None, dtype="int64", min=0, max=int(weight.shape[0]) - 1)
+    floats = (p.dtype for p in module.parameters() if p.dtype.is_floating_point)
+    return InputSpec(shape=None, dtype=numpy_floats.get(next(floats, None), "float32"))
+
+
+def _is_lazy(tensor: Any) -> bool:
+    """An uninitialised parameter (``LazyLinear`` before its first forward) has no shape yet."""
+    from torch.nn.parameter import is_lazy
+
+    return bool(is_lazy(tensor))
+
+
 def _same_outputs(a: Any, b: Any) -> bool:
     """Whether two forwards' outputs agree to float32 rounding (freezing may fuse ops)."""
     try:
@@ -200,6 +265,8 @@ class _TorchBackend(_Backend):
         torch.set_num_threads(threads)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         module = module.eval()
+        #: what the module as given tells of its input (before quantizing or compiling wraps it)
+        self.input_spec = _torch_input_spec(module)
         # the digest is of the weights as given: quantizing changes outputs, so it is added below
         self.digest = digest or _torch_digest(module)
         if quantize is not None:
@@ -386,16 +453,27 @@ class _OnnxBackend(_Backend):
         self.path = path
 
     def inferred_spec(self) -> InputSpec | None:
+        """The graph's first input: its dtype, and its shape past the batch axis (None when the
+        graph has no batch axis to stack on: any shape then). None for a dtype numpy lacks."""
         types = {
             "tensor(float)": "float32",
             "tensor(double)": "float64",
+            "tensor(float16)": "float16",
             "tensor(int64)": "int64",
             "tensor(int32)": "int32",
-            "tensor(float16)": "float16",
+            "tensor(int16)": "int16",
+            "tensor(int8)": "int8",
+            "tensor(uint8)": "uint8",
+            "tensor(uint16)": "uint16",
+            "tensor(uint32)": "uint32",
+            "tensor(uint64)": "uint64",
+            "tensor(bool)": "bool",
         }
         dtype = types.get(self.input_type)
-        if dtype is None or not self.input_shape:
+        if dtype is None:
             return None
+        if not self.input_shape:
+            return InputSpec(shape=None, dtype=dtype)
         dims = tuple(d if isinstance(d, int) else None for d in self.input_shape[1:])
         return InputSpec(shape=dims, dtype=dtype)
 
@@ -430,9 +508,12 @@ class ModelRunner:
             text spec) and returning one output per item (list or ndarray).
         name: the model's name (URL path, cache key namespace).
         version: explicit version; default a digest of the weights (see module doc).
-        input_spec: the per-item :class:`InputSpec`; inferred from an ONNX file or from
-            ``example_input`` when omitted. Without one, inputs are only converted to float32
-            (tensor models) or passed through unchecked (callables).
+        input_spec: the per-item :class:`InputSpec`. When omitted: read from an ONNX file's
+            graph, else from ``example_input``, else from a torch module (eager or TorchScript;
+            see :func:`_torch_input_spec`: ``(in_features,)`` for a Linear-first Sequential,
+            otherwise any shape of the weights' float dtype). A tensor model therefore always
+            has a spec, and null, booleans, NaN and infinities never reach it; a callable
+            without one gets its inputs as they come.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
         threads: intra-op threads (torch, ONNX Runtime). 1 unless a core is free for each.
         warmup: run a few forwards at load (needs ``example_input`` or a fixed-shape spec).
@@ -480,6 +561,11 @@ class ModelRunner:
             ex = np.asarray(example_input)
             if ex.dtype.kind in "biuf":
                 input_spec = InputSpec(shape=ex.shape, dtype=str(ex.dtype))
+        if input_spec is None and isinstance(backend, _TorchBackend):
+            input_spec = backend.input_spec
+        if input_spec is None and not isinstance(backend, _CallableBackend):
+            # an ONNX input of a dtype numpy lacks: float32, as before, but checked
+            input_spec = InputSpec(shape=None, dtype="float32")
         self.input_spec = input_spec
         if version is None:
             if backend.digest is None:
@@ -601,6 +687,8 @@ class ModelRunner:
 
         A factory may return a ready ModelRunner (returned as is when no kwargs are given, else
         kwargs are passed to the factory), an ``nn.Module`` or a callable (wrapped with kwargs).
+        A wrapped model is named after its factory (``mymodels:encoder`` serves ``encoder``)
+        unless ``name`` is given: two factories must not both serve as ``"model"``.
         """
         if target.endswith((".onnx", ".pt", ".pth", ".ts", ".jit")) or os.path.sep in target:
             return cls(target, **kwargs)
@@ -618,15 +706,19 @@ class ModelRunner:
             takes_kwargs = True
         except (TypeError, ValueError):
             takes_kwargs = False  # a factory without these parameters: they are for the runner
+        name = kwargs.get("name") or attr
         if takes_kwargs:
             obj, kwargs = factory(**kwargs), {}
         else:
             obj = factory()
         if isinstance(obj, ModelRunner):
             if kwargs:
-                raise ConfigError(f"{target} returned a ModelRunner; it takes no runner options")
+                raise ConfigError(
+                    f"{target} returned a ModelRunner; it takes no runner options "
+                    f"({', '.join(sorted(kwargs))})"
+                )
             return obj
-        return cls(obj, **kwargs)
+        return cls(obj, **{**kwargs, "name": name})
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -658,12 +750,7 @@ class ModelRunner:
         spec = self.input_spec
         if spec is not None:
             return spec.validate(x)
-        if isinstance(self._backend, _CallableBackend):
-            return x
-        try:
-            return np.asarray(x, dtype=np.float32)
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"cannot read input as a float32 array: {exc}") from None
+        return x  # a callable without a spec (tensor models always have one): as it comes
 
     def validate_batch(self, xs: Any) -> Any:
         spec = self.input_spec
@@ -671,12 +758,7 @@ class ModelRunner:
             return spec.validate_batch(xs)
         if len(xs) == 0:
             raise InputError("empty batch: expected at least one input")
-        if isinstance(self._backend, _CallableBackend):
-            return list(xs)
-        try:
-            return np.asarray(xs, dtype=np.float32)
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"cannot read batch as a float32 array: {exc}") from None
+        return list(xs)
 
     # -- running ---------------------------------------------------------------------------------
 

@@ -164,10 +164,13 @@ def app_from_env() -> FastAPI:
     settings travel through the environment rather than being re-parsed from flags.
     """
     settings = serve_settings_from_env()
-    # The models load here rather than in the lifespan: a ConfigError (a model that does not
-    # load, two models under one name) then reaches `infercache serve`, which prints it on one
-    # line and exits 2, where the lifespan's became uvicorn's traceback and exit code 3.
-    return create_app(settings, banner=True, runners=load_models(settings))
+    # With one worker the models load here rather than in the lifespan: a ConfigError (a model
+    # that does not load, two models under one name) then reaches `infercache serve`, which
+    # prints it on one line and exits 2, where the lifespan's became uvicorn's traceback and exit
+    # code 3. A worker process must fail in its lifespan instead: uvicorn's supervisor restarts
+    # a worker that dies loading the app, for ever, but stops on one that fails to start.
+    runners = load_models(settings) if settings.workers == 1 else None
+    return create_app(settings, banner=True, runners=runners)
 
 
 def run(settings: Settings) -> None:

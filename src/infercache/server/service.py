@@ -14,14 +14,14 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from infercache.config import Settings, parse_model_spec
+from infercache.config import Settings, model_input_spec, parse_model_spec
 from infercache.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -336,6 +336,12 @@ class Service:
         assert model is not None
         entry = self.entry(model)
         if has_input:
+            served = entry.predictor.runner.version
+            if version is not None and version != served:  # the key is built with the served one
+                raise InputError(
+                    f"an input's entry can be invalidated for the served version {served!r} only; "
+                    f"to retire version {version!r}, invalidate {{model, version}} without input"
+                )
             x = entry.coerce(input)
             k = entry.predictor.key_for(x)
             removed = await _call(cache, "delete", k)
@@ -450,7 +456,10 @@ class Service:
 
         s = self.settings
         consumer = f"{socket.gethostname()}-{os.getpid()}"
+        loop = asyncio.get_running_loop()
+        failures = 0  # in a row: the traceback once, then one line each, backing off to 10 s
         while True:
+            started = loop.time()
             source = RedisStreamSource(
                 s.redis_url, key, s.stream_group, consumer, block_ms=500, claim_interval=5.0
             )
@@ -467,9 +476,17 @@ class Service:
                 await proc.run(source)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("stream %s (%s) failed; retrying in 1 s", topic, key)
-                await asyncio.sleep(1.0)
+            except Exception as exc:
+                failures = 1 if loop.time() - started > 30.0 else failures + 1
+                delay = min(10.0, 2.0 ** (failures - 1))
+                if failures == 1:
+                    log.exception("stream %s (%s) failed; retrying in %g s", topic, key, delay)
+                else:  # Redis down: a traceback a second flooded the log
+                    log.warning(
+                        "stream %s (%s) failed again (%d in a row): %s: %s; retrying in %g s",
+                        topic, key, failures, type(exc).__name__, exc, delay,
+                    )  # fmt: skip
+                await asyncio.sleep(delay)
             finally:
                 with contextlib.suppress(Exception):
                     await source.close()
@@ -581,11 +598,13 @@ def load_model(spec: str, *, threads: int = 1, jit: bool = False, onnx: bool = F
 
     name, body = parse_model_spec(spec)
     lower = body.lower()
+    declared = model_input_spec(spec)  # ";shape=...;dtype=..." after the spec, if any
+    options = {} if declared is None else {"input_spec": declared}
     try:
         if lower == "demo":
             from infercache.models.demo import demo_mlp
 
-            return demo_mlp(name=name or "mlp", threads=threads, jit=jit, onnx=onnx)
+            return demo_mlp(name=name or "mlp", threads=threads, jit=jit, onnx=onnx, **options)
         if lower.endswith((".onnx", ".pt", ".pth", ".ts")):
             path = Path(body)
             if not path.is_file():
@@ -597,8 +616,9 @@ def load_model(spec: str, *, threads: int = 1, jit: bool = False, onnx: bool = F
                 threads=threads,
                 jit=jit and torch_file,
                 onnx=onnx and torch_file,
+                **options,
             )
-        runner = ModelRunner.load(body)
+        runner = ModelRunner.load(body, **options)
         if name:
             runner = _renamed(runner, name)
         return runner
@@ -631,13 +651,8 @@ def _set_torch_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-async def build_service(settings: Settings) -> Service:
-    """Load the models, build the cache tiers and a Predictor per model."""
-    from infercache.monitor import LatencyMonitor
-    from infercache.multilevel import MultiLevelCache
-    from infercache.predictor import Predictor
-    from infercache.tiers.memory import MemoryCache
-
+def load_models(settings: Settings) -> list[Any]:
+    """The runners of ``settings.models`` (the demo MLP when none), each under its own name."""
     _set_torch_threads(settings.torch_threads)
     specs = list(settings.models) or ["demo"]
     runners = [
@@ -645,8 +660,25 @@ async def build_service(settings: Settings) -> Service:
         for s in specs
     ]
     names = [r.name for r in runners]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"setting 'models': two models are named the same: {names}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(
+            f"setting 'models': two models are named {', '.join(map(repr, dupes))} "
+            f"(all names: {names}); give each a name with name=spec"
+        )
+    return runners
+
+
+async def build_service(settings: Settings, runners: Sequence[Any] | None = None) -> Service:
+    """Build the cache tiers and a Predictor per model; ``runners`` from :func:`load_models`
+    (loaded here when None)."""
+    from infercache.monitor import LatencyMonitor
+    from infercache.multilevel import MultiLevelCache
+    from infercache.predictor import Predictor
+    from infercache.tiers.memory import MemoryCache
+
+    if runners is None:
+        runners = load_models(settings)
 
     tiers: list[Any] = [
         MemoryCache(max_size=settings.l1_size, ttl=settings.cache_ttl, policy=settings.l1_policy)
@@ -670,7 +702,21 @@ async def build_service(settings: Settings) -> Service:
                 idle_writer=settings.sql_idle_writer,
             )
         )
-    cache = MultiLevelCache(tiers=tiers, write=settings.write_policy)  # type: ignore[arg-type]
+    events = None
+    sql_url = settings.sql_url or ""
+    if settings.workers > 1 and not settings.redis_url and sql_url.startswith("sqlite"):
+        # No Redis to carry invalidations between the workers: they share the SQLite file, so
+        # events go through a table there (else an invalidation reached one worker's L1 only).
+        from infercache.tiers.events import SQLiteEventLog
+        from infercache.tiers.sql import sqlite_path
+
+        path = sqlite_path(sql_url)
+        events = None if path == ":memory:" else SQLiteEventLog(path)
+    cache = MultiLevelCache(
+        tiers=tiers,
+        write=settings.write_policy,  # type: ignore[arg-type]
+        events=events,
+    )
     monitor = LatencyMonitor()
     models: dict[str, ModelEntry] = {}
     for runner in runners:

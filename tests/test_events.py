@@ -1,0 +1,127 @@
+"""Invalidation events through an SQLite file (SQLiteEventLog): processes with no Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+
+from infercache.bench.process import ServerProcess
+from infercache.multilevel import MultiLevelCache
+from infercache.tiers.events import SQLiteEventLog
+from infercache.tiers.memory import MemoryCache
+from infercache.tiers.sql import SQLCache
+
+try:
+    from servers import wait_until
+except ImportError:  # pragma: no cover
+    from tests.servers import wait_until  # type: ignore[no-redef]
+
+
+def _process(db: Path) -> MultiLevelCache:
+    """What one worker process builds: its own L1, the shared SQLite file, its own event log."""
+    return MultiLevelCache(
+        [MemoryCache(100), SQLCache(f"sqlite:///{db}", purge_interval=None)],
+        events=SQLiteEventLog(str(db), poll_interval=0.05),
+    )
+
+
+async def test_deletes_generations_and_clears_reach_the_other_processes_l1(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "l3.db"
+    a, b = _process(db), _process(db)
+    await a.start()
+    await b.start()
+    try:
+        await a.set_many({"x": 1, "y": 2})
+        assert await b.get_many(["x", "y"]) == {"x": 1, "y": 2}  # now in b's L1 too
+        assert b.l1 is not None and "x" in b.l1
+        await a.delete("x")
+        await wait_until(lambda: "x" not in b.l1, 5)
+        assert await b.get("x") is None
+        assert await a.invalidate(namespace="model") == 1
+        await wait_until(lambda: b.generation("model") == 1, 5)
+        await a.invalidate(all=True)
+        await wait_until(lambda: "y" not in b.l1, 5)
+        assert (await b.stats())["events"]["received"] >= 3
+        assert (await a.stats())["events"]["received"] == 0  # its own are skipped
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_subscriber_that_missed_pruned_events_resyncs(tmp_path: Path) -> None:
+    db = str(tmp_path / "ev.db")
+    writer = SQLiteEventLog(db)
+    reader = SQLiteEventLog(db, poll_interval=0.3)
+    got: list[bytes] = []
+    resyncs: list[int] = []
+    stop = await reader.subscribe("c", got.append, lambda: resyncs.append(1))
+    try:
+        await writer.publish("c", b"1")
+        await writer.publish("c", b"2")
+        with sqlite3.connect(db) as conn:  # pruned before the reader saw them
+            conn.execute("DELETE FROM infercache_events")
+        await writer.publish("c", b"3")
+        await writer.publish("other", b"not ours")
+        await wait_until(lambda: got == [b"3"], 5)
+        assert resyncs == [1]
+        await writer.publish("c", b"4")
+        await wait_until(lambda: got == [b"3", b"4"], 5)
+        assert resyncs == [1]  # no gap this time
+    finally:
+        await stop()
+        await writer.close()
+        await reader.close()
+    with pytest.raises(ValueError):
+        SQLiteEventLog(db, poll_interval=1.0, retention=0.5)
+
+
+CLOCK = textwrap.dedent(
+    """
+    import time
+    import numpy as np
+    from infercache.models import ModelRunner
+
+    def make():
+        return ModelRunner(lambda batch: [np.asarray([time.time()]) for _ in batch],
+                           name="clock", version="1")
+    """
+)
+
+
+async def test_an_admin_invalidation_reaches_every_worker(tmp_path: Path) -> None:
+    """``serve --workers 2`` on the default tiers (no Redis): the invalidation used to clear the
+    L1 of the worker that received it only; the other answered the old entry for ever."""
+    (tmp_path / "clockmodel.py").write_text(CLOCK)
+    token = "workers-admin-token"
+    proc = ServerProcess.infercache(
+        "--model", "clock=clockmodel:make", "--workers", "2", "--admin-token", token,
+        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    with proc:
+
+        async def outputs(n: int) -> set[float]:
+            seen = set()
+            for _ in range(n):  # a new connection each time: either worker may take it
+                async with httpx.AsyncClient(base_url=proc.url, timeout=30) as c:
+                    r = await c.post("/v1/models/clock/predict", json={"input": [1.0]})
+                    seen.add(r.json()["output"][0])
+            return seen
+
+        before = await outputs(30)  # both workers have the entry in their L1 by now
+        async with httpx.AsyncClient(base_url=proc.url, timeout=30) as c:
+            r = await c.post(
+                "/v1/cache/invalidate",
+                json={"model": "clock", "input": [1.0]},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert r.status_code == 200
+        await asyncio.sleep(1.0)  # events are polled every 0.25 s
+        after = await outputs(30)
+        assert not before & after, (before, after)
