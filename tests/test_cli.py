@@ -68,6 +68,18 @@ def test_invalid_settings_stop_serve(
     assert "invalid configuration" in err and f"'{setting}'" in err
 
 
+def test_a_redis_that_refuses_us_stops_serve_at_start(
+    redis_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A database out of range or a cluster URL for a standalone Redis never heals: the server
+    used to start and stay unready for ever, logging that Redis "does not answer"."""
+    assert main(["serve", "--redis-url", redis_server.url_for_db(99)]) == 2
+    assert "DB index is out of range" in capsys.readouterr().err
+    cluster = f"redis+cluster://127.0.0.1:{redis_server.port}"
+    assert main(["serve", "--redis-url", cluster]) == 2
+    assert "not in cluster mode" in capsys.readouterr().err
+
+
 def test_invalid_env_setting_stops_serve_subprocess(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "infercache", "serve"],

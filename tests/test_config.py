@@ -72,6 +72,10 @@ def test_env_parsing_of_types() -> None:
         ({"write_policy": "sideways"}, "write_policy"),
         ({"ws_slow_consumer": "block"}, "ws_slow_consumer"),
         ({"redis_url": "http://x"}, "redis_url"),
+        ({"redis_url": "redis://127.0.0.1:99999/0"}, "redis_url"),  # was a uvicorn traceback
+        ({"redis_url": "redis://127.0.0.1:6379/abc"}, "redis_url"),  # was ignored
+        ({"redis_url": "redis://127.0.0.1:6379/0?db=x"}, "redis_url"),
+        ({"redis_url": "redis://:6379/0"}, "redis_url"),
         ({"sql_url": "mysql://x"}, "sql_url"),
         ({"admin_token": "short"}, "admin_token"),
         ({"models": ["nocolon"]}, "models"),
@@ -124,6 +128,13 @@ def test_redacted_hides_secrets() -> None:
     shown = s.redacted()
     assert shown["admin_token"] == "***"
     assert "pw" not in shown["redis_url"] and "hunter2" not in shown["sql_url"]
+    # in the query string too, where redis-py and libpq read a password as well
+    for url in ("unix:///tmp/r.sock?password=s3cretpw&db=0", "redis://h:6379/0?password=s3cretpw"):
+        shown = load_settings({"redis_url": url}, env={}).redacted()
+        assert "s3cretpw" not in shown["redis_url"] and "password=***" in shown["redis_url"]
+    shown = load_settings({"sql_url": "postgresql://db/x?sslmode=require&password=s3cretpw"},
+                          env={}).redacted()  # fmt: skip
+    assert shown["sql_url"] == "postgresql://db/x?sslmode=require&password=***"
     assert s.replace(port=9000).port == 9000
     with pytest.raises(ConfigError):
         s.replace(port=-1)

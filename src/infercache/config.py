@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from infercache.errors import ConfigError
 
@@ -108,19 +109,56 @@ class Settings:
             if out[name]:
                 out[name] = "***"
         for name in ("redis_url", "sql_url"):
-            out[name] = _redact_url(out[name])
+            out[name] = redact_url(out[name])
         return out
 
 
-def _redact_url(url: str | None) -> str | None:
-    """Hide a password in ``scheme://user:password@host`` so that logs never carry it."""
-    if not url or "@" not in url or "://" not in url:
+_SECRET_PARAMS = frozenset({"password", "pass", "passwd", "pwd", "sslpassword", "token"})
+
+
+def redact_url(url: str | None) -> str | None:
+    """Hide the password in ``scheme://user:password@host`` and in query parameters
+    (``?password=...``, which redis-py and libpq read too) so that logs never carry it."""
+    if not url or "://" not in url:
         return url
     scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    if ":" in creds:
-        creds = creds.split(":", 1)[0] + ":***"
-    return f"{scheme}://{creds}@{host}"
+    if "?" in rest:
+        rest, query = rest.split("?", 1)
+        params = [
+            (k, "***" if k.lower() in _SECRET_PARAMS else v)
+            for k, v in parse_qsl(query, keep_blank_values=True)
+        ]
+        rest += "?" + urlencode(params, safe="*")
+    if "@" in rest:
+        creds, host = rest.rsplit("@", 1)
+        if ":" in creds:
+            creds = creds.split(":", 1)[0] + ":***"
+        rest = f"{creds}@{host}"
+    return f"{scheme}://{rest}"
+
+
+def _check_redis_url(url: str) -> None:
+    """What redis-py would only find out once the server runs (a port out of range was a
+    traceback from inside uvicorn's start-up; a database that is not a number was ignored)."""
+    from redis.connection import parse_url
+
+    plain = url.replace("redis+cluster://", "redis://", 1)
+    try:
+        parsed = parse_url(plain)
+    except ValueError as exc:
+        raise ConfigError(f"setting 'redis_url': {exc} (in {redact_url(url)!r})") from None
+    parts = urlsplit(plain)
+    if parts.scheme == "unix":
+        if not parsed.get("path"):
+            raise ConfigError("setting 'redis_url': a unix:// URL needs the socket's path")
+        return
+    if not parts.hostname:
+        raise ConfigError(f"setting 'redis_url': no host in {redact_url(url)!r}")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(
+            f"setting 'redis_url': the database must be a number (redis://host:port/0), got {db!r}"
+        )
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
@@ -282,13 +320,17 @@ def _validate(s: Settings) -> None:
         ("redis://", "rediss://", "unix://", "redis+cluster://")
     ):
         raise ConfigError(
-            f"setting 'redis_url': expected redis://, rediss:// or unix:// URL, got {s.redis_url!r}"
+            "setting 'redis_url': expected redis://, rediss:// or unix:// URL, "
+            f"got {redact_url(s.redis_url)!r}"
         )
+    if s.redis_url is not None:
+        _check_redis_url(s.redis_url)
     if s.sql_url is not None and not s.sql_url.startswith(
         ("sqlite://", "postgresql://", "postgres://", "postgresql+psycopg://")
     ):
         raise ConfigError(
-            f"setting 'sql_url': expected sqlite:///path or postgresql:// URL, got {s.sql_url!r}"
+            "setting 'sql_url': expected sqlite:///path or postgresql:// URL, "
+            f"got {redact_url(s.sql_url)!r}"
         )
     if s.sql_url is not None and s.sql_url.startswith("sqlite://"):
         _check_sqlite_dir(s.sql_url)

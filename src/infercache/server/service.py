@@ -570,6 +570,8 @@ def preflight(settings: Settings) -> None:
     exist and ``module:factory`` modules must be importable (found, not imported)."""
     import importlib.util
 
+    if settings.redis_url:
+        _check_redis_answers_us(settings.redis_url)
     for spec in settings.models:
         _, body = parse_model_spec(spec)
         lower = body.lower()
@@ -586,6 +588,39 @@ def preflight(settings: Settings) -> None:
             raise ConfigError(f"setting 'models': cannot import {module!r}: {exc}") from None
         if found is None:
             raise ConfigError(f"setting 'models': no module named {module!r} (in {spec!r})")
+
+
+def _check_redis_answers_us(url: str) -> None:
+    """Stop at start when Redis answers but refuses us: a wrong or missing password, a database
+    out of range, a cluster URL for a standalone server. Those never heal; the server used to
+    start, log "cache tier redis does not answer" and stay unready for ever. A Redis that does
+    not answer at all may come up later, so that is left to the running server (``/readyz``)."""
+    import redis
+    from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
+
+    from infercache.config import redact_url
+
+    cluster = url.startswith("redis+cluster://")
+    plain = url.replace("redis+cluster://", "redis://", 1)
+    client = redis.Redis.from_url(plain, socket_connect_timeout=1.0, socket_timeout=1.0)
+    try:
+        client.ping()
+        if cluster and not client.info("cluster").get("cluster_enabled"):
+            raise ConfigError(
+                f"setting 'redis_url': {redact_url(url)!r} is a cluster URL, but that Redis "
+                "is not in cluster mode (use redis://)"
+            )
+    except (AuthenticationError, AuthorizationError, ResponseError) as exc:
+        hint = ""
+        if "authenticat" in str(exc).lower() or "noauth" in str(exc).lower():
+            hint = " (a password goes in the URL: redis://:password@host:port/0)"
+        raise ConfigError(
+            f"setting 'redis_url': Redis at {redact_url(url)!r} refused us: {exc}{hint}"
+        ) from None
+    except redis.RedisError as exc:  # not answering (yet): the running server handles it
+        log.info("Redis at %s does not answer at start: %s", redact_url(url), exc)
+    finally:
+        client.close()
 
 
 def load_model(spec: str, *, threads: int = 1, jit: bool = False, onnx: bool = False) -> Any:
