@@ -438,3 +438,30 @@ async def test_a_value_no_tier_can_encode_does_not_stop_the_writes_behind_it(
     finally:
         await redis.close()
         await sql.close()
+
+
+async def test_an_invalidation_redis_did_not_carry_is_reported(
+    fresh_redis: Any, tmp_path: Path
+) -> None:
+    """With Redis down an admin invalidation answered 200 like any other: nothing said that the
+    other servers never heard of it (they drop their copies only when they resync)."""
+    import httpx
+
+    from infercache.bench.process import ServerProcess
+
+    token = "unsent-admin-token"
+    proc = ServerProcess.infercache(
+        "--redis-url", fresh_redis.url, "--sql-url", "none", "--admin-token", token,
+        "--no-require-tiers", cwd=tmp_path,
+    )  # fmt: skip
+    with proc:
+        async with httpx.AsyncClient(
+            base_url=proc.url, timeout=30, headers={"Authorization": f"Bearer {token}"}
+        ) as http:
+            ok = (await http.post("/v1/cache/invalidate", json={"model": "mlp"})).json()
+            assert "broadcast" not in ok and "warning" not in ok
+            fresh_redis.kill()
+            for body in ({"model": "mlp"}, {"all": True}):
+                r = await http.post("/v1/cache/invalidate", json=body)
+                assert r.status_code == 200, r.text
+                assert r.json()["broadcast"] is False and "resync" in r.json()["warning"]

@@ -190,6 +190,7 @@ class MultiLevelCache:
                 "events_sent",
                 "events_received",
                 "event_errors",
+                "events_unsent",
                 "resyncs",
             ),
             0,
@@ -245,6 +246,12 @@ class MultiLevelCache:
     def tiers(self) -> list[Any]:
         """The tiers as given, fastest first."""
         return list(self._tiers)
+
+    @property
+    def events_unsent(self) -> int:
+        """Invalidation events this process could not publish (Redis down): other processes
+        learn of those changes only when they resync, after their connection comes back."""
+        return self._counters["events_unsent"]
 
     @property
     def l1(self) -> Any | None:

@@ -101,7 +101,7 @@ class EventBus:
     Events are small JSON objects: ``{"t": "del", "k": [keys]}``, ``{"t": "clear"}``,
     ``{"t": "gen", "ns": namespace, "g": generation}``, each tagged with this process's origin
     so it ignores its own. ``counters`` (shared with ``stats()``): events_sent,
-    events_received, event_errors.
+    events_received, event_errors, events_unsent (publish failed: the transport was down).
     """
 
     def __init__(
@@ -164,7 +164,8 @@ class EventBus:
             self._counters["events_sent"] += 1
         except Exception as exc:
             self._counters["event_errors"] += 1
-            log.debug("invalidation event not published: %s", exc)
+            self._counters["events_unsent"] += 1
+            log.warning("invalidation event not published: %s", exc)
 
     def _decode(self, data: bytes) -> dict[str, Any] | None:
         """Another process's event, or None (ours, or unreadable: counted)."""

@@ -322,6 +322,31 @@ class Service:
         cache = self.cache
         if cache is None:
             raise InputError("this server has no cache to invalidate")
+        unsent = getattr(cache, "events_unsent", 0)
+        result = await self._invalidate(
+            cache, all=all, model=model, version=version, key=key, has_input=has_input, input=input
+        )
+        if getattr(cache, "events_unsent", 0) > unsent:
+            result["broadcast"] = False
+            result["warning"] = (
+                "done here, but the event could not be published (Redis down): other servers "
+                "drop their copies only when they reconnect and resync"
+            )
+        return result
+
+    async def _invalidate(
+        self,
+        cache: Any,
+        *,
+        all: bool,
+        model: str | None,
+        version: str | None,
+        key: str | None,
+        has_input: bool,
+        input: Any,
+    ) -> dict[str, Any]:
+        from infercache.errors import InputError
+
         given = sum(bool(x) for x in (all, key is not None, model is not None))
         if given != 1 or (version is not None and model is None) or (has_input and model is None):
             raise InputError(
