@@ -5,9 +5,12 @@ results, batch sizes and counters."""
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
+from collections import deque
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -454,3 +457,101 @@ def test_invalid_settings() -> None:
         DynamicBatcher(lambda xs: xs, adaptive=True)
     with pytest.raises(ValueError):
         DynamicBatcher(lambda xs: xs, min_batch_size=5, max_batch_size=4)
+
+
+BAD_SETTINGS: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"max_batch_size": 2.5}, TypeError, "max_batch_size"),  # was: can't multiply sequence
+    ({"max_batch_size": True}, TypeError, "max_batch_size"),
+    ({"max_batch_size": "8"}, TypeError, "max_batch_size"),
+    ({"min_batch_size": 2.0}, TypeError, "min_batch_size"),
+    ({"min_batch_size": 0}, ValueError, "min_batch_size"),
+    ({"max_queue": "10"}, TypeError, "max_queue"),  # was: '<' not supported, at submit
+    ({"max_queue": 0}, ValueError, "max_queue"),
+    ({"concurrency": 1.0}, TypeError, "concurrency"),
+    ({"concurrency": 0}, ValueError, "concurrency"),
+    ({"timeout": -1}, ValueError, "timeout"),  # was accepted
+    ({"timeout": 0}, ValueError, "timeout"),
+    ({"timeout": math.nan}, ValueError, "timeout"),
+    ({"timeout": "1"}, TypeError, "timeout"),
+    ({"max_wait_ms": math.inf}, ValueError, "max_wait_ms"),
+    ({"max_wait_ms": "5"}, TypeError, "max_wait_ms"),
+    ({"load_wait_ms": math.nan}, ValueError, "load_wait_ms"),
+    ({"target_p99_ms": -1.0}, ValueError, "target_p99_ms"),
+    ({"adaptive": True, "target_p99_ms": 0}, ValueError, "target_p99_ms"),
+    ({"additive_step": 0}, ValueError, "additive_step"),
+    ({"additive_step": 1.5}, TypeError, "additive_step"),
+    ({"backoff": 1}, ValueError, "backoff"),
+    ({"backoff": "0.5"}, TypeError, "backoff"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    BAD_SETTINGS,
+    ids=[",".join(f"{k}={v!r}" for k, v in kw.items()) for kw, _, _ in BAD_SETTINGS],
+)
+def test_bad_numeric_settings_fail_at_construction_naming_the_argument(
+    kwargs: dict[str, Any], error: type[Exception], name: str
+) -> None:
+    with pytest.raises(error, match=name):
+        DynamicBatcher(lambda xs: xs, **kwargs)
+
+
+async def test_numpy_ints_and_int_milliseconds_are_accepted() -> None:
+    b = DynamicBatcher(
+        lambda xs: xs, max_batch_size=np.int64(4), max_queue=np.int32(8), max_wait_ms=2, timeout=5
+    )
+    assert type(b.max_batch_size) is int and b.max_batch_size == 4
+    assert b.max_wait_ms == 2.0 and b.timeout == 5.0
+    async with b:
+        assert await b.submit(3) == 3
+    with pytest.raises(TypeError, match="fn must be callable"):
+        DynamicBatcher(None, max_batch_size=4)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "returned",
+    [
+        lambda xs: dict(enumerate(xs)),  # gave each caller a key: {0: 1} -> 0
+        lambda xs: "x" * len(xs),
+        lambda xs: b"x" * len(xs),
+        lambda xs: set(xs),
+        lambda xs: (x for x in xs),
+        lambda xs: {x: None for x in xs}.keys(),
+    ],
+    ids=["dict", "str", "bytes", "set", "generator", "dict-keys"],
+)
+async def test_fn_must_return_a_sequence(returned: Any) -> None:
+    for direct in (True, False):  # the direct path and a worker check alike
+        async with DynamicBatcher(returned, offload=False, direct=direct) as b:
+            with pytest.raises(ModelError, match="must return a sequence with one result per"):
+                await b.submit(1)
+            assert b.stats()["errors"] == 1
+
+
+async def test_sequences_other_than_lists_are_results() -> None:
+    fns = [
+        lambda xs: tuple(x * 2 for x in xs),
+        lambda xs: np.asarray(xs) * 2,
+        lambda xs: deque(x * 2 for x in xs),
+    ]
+    for fn in fns:
+        async with DynamicBatcher(fn, offload=False) as b:
+            assert await asyncio.gather(*(b.submit(i) for i in range(5))) == [0, 2, 4, 6, 8]
+
+
+async def test_a_clock_that_steps_back_does_not_stall_the_workers() -> None:
+    """The batcher's own latency monitors drop (and count) a negative duration: raising it
+    inside a worker would strand every caller of the batch."""
+    now = [1000.0]
+
+    def backwards() -> float:
+        now[0] -= 0.5
+        return now[0]
+
+    async with DynamicBatcher(lambda xs: xs, offload=False, direct=False, timer=backwards) as b:
+        results = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(4))), 10)
+        stats = b.stats()
+    assert results == [0, 1, 2, 3]
+    assert b.queue_wait.rejected >= 4 and b.compute_time.rejected >= 1
+    assert stats["queue_wait"] == {"count": 0} and stats["compute"] == {"count": 0}

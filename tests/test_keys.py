@@ -258,3 +258,40 @@ def test_known_vector_pins_the_format() -> None:
         + b"2"
     )
     assert expected == h.hexdigest()
+
+
+@pytest.mark.parametrize("namespace", [5, None, b"model", ["model"]], ids=repr)
+def test_namespace_must_be_a_str(namespace: object) -> None:
+    """An int namespace failed with AttributeError ('int' object has no attribute 'encode'),
+    an unhashable one with lru_cache's bare 'unhashable type'."""
+    with pytest.raises(TypeError, match="namespace must be a str"):
+        fingerprint([1.0], namespace=namespace)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="namespace must be a str"):
+        fingerprint(np.zeros(4, np.float32), namespace=namespace)  # type: ignore[arg-type]
+    assert fingerprint([1.0], namespace="5") != fingerprint([1.0])  # a str one still works
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.ma.array([1.0, 2.0], mask=[False, True]),
+        np.ma.array([1.0, 2.0]),  # no element masked: refused all the same, predictably
+        [np.ma.array([1, 2], mask=[True, False])],
+        np.ma.masked,
+    ],
+    ids=["masked", "unmasked", "nested", "masked-constant"],
+)
+def test_masked_arrays_are_refused(value: object) -> None:
+    """The mask would be dropped (and the data under it hashed): two inputs the model tells
+    apart could share a key. This failed with AttributeError ('ndarray' has no 'cast')."""
+    with pytest.raises(TypeError, match="cannot fingerprint a numpy masked array"):
+        fingerprint(value)
+
+
+def test_other_ndarray_subclasses_hash_their_data() -> None:
+    class Tagged(np.ndarray):
+        pass
+
+    plain = np.arange(6.0).reshape(2, 3)
+    assert fingerprint(plain.view(Tagged)) == fingerprint(plain)
+    assert fingerprint([plain.view(Tagged)]) == fingerprint([plain])

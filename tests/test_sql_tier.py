@@ -418,3 +418,31 @@ async def test_serve_settings_choose_the_writer_priority(tmp_path: Path) -> None
             )
         finally:
             await service.close()
+
+
+async def test_non_str_keys_are_refused(cache: SQLCache) -> None:
+    """``set(123, v)`` stored the row under '123' (SQLite's TEXT affinity) and ``get(123)``
+    then missed; keys must be str in every remote tier (RedisCache refuses them too). Every
+    entry raises TypeError before the database is asked, so nothing is written, nothing is
+    counted as a tier error and the breaker stays closed."""
+    await cache.set("ok", 1)
+    calls = [
+        lambda: cache.set(123, "v"),  # type: ignore[arg-type]
+        lambda: cache.set_many({"fine": 1, 5: 2}),  # type: ignore[dict-item]
+        lambda: cache.set_many_with_ttl({b"k": (1, None)}),  # type: ignore[dict-item]
+        lambda: cache.get(123),  # type: ignore[arg-type]
+        lambda: cache.get_many(["ok", 123]),  # type: ignore[list-item]
+        lambda: cache.get_many_with_ttl([1.5]),  # type: ignore[list-item]
+        lambda: cache.delete(123),  # type: ignore[arg-type]
+        lambda: cache.delete_many(["ok", None]),  # type: ignore[list-item]
+        lambda: cache.exists(123),  # type: ignore[arg-type]
+        lambda: cache.ttl(123),  # type: ignore[arg-type]
+        lambda: cache.expire(123, 10),  # type: ignore[arg-type]
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match="SQLCache keys must be str"):
+            await call()
+    assert await cache.get_many(["ok", "fine", "123", "5"]) == {"ok": 1}  # nothing written
+    stats = await cache.stats()
+    assert stats["errors"] == 0 and stats["breaker"]["state"] == "closed"
+    assert stats["entries"] == 1

@@ -53,9 +53,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import numbers
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
@@ -75,6 +76,34 @@ R = TypeVar("R")
 BatchFn = Callable[[list[Any]], "Sequence[Any] | Awaitable[Sequence[Any]]"]
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
+
+
+def _int_arg(name: str, value: object, low: int) -> int:
+    """``value`` as an int >= ``low``, or an error naming the argument. Checked once, here: a
+    float would fail deep inside (``[0] * 2.5``), a str at the first comparison with the queue,
+    and a bool is a flag passed in the wrong place, not a size."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def _real_arg(name: str, value: object, *, positive: bool = False) -> float:
+    """``value`` as a finite float >= 0 (> 0 when ``positive``), or an error naming the argument.
+    NaN would compare False everywhere (never time out, never wait), infinity overflows the
+    event loop's timers: None or 0 already say "no deadline" / "no window"."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    in_range = number > 0.0 if positive else number >= 0.0  # NaN is in no range
+    if not in_range or math.isinf(number):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+    return number
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -123,7 +152,7 @@ class DynamicBatcher(Generic[T, R]):
         concurrency: batches computed at the same time (worker tasks, and threads for sync fns).
             For a CPU model on few cores keep 1 (FACTS.md: two torch threads beside a busy
             server ran batches 2.8-500x slower).
-        timeout: default per-item deadline in seconds from submit (None: no deadline).
+        timeout: default per-item deadline in seconds from submit, > 0 (None: no deadline).
         greedy: dispatch what is queued as soon as a worker is idle (default) instead of waiting.
         load_wait_ms: with ``greedy``, the longest a short batch waits for company while
             requests arrive at least twice per this window (0: never; see the module doc).
@@ -164,20 +193,30 @@ class DynamicBatcher(Generic[T, R]):
         timer: Callable[[], float] = time.monotonic,
         name: str = "batcher",
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
-        if not 1 <= min_batch_size <= max_batch_size:
-            raise ValueError("min_batch_size must be between 1 and max_batch_size")
-        if max_wait_ms < 0 or load_wait_ms < 0:
-            raise ValueError("max_wait_ms and load_wait_ms must be >= 0")
-        if max_queue < 1:
-            raise ValueError("max_queue must be >= 1")
-        if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
-        if adaptive and (target_p99_ms is None or target_p99_ms <= 0):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        # Every numeric argument is checked here, once, so submit() needs no checks of its own.
+        max_batch_size = _int_arg("max_batch_size", max_batch_size, 1)
+        min_batch_size = _int_arg("min_batch_size", min_batch_size, 1)
+        if min_batch_size > max_batch_size:
+            raise ValueError(
+                f"min_batch_size must be between 1 and max_batch_size ({max_batch_size}), "
+                f"got {min_batch_size}"
+            )
+        max_wait_ms = _real_arg("max_wait_ms", max_wait_ms)
+        load_wait_ms = _real_arg("load_wait_ms", load_wait_ms)
+        max_queue = _int_arg("max_queue", max_queue, 1)
+        concurrency = _int_arg("concurrency", concurrency, 1)
+        if timeout is not None:
+            timeout = _real_arg("timeout", timeout, positive=True)
+        if target_p99_ms is not None:
+            target_p99_ms = _real_arg("target_p99_ms", target_p99_ms, positive=True)
+        elif adaptive:
             raise ValueError("adaptive=True needs a positive target_p99_ms")
-        if not 0 < backoff < 1:
-            raise ValueError("backoff must be in (0, 1)")
+        additive_step = _int_arg("additive_step", additive_step, 1)
+        backoff = _real_arg("backoff", backoff, positive=True)
+        if not backoff < 1:
+            raise ValueError(f"backoff must be in (0, 1), got {backoff}")
         self._fn = fn
         self._is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
@@ -191,7 +230,7 @@ class DynamicBatcher(Generic[T, R]):
         self.greedy = greedy
         self.adaptive = adaptive
         self.target_p99_ms = target_p99_ms
-        self.additive_step = max(1, additive_step)
+        self.additive_step = additive_step
         self.backoff = backoff
         self.split_on_error = split_on_error
         self.offload = offload
@@ -241,8 +280,11 @@ class DynamicBatcher(Generic[T, R]):
         self._increases = 0
         self._decreases = 0
         self._last_decision = "initial"
-        self.queue_wait = LatencyMonitor(window_size=1024, timer=timer)
-        self.compute_time = LatencyMonitor(window_size=1024, timer=timer)
+        # strict=False: these are fed from the batcher's own clock inside a worker, where a
+        # raise (a clock that stepped back) would strand the batch's callers; bad values are
+        # dropped and counted in the monitor's ``rejected`` instead
+        self.queue_wait = LatencyMonitor(window_size=1024, timer=timer, strict=False)
+        self.compute_time = LatencyMonitor(window_size=1024, timer=timer, strict=False)
         self._item_latency: deque[float] = deque(maxlen=512)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -638,7 +680,25 @@ class DynamicBatcher(Generic[T, R]):
             return
         self._settle(batch, results, elapsed, top=top)
 
-    def _check_count(self, results: Sequence[Any], batch: list[_Item]) -> None:
+    def _check_count(self, results: Any, batch: list[_Item]) -> None:
+        """Refuse a result that is not one result per item, in order: results are handed out by
+        position, so a dict would give callers its keys and a str its characters. A list (what
+        runners return) or a tuple passes on one type test; anything else must be an ordered,
+        sized, indexable collection (a numpy array or a tensor qualifies) but not a str, bytes or
+        a mapping."""
+        if (
+            type(results) is not list
+            and type(results) is not tuple
+            and (
+                isinstance(results, str | bytes | bytearray | Mapping)
+                or not hasattr(results, "__len__")
+                or not hasattr(results, "__getitem__")
+            )
+        ):
+            raise ModelError(
+                f"{self.name}: fn must return a sequence with one result per item (a list), "
+                f"got {type(results).__name__}"
+            )
         if len(results) != len(batch):
             raise ModelError(
                 f"{self.name}: fn returned {len(results)} results for {len(batch)} items"

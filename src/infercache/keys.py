@@ -10,7 +10,8 @@ so two images that differ in one pixel share a key and one user is served anothe
   ``int64`` array are four different keys, and ``1``, ``1.0`` and ``True`` differ too;
 * numpy arrays contribute dtype, shape and their raw buffer (zero-copy for C-contiguous arrays; a
   non-contiguous view is made contiguous, so it equals its copy); big-endian arrays are byte-swapped
-  so equal values give equal keys on every machine;
+  so equal values give equal keys on every machine; a masked array is refused (its mask would be
+  dropped, and whatever lies under it hashed);
 * floats are hashed by their IEEE bits, so ``-0.0`` and ``0.0`` differ, and every NaN is first
   replaced by one canonical NaN so all NaNs share a key;
 * dict entries are sorted by their encoded key, so insertion order does not matter;
@@ -88,7 +89,10 @@ def fingerprint(obj: Any, *, namespace: str = "", algorithm: str = DEFAULT_ALGOR
         raise ValueError(
             f"unknown fingerprint algorithm {algorithm!r}; expected one of {sorted(ALGORITHMS)}"
         ) from None
-    prefix = _prefix(namespace)
+    try:
+        prefix = _prefix(namespace)
+    except TypeError:  # not a str (or unhashable, which lru_cache refuses before _prefix runs)
+        raise _namespace_error(namespace) from None
     if type(obj) is np.ndarray:
         # Fast path for the common case, a single array: two updates, no intermediate list.
         arr, header = _array_parts(obj)
@@ -120,8 +124,19 @@ def fingerprint(obj: Any, *, namespace: str = "", algorithm: str = DEFAULT_ALGOR
 
 @lru_cache(maxsize=1024)
 def _prefix(namespace: str) -> bytes:
+    # Checked on a cache miss only: a namespace seen before costs nothing more.
+    if not isinstance(namespace, str):
+        raise _namespace_error(namespace)
     ns = namespace.encode("utf-8", "surrogatepass")
     return _VERSION + _pack_len(len(ns)) + ns
+
+
+def _namespace_error(namespace: object) -> TypeError:
+    t = type(namespace)
+    return TypeError(
+        f"fingerprint namespace must be a str, got {t.__module__}.{t.__qualname__}: "
+        f"{namespace!r:.60}"
+    )
 
 
 def _encode(obj: Any, out: list[Any], depth: int) -> None:
@@ -154,7 +169,17 @@ def _encode(obj: Any, out: list[Any], depth: int) -> None:
         out.append(b"b")
         out.append(_pack_len(len(data)))
         out.append(data)
-    elif isinstance(obj, np.ndarray):
+    elif t is np.ndarray:
+        _encode_array(obj, out)
+    elif isinstance(obj, np.ndarray):  # a subclass: np.memmap, np.matrix hash their data
+        if isinstance(obj, np.ma.MaskedArray):
+            # Its buffer holds whatever lies under the mask, and the mask would be dropped: two
+            # inputs the model tells apart (or sees as equal) would get the wrong keys.
+            raise TypeError(
+                f"cannot fingerprint a numpy masked array ({t.__module__}.{t.__qualname__}): "
+                "the mask would be ignored; pass arr.filled(value), or np.asarray(arr) if the "
+                "mask does not matter"
+            )
         _encode_array(obj, out)
     elif isinstance(obj, np.generic):
         _encode_array(np.asarray(obj), out)

@@ -10,11 +10,23 @@ for the "recent p99" an adaptive batcher or a dashboard wants.
 Exact ``min``, ``max``, ``mean`` and ``std`` are tracked beside the histogram (Welford's update), so
 they carry no bucket rounding. Everything is guarded by one lock: the monitor is written from the
 event loop and from worker threads alike. The clock is injected (``timer=``): tests need no sleeps.
+
+A latency is a finite, non-negative real number of seconds; anything else (None, a str, NaN, inf,
+a negative value) is refused where it comes in, never stored: one NaN in the buffer would turn the
+histogram's bucket index into garbage and make every later read fail. Values a caller passes in
+(``record``, ``record_many``) raise ``TypeError``/``ValueError`` there, at the bug's source. Values
+measured on a serving path (``record_stages``, which the Predictor calls after the answer is
+computed; ``time()``; ``end_request``) are dropped and counted in :attr:`LatencyMonitor.rejected`
+instead: a metrics problem must not fail a request that was served, nor replace the exception a
+``with monitor.time():`` block raised. The check is one type test and two float comparisons per
+value (tens of nanoseconds); only an unusual value (an int, a numpy float, a bad one) takes the
+slow path.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import time
 from collections import deque
@@ -33,12 +45,45 @@ STAGES: tuple[str, ...] = ("decode", "key", "cache", "queue", "compute", "write"
 
 _FLUSH_EVERY = 256
 
+_INF = math.inf
+
 _PERCENTILES: tuple[tuple[str, float], ...] = (
     ("p50", 50.0),
     ("p95", 95.0),
     ("p99", 99.0),
     ("p999", 99.9),
 )
+
+
+def _duration(value: object) -> float:
+    """``value`` as a latency in float seconds, or TypeError / ValueError saying what is wrong.
+
+    The slow path of the check every recording entry makes inline, ``type(v) is not float or
+    not v >= 0.0 or v == _INF`` (NaN fails ``>=``; separate comparisons rather than a chained
+    one, which CPython 3.11 does not specialize for floats). It accepts any real number (an int,
+    a numpy float) and converts it, so the series hold plain floats only. bool is refused
+    although it is an int: ``record(True)`` is a bug, not one second. A str is refused rather
+    than parsed, as is anything without a value.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"a latency must be a real number of seconds, got {type(value).__name__}: {value!r:.60}"
+        )
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = _INF
+    if not 0.0 <= seconds < _INF:  # NaN fails both comparisons
+        raise ValueError(f"a latency must be finite and >= 0 seconds, got {value!r:.60}")
+    return seconds
+
+
+def _duration_or_none(value: object) -> float | None:
+    """:func:`_duration`, with None instead of an error (for the entries that drop and count)."""
+    try:
+        return _duration(value)
+    except (TypeError, ValueError):
+        return None
 
 
 class _Series:
@@ -152,6 +197,13 @@ class LatencyMonitor:
     value the histogram distinguishes (larger ones are clamped to it). ``max_pending`` bounds the
     table of ``start_request`` ids, so ids that never end (a client that vanished) cannot grow it
     without limit: the oldest pending id is dropped first.
+
+    ``strict`` decides what :meth:`record` and :meth:`record_many` do with an invalid latency (not
+    a finite, non-negative real number of seconds): raise ``TypeError``/``ValueError`` (default),
+    or, with ``strict=False``, drop it and count it in :attr:`rejected`. A monitor fed by a worker
+    from its own clock (the batcher's) wants the latter: a raise there would strand the batch's
+    callers. ``record_stages``, ``time()`` and ``end_request`` always drop and count (see the module
+    docstring).
     """
 
     def __init__(
@@ -162,6 +214,7 @@ class LatencyMonitor:
         significant_figures: int = 3,
         timer: Callable[[], float] = time.perf_counter,
         max_pending: int = 100_000,
+        strict: bool = True,
     ) -> None:
         if window_size < 1:
             raise ValueError("window_size must be >= 1")
@@ -175,6 +228,8 @@ class LatencyMonitor:
         self._pending: dict[Hashable, float] = {}
         self._max_pending = max_pending
         self._stages: dict[str, _Series] = {}
+        self.strict = strict
+        self._rejected = 0
 
     # -- recording -------------------------------------------------------------------------------
 
@@ -200,28 +255,73 @@ class LatencyMonitor:
             if start is None:
                 return None
             latency = now - start
-            self._total.add(latency)
-            self._recent.append(latency)
+            self._add_measured(latency)
         return latency
 
     def record(self, seconds: float) -> None:
-        """Record one latency measured elsewhere (seconds)."""
+        """Record one latency measured elsewhere (seconds).
+
+        Raises ``TypeError`` for a value that is not a real number and ``ValueError`` for NaN, an
+        infinity or a negative value (with ``strict=False``: drops it and counts it in
+        :attr:`rejected`); nothing is recorded then.
+        """
+        if type(seconds) is not float or not seconds >= 0.0 or seconds == _INF:
+            # the slow path: an int or a numpy float is converted, anything else refused
+            checked = _duration(seconds) if self.strict else _duration_or_none(seconds)
+            if checked is None:
+                with self._lock:
+                    self._rejected += 1
+                return
+            seconds = checked
         with self._lock:
-            self._total.add(seconds)
+            total = self._total
+            buf = total.buf  # _Series.add inlined: the call cost more than the check above
+            buf.append(seconds)
+            if len(buf) >= _FLUSH_EVERY:
+                total.flush()
             self._recent.append(seconds)
 
     def record_many(self, values: list[float] | tuple[float, ...]) -> None:
-        """Record several latencies under one lock acquisition (a batch's queue waits, say)."""
+        """Record several latencies under one lock acquisition (a batch's queue waits, say).
+
+        Invalid values are treated as in :meth:`record`; when strict, one invalid value raises
+        before any of ``values`` is recorded.
+        """
+        if type(values) is not list and type(values) is not tuple:
+            values = list(values)  # an iterator: it is read twice, to check and to record
+        rejected = 0
+        for seconds in values:
+            if type(seconds) is not float or not seconds >= 0.0 or seconds == _INF:
+                if self.strict:
+                    values = [_duration(v) for v in values]
+                else:
+                    checked = [_duration_or_none(v) for v in values]
+                    values = [v for v in checked if v is not None]
+                    rejected = len(checked) - len(values)
+                break
         with self._lock:
-            for seconds in values:
-                self._total.add(seconds)
-                self._recent.append(seconds)
+            self._rejected += rejected
+            total = self._total
+            total.buf.extend(values)  # one flush for the lot, however many there are
+            if len(total.buf) >= _FLUSH_EVERY:
+                total.flush()
+            self._recent.extend(values)
 
     def record_stages(self, timings: Mapping[str, float], total: float | None = None) -> None:
-        """Record one request's per-stage durations (and, if given, its total) under one lock."""
+        """Record one request's per-stage durations (and, if given, its total) under one lock.
+
+        An invalid duration (see :meth:`record`) is dropped and counted in :attr:`rejected`, never
+        raised: the Predictor calls this after the request's answer is computed.
+        """
         stages = self._stages
         with self._lock:
             for stage, seconds in timings.items():
+                if type(seconds) is not float or not seconds >= 0.0 or seconds == _INF:
+                    checked = _duration_or_none(seconds)
+                    if checked is None:
+                        self._rejected += 1
+                        continue
+                    seconds = checked
                 series = stages.get(stage)
                 if series is None:
                     series = stages[stage] = _Series(self._highest_us, self._sig)
@@ -230,17 +330,43 @@ class LatencyMonitor:
                 if len(buf) >= _FLUSH_EVERY:
                     series.flush()
             if total is not None:
+                if type(total) is not float or not total >= 0.0 or total == _INF:
+                    checked = _duration_or_none(total)
+                    if checked is None:
+                        self._rejected += 1
+                        return
+                    total = checked
                 self._total.add(total)
                 self._recent.append(total)
 
     @contextmanager
     def time(self) -> Iterator[None]:
-        """Time the ``with`` block and record it, even when the block raises."""
+        """Time the ``with`` block and record it, even when the block raises.
+
+        A duration the clock got wrong (it stepped back: an injected wall clock) is dropped and
+        counted in :attr:`rejected`: raising here would replace the block's own exception.
+        """
         start = self._timer()
         try:
             yield
         finally:
-            self.record(self._timer() - start)
+            elapsed = self._timer() - start
+            with self._lock:
+                self._add_measured(elapsed)
+
+    def _add_measured(self, seconds: float) -> None:
+        """Add a duration measured on this monitor's clock (the lock held): a bad one, from a
+        clock that stepped back (an injected wall clock) or returned garbage, is counted."""
+        checked = (
+            seconds
+            if type(seconds) is float and seconds >= 0.0 and seconds != _INF
+            else _duration_or_none(seconds)
+        )
+        if checked is None:
+            self._rejected += 1
+            return
+        self._total.add(checked)
+        self._recent.append(checked)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -272,6 +398,12 @@ class LatencyMonitor:
         index = min(len(items) - 1, max(0, math.ceil(len(items) * percentile / 100.0) - 1))
         return items[index]
 
+    @property
+    def rejected(self) -> int:
+        """Invalid latencies dropped (not a finite, non-negative number of seconds) since creation
+        or :meth:`reset`; non-zero means a caller or a clock is broken."""
+        return self._rejected
+
     def pending(self) -> int:
         """How many started requests have not ended."""
         with self._lock:
@@ -283,6 +415,7 @@ class LatencyMonitor:
             self._total = _Series(self._highest_us, self._sig)
             self._recent.clear()
             self._stages.clear()
+            self._rejected = 0
 
     def histogram(
         self, bounds: Sequence[float], stage: str | None = None
@@ -308,7 +441,11 @@ class LatencyMonitor:
 
     def snapshot(self) -> dict[str, Any]:
         """Overall and per-stage statistics in one dict (for /metrics, dashboards, stats())."""
-        return {"latency": self.get_stats(), "stages": self.stage_stats()}
+        return {
+            "latency": self.get_stats(),
+            "stages": self.stage_stats(),
+            "rejected": self._rejected,
+        }
 
 
 class StageTimer:

