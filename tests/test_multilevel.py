@@ -282,6 +282,16 @@ async def test_queue_full_error(make: Factory) -> None:
     assert (await c.stats())["write_behind"]["full_errors"] == 2
 
 
+async def test_non_str_keys_are_refused_before_anything_is_written(make: Factory) -> None:
+    c = await make(write="behind")
+    with pytest.raises(TypeError, match="keys must be str"):
+        await c.set_many({"ok": 1, 123: 2})  # type: ignore[dict-item]
+    assert await c.get("ok") is None  # nothing half-written
+    await c.set("later", 3)
+    await c.flush()
+    assert await c.tiers[2].get("later") == 3 and not c._wb  # the flush was not held up
+
+
 async def test_a_closed_cache_says_so_instead_of_losing_writes(make: Factory) -> None:
     from infercache.errors import Closed
 

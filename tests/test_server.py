@@ -248,6 +248,21 @@ async def test_a_compressed_body_is_refused_by_name(http: httpx.AsyncClient) -> 
     assert resp.status_code == 200
 
 
+async def test_deeply_nested_input_to_a_model_without_spec_is_422(
+    http: httpx.AsyncClient,
+) -> None:
+    """The key of a spec-less model's input is computed from the JSON as sent: nesting past the
+    fingerprint's limit was a ValueError nothing caught, so a 500."""
+    deep = b'{"input": ' + b"[" * 130 + b"]" * 130 + b"}"
+    headers = {"content-type": "application/json"}
+    r = await http.post("/v1/models/sum/predict", content=deep, headers=headers)
+    assert "nested deeper" in assert_error(r, 422, "invalid_input")["message"]
+    body = b'{"model": "sum", "input": ' + b"[" * 130 + b"]" * 130 + b"}"
+    auth = {"Authorization": f"Bearer {ADMIN}", **headers}
+    r = await http.post("/v1/cache/invalidate", content=body, headers=auth)
+    assert_error(r, 422, "invalid_input")
+
+
 async def test_too_many_inputs(http: httpx.AsyncClient) -> None:
     resp = await http.post("/v1/models/mlp/predict", json={"inputs": [vector(1)] * 9})
     assert_error(resp, 422, "invalid_input")

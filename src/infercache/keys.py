@@ -39,6 +39,8 @@ import blake3
 import numpy as np
 import xxhash
 
+from infercache.errors import InputError
+
 __all__ = ["ALGORITHMS", "DEFAULT_ALGORITHM", "MAX_DEPTH", "fingerprint"]
 
 #: Deeper nesting raises ``ValueError``: it bounds recursion on hostile input (and cycles).
@@ -141,7 +143,8 @@ def _namespace_error(namespace: object) -> TypeError:
 
 def _encode(obj: Any, out: list[Any], depth: int) -> None:
     if depth > MAX_DEPTH:
-        raise ValueError(f"input nested deeper than {MAX_DEPTH} levels (or cyclic)")
+        # InputError (a ValueError): it is the input that is wrong, and a server answers 422
+        raise InputError(f"input nested deeper than {MAX_DEPTH} levels (or cyclic)")
     t = type(obj)
     if t is float:
         out.append(b"f")

@@ -467,6 +467,9 @@ class MultiLevelCache:
         items = {k: v for k, v in mapping.items() if v is not None}
         if not items:
             return
+        for k in items:  # refused now, not by a write-behind flush that then retries it forever
+            if not isinstance(k, str):
+                raise TypeError(f"cache keys must be str, got {type(k).__name__}: {k!r:.60}")
         if not self._started:
             await self.start()
         if self.write == "around":
