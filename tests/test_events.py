@@ -125,3 +125,49 @@ async def test_an_admin_invalidation_reaches_every_worker(tmp_path: Path) -> Non
         await asyncio.sleep(1.0)  # events are polled every 0.25 s
         after = await outputs(30)
         assert not before & after, (before, after)
+
+
+async def test_separate_servers_on_one_sqlite_file_share_invalidations(tmp_path: Path) -> None:
+    """Two single-worker servers started in one directory share its SQLite file: an
+    invalidation on one used to leave the other answering from its L1 (and, for a model, from
+    the old generation's rows) until it restarted."""
+    (tmp_path / "clockmodel.py").write_text(CLOCK)
+    token = "shared-file-token"
+    args = ("--model", "clock=clockmodel:make", "--admin-token", token)
+    env = {"PYTHONPATH": str(tmp_path)}
+    with (
+        ServerProcess.infercache(*args, cwd=tmp_path, env=env) as a,
+        ServerProcess.infercache(*args, cwd=tmp_path, env=env) as b,
+    ):
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+            httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+        ):
+            for body in ({"model": "clock", "input": [1.0]}, {"model": "clock"}, {"all": True}):
+                old = (await on_b.post("/v1/models/clock/predict", json={"input": [1.0]})).json()
+                again = await on_b.post("/v1/models/clock/predict", json={"input": [1.0]})
+                assert again.json()["output"] == old["output"]  # B has it now
+                r = await on_a.post(
+                    "/v1/cache/invalidate", json=body, headers={"Authorization": f"Bearer {token}"}
+                )
+                assert r.status_code == 200 and "broadcast" not in r.json()
+                await asyncio.sleep(1.0)
+                new = (await on_b.post("/v1/models/clock/predict", json={"input": [1.0]})).json()
+                assert new["output"] != old["output"], body
+
+
+async def test_workers_with_nothing_shared_say_an_invalidation_stays_local(tmp_path: Path) -> None:
+    token = "alone-admin-token"
+    proc = ServerProcess.infercache(
+        "--workers", "2", "--sql-url", "none", "--admin-token", token, cwd=tmp_path
+    )
+    with proc:
+        assert "invalidation reaches only the worker that receives it" in proc.log()
+        async with httpx.AsyncClient(base_url=proc.url, timeout=30) as c:
+            r = await c.post(
+                "/v1/cache/invalidate",
+                json={"all": True},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        assert r.status_code == 200
+        assert r.json()["broadcast"] is False and "worker that received it" in r.json()["warning"]

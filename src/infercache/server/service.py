@@ -182,6 +182,8 @@ class Service:
     warmup_error: str | None = None
     started_at: float = field(default_factory=time.time)
     stream_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: several workers and nothing shared to carry invalidations between them
+    alone: bool = False
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self._metric_sources)
@@ -331,6 +333,12 @@ class Service:
             result["warning"] = (
                 "done here, but the event could not be published (Redis down): other servers "
                 "drop their copies only when they reconnect and resync"
+            )
+        elif self.alone:
+            result["broadcast"] = False
+            result["warning"] = (
+                "done in the worker that received it only: with several workers and neither "
+                "Redis nor an SQLite file, nothing carries it to the others"
             )
         return result
 
@@ -764,14 +772,23 @@ async def build_service(settings: Settings, runners: Sequence[Any] | None = None
         )
     events = None
     sql_url = settings.sql_url or ""
-    if settings.workers > 1 and not settings.redis_url and sql_url.startswith("sqlite"):
-        # No Redis to carry invalidations between the workers: they share the SQLite file, so
-        # events go through a table there (else an invalidation reached one worker's L1 only).
+    if not settings.redis_url and sql_url.startswith("sqlite"):
+        # No Redis to carry invalidations between processes: those that share the SQLite file
+        # (this server's workers, or other servers started on it) get them through a table
+        # there, else an invalidation reached one process's L1 only. Polling it costs four
+        # indexed reads a second in a worker thread.
         from infercache.tiers.events import SQLiteEventLog
         from infercache.tiers.sql import sqlite_path
 
         path = sqlite_path(sql_url)
         events = None if path == ":memory:" else SQLiteEventLog(path)
+    shared = bool(settings.redis_url) or events is not None
+    if settings.workers > 1 and not shared:
+        log.warning(
+            "%d workers with neither Redis nor an SQLite file: each has its own cache, and an "
+            "invalidation reaches only the worker that receives it",
+            settings.workers,
+        )
     cache = MultiLevelCache(
         tiers=tiers,
         write=settings.write_policy,  # type: ignore[arg-type]
@@ -796,7 +813,9 @@ async def build_service(settings: Settings, runners: Sequence[Any] | None = None
             },
         )
         models[runner.name] = ModelEntry(runner.name, predictor, runner)
-    return Service(settings=settings, models=models, cache=cache, monitor=monitor, owned=[cache])
+    service = Service(settings=settings, models=models, cache=cache, monitor=monitor, owned=[cache])
+    service.alone = settings.workers > 1 and not shared
+    return service
 
 
 def _answer(entry: ModelEntry, pred: Any) -> dict[str, Any]:
