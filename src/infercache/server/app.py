@@ -135,6 +135,8 @@ def create_app(
         **extra,
     )
     install_error_handlers(app)
+    # a trailing slash is a wrong URL (404 with a JSON body), not an empty 307 to follow
+    app.router.redirect_slashes = False
     app.include_router(router)
     app.add_api_websocket_route("/v1/ws", websocket_endpoint)
     app.add_middleware(_MetricsMiddleware)

@@ -31,6 +31,7 @@ from infercache.errors import (
 from infercache.server import fastjson
 from infercache.server.auth import TokenAuth
 from infercache.server.deadlines import Deadlines
+from infercache.server.errors import APIError
 from infercache.server.metrics import ServerMetrics
 from infercache.server.ws import Hub
 
@@ -357,8 +358,10 @@ class Service:
 
         given = sum(bool(x) for x in (all, key is not None, model is not None))
         if given != 1 or (version is not None and model is None) or (has_input and model is None):
-            raise InputError(
-                "give exactly one of: all=true, key, or model (optionally with version or input)"
+            raise APIError(  # the request's shape, not an input: as the errors table says
+                422,
+                "invalid_request",
+                "give exactly one of: all=true, key, or model (optionally with version or input)",
             )
         if all:
             removed = await _call(cache, "invalidate", all=True)
