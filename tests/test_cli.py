@@ -163,6 +163,36 @@ def test_cache_commands_fail_clearly_without_a_traceback(
     assert "--input is not valid JSON" in capsys.readouterr().err
     assert main(["cache", "invalidate", "--url", closed, "--key", "k", "--input", "[1]"]) == 2
     assert "need --model" in capsys.readouterr().err
+    assert main([*argv, "--input", "NaN"]) == 2  # json.loads takes it; JSON does not
+    assert "NaN is not a JSON value" in capsys.readouterr().err
+    for url in ("http://[::1", "http://127.0.0.1:99999", "ftp://127.0.0.1"):
+        assert main(["cache", "stats", "--url", url, "--token", TOKEN]) == 2, url
+        err = capsys.readouterr().err
+        assert err.startswith("infercache: invalid configuration:") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--rate", "inf"], "--rate must be a finite number > 0"),  # ran for ever
+        (["--rate", "nan"], "--rate must be a finite number > 0"),  # ran for ever
+        (["--rate", "0"], "--rate must be a finite number > 0"),  # ZeroDivisionError
+        (["--rate", "-5"], "--rate must be a finite number > 0"),  # numpy's "scale < 0"
+        (["--duration", "nan"], "--duration must be a finite number > 0"),
+        (["--warmup", "-1"], "--warmup must be a finite number >= 0"),
+        (["--mode", "closed", "--concurrency", "0"], "--concurrency must be >= 1"),
+        (["--keys", "0"], "--keys must be >= 1"),
+        (["--url", "ws://127.0.0.1:8000", "--transport", "ws"], "http:// address"),
+        (["--url", "http://[::1"], "Invalid IPv6 URL"),
+        (["--url", "http://example.com:8000"], "loopback only"),
+    ],
+)
+def test_bench_refuses_bad_arguments_with_one_line(
+    flags: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "--duration", "0.1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("infercache bench: ") and says in err, err
 
 
 def test_bench_command(plain_server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:

@@ -176,8 +176,12 @@ async def _cache_command(args: argparse.Namespace) -> int:
         elif (args.input is not None or args.model_version is not None) and not args.model:
             problem = "--input and --version need --model"
         elif args.input is not None:
+
+            def no_constant(name: str) -> Any:  # NaN and Infinity are not JSON
+                raise ValueError(f"{name} is not a JSON value")
+
             try:
-                payload_input = json.loads(args.input)
+                payload_input = json.loads(args.input, parse_constant=no_constant)
             except ValueError as exc:
                 problem = f"--input is not valid JSON: {exc}"
         if problem:

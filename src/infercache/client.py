@@ -24,12 +24,12 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import orjson
 
-from infercache.errors import InfercacheError
+from infercache.errors import ConfigError, InfercacheError
 
 
 class ServerError(InfercacheError):
@@ -196,13 +196,22 @@ class InfercacheClient:
         self.token = token
         self.timeout = timeout  # per request, over HTTP and over the WebSocket alike
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=timeout,
-            headers=headers,
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
-        )  # fmt: skip
+        try:
+            parts = urlsplit(self.base_url)
+            if parts.scheme not in ("http", "https"):
+                raise ConfigError(f"the server URL must be http:// or https://, got {base_url!r}")
+            _ = parts.port  # raises for a port out of range, which httpx lets through
+            self._http = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=timeout,
+                headers=headers,
+                limits=httpx.Limits(max_connections=max_connections,
+                                    max_keepalive_connections=max_connections),
+            )  # fmt: skip
+        except (httpx.InvalidURL, ValueError) as exc:  # http://[::1 is not a URL at all
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"invalid server URL {base_url!r}: {exc}") from None
         self._ws: WSConnection | None = None
         self._ws_lock = asyncio.Lock()
 

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import sys
 import time
 from collections import deque
@@ -547,12 +548,37 @@ def format_result(r: RunResult) -> str:
     )
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the ``infercache bench`` arguments, or None. Checked up front: a rate of
+    nan or inf never finished, 0 divided by zero, a negative one failed deep inside numpy."""
+    try:
+        if urlsplit(args.url).scheme not in ("http", "https"):
+            return (
+                "--url must be the server's http:// address (WebSocket URLs derive from it), "
+                f"got {args.url!r}"
+            )
+        _check_loopback(args.url)
+    except ValueError as exc:  # a malformed URL, a port out of range, not loopback
+        return f"--url {args.url!r}: {exc}"
+    positive = {"--rate": args.rate, "--duration": args.duration, "--zipf-s": args.zipf_s}
+    for flag, value in positive.items():
+        if not (math.isfinite(value) and value > 0):
+            return f"{flag} must be a finite number > 0, got {value}"
+    if not (math.isfinite(args.warmup) and args.warmup >= 0):
+        return f"--warmup must be a finite number >= 0, got {args.warmup}"
+    counts = {"--concurrency": args.concurrency, "--max-requests": args.max_requests,
+              "--keys": args.keys, "--dim": args.dim}  # fmt: skip
+    for flag, count in counts.items():
+        if count < 1:
+            return f"{flag} must be >= 1, got {count}"
+    return None
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``infercache bench`` and print the result."""
-    try:
-        _check_loopback(args.url)
-    except ValueError as exc:
-        print(f"infercache bench: {exc}", file=sys.stderr)
+    problem = check_args(args)
+    if problem is not None:
+        print(f"infercache bench: {problem}", file=sys.stderr)
         return 2
     inputs = Inputs(args.inputs, dim=args.dim, keys=args.keys, zipf_s=args.zipf_s)
     result = run_async(
