@@ -131,6 +131,7 @@ BAD: list[tuple[str | bytes, str]] = [
     ('{"type": "predict", "id": 12, "model": "mlp", "input": [1, 2]}', "invalid_input"),
     ('{"type": "predict", "id": 13, "model": "mlp", "input": "x"}', "invalid_input"),
     ('{"type": "predict", "id": {"a": 1}, "model": "mlp", "input": [1]}', "invalid_message"),
+    ('{"type": "ping", "id": ' + "9" * 40 + "}", "invalid_message"),  # too large an integer
     ('{"type": "predict", "id": 14, "model": "mlp", "input": [1], "use_cache": 1}',
      "invalid_message"),
     ('{"type": "subscribe", "id": 15}', "invalid_message"),

@@ -303,6 +303,9 @@ def _error(msg_id: Any, code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "id": msg_id, "code": code, "message": message}
 
 
+_ID_RULE = "id must be a string of at most 256 characters or an integer below 2**53 in magnitude"
+
+
 def _valid_id(value: Any) -> bool:
     return (
         value is None
@@ -404,7 +407,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                 continue
             msg_id = data.get("id")
             if not _valid_id(msg_id):
-                outbox.reply(_error(None, "invalid_message", "id must be a string or an integer"))
+                outbox.reply(_error(None, "invalid_message", _ID_RULE))
                 continue
             kind = data.get("type")
             metrics.ws_messages.labels(kind if kind in _KNOWN_TYPES else "other").inc()
