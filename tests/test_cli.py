@@ -311,6 +311,24 @@ def test_duplicate_model_names_stop_serve_with_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_a_model_that_fails_its_declared_spec_stops_serve_with_one_line(tmp_path: Path) -> None:
+    """A TorchScript error's text is the interpreter's whole traceback (server paths included):
+    the start-up error printed all of it."""
+    import torch
+
+    torch.jit.trace(torch.nn.Linear(3, 2), torch.zeros(1, 3)).save(str(tmp_path / "lin3.pt"))
+    out = subprocess.run(
+        [sys.executable, "-m", "infercache", "serve", "--port", str(free_port()),
+         "--sql-url", "none", "--model", "lin3.pt;shape=4"],
+        capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("infercache: invalid configuration: setting 'models': cannot load")
+    assert "mat1 and mat2 shapes cannot be multiplied" in last
+    assert "Traceback" not in out.stderr and "File " not in out.stderr
+
+
 @pytest.mark.parametrize("flag", ["--api-token", "--admin-token"])
 def test_token_with_surrounding_whitespace_stops_serve(
     flag: str, capsys: pytest.CaptureFixture[str]

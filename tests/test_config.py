@@ -214,6 +214,7 @@ def test_model_spec_declares_the_input_spec() -> None:
         ("m.pt;dtype=complex64", "numeric or 'str'"),
         ("m.pt;dtype=float33", "not a numpy dtype"),
         ("m.pt;min=low", "min 'low'"),
+        ("m:f;dtype=str;shape=2", "takes no shape"),  # was shown, never applied
     ]:
         with pytest.raises(ConfigError, match=match):
             load_settings({"models": [bad]}, env={})

@@ -468,6 +468,12 @@ def _input_spec(spec: str, options: Mapping[str, str]) -> Any:
         kwargs["shape"] = ()
     if "dtype" in options:
         kwargs["dtype"] = options["dtype"]
+        if options["dtype"] in ("str", "text") and kwargs["shape"] not in (None, ()):
+            # a text input is one string: a shape would be shown by GET /v1/models, never used
+            raise ConfigError(
+                f"setting 'models': a text input (dtype={options['dtype']}) is one string and "
+                f"takes no shape, got shape={shape!r} in {spec!r}"
+            )
     for key in ("min", "max"):
         if key in options:
             try:

@@ -109,3 +109,15 @@ class Unauthorized(InfercacheError):
 
     code = "unauthorized"
     http_status = 401
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """``text`` as one bounded line: its first and last non-empty lines. A TorchScript or ONNX
+    error carries the interpreter's whole traceback, with the server's file paths, in its text;
+    the error itself is its last line. For messages shown to clients and one-line CLI errors."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        text = f"{lines[0]} ... {lines[-1]}"
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text

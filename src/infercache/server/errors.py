@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from infercache.errors import InfercacheError, Overloaded
+from infercache.errors import InfercacheError, Overloaded, one_line
 
 log = logging.getLogger("infercache.server")
 
@@ -78,21 +78,11 @@ def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
-_MAX_MESSAGE = 400
-
-
 def public_message(exc: InfercacheError) -> str:
-    """The message a client gets for ``exc``: one line, bounded. A TorchScript or ONNX error's
-    text carries the interpreter's traceback, with file paths of the server (measured: a
-    wrong-shape input to a ``.pt`` model answered the whole TorchScript traceback); the client
-    gets its first line and its last (the error itself), the log gets everything."""
-    text = str(exc) or exc.code
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(lines) > 1:
-        text = f"{lines[0]} ... {lines[-1]}"
-    if len(text) > _MAX_MESSAGE:
-        text = text[: _MAX_MESSAGE - 3] + "..."
-    return text
+    """The message a client gets for ``exc``: one line, bounded (:func:`one_line`); measured: a
+    wrong-shape input to a ``.pt`` model answered the whole TorchScript traceback. The log gets
+    everything."""
+    return one_line(str(exc) or exc.code)
 
 
 def infercache_error_response(exc: InfercacheError) -> Response:

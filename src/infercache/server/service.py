@@ -27,6 +27,7 @@ from infercache.errors import (
     DeadlineExceeded,
     InputError,
     ModelNotFound,
+    one_line,
 )
 from infercache.server import fastjson
 from infercache.server.auth import TokenAuth
@@ -696,10 +697,10 @@ def load_model(spec: str, *, threads: int = 1, jit: bool = False, onnx: bool = F
     except ConfigError as exc:
         if str(exc).startswith("setting "):
             raise
-        raise ConfigError(f"setting 'models': cannot load {spec!r}: {exc}") from exc
-    except Exception as exc:
+        raise ConfigError(f"setting 'models': cannot load {spec!r}: {one_line(str(exc))}") from exc
+    except Exception as exc:  # one line: a TorchScript error's text is a whole traceback
         raise ConfigError(
-            f"setting 'models': cannot load {spec!r}: {type(exc).__name__}: {exc}"
+            f"setting 'models': cannot load {spec!r}: {type(exc).__name__}: {one_line(str(exc))}"
         ) from exc
 
 
