@@ -465,3 +465,51 @@ async def test_an_invalidation_redis_did_not_carry_is_reported(
                 r = await http.post("/v1/cache/invalidate", json=body)
                 assert r.status_code == 200, r.text
                 assert r.json()["broadcast"] is False and "resync" in r.json()["warning"]
+
+
+async def test_a_generation_learned_by_event_survives_redis_and_a_restart(
+    fresh_redis: Any, tmp_path: Path
+) -> None:
+    """Two processes, each with its own SQLite file: B learned A's bump by event only, so its
+    file kept the old generation; after Redis restarted empty, a restarted B read it back and
+    served entries the bump had retired, for good (A's later repair of Redis was silent)."""
+
+    def build(name: str) -> MultiLevelCache:
+        sql = SQLCache(f"sqlite:///{tmp_path}/{name}.db", namespace="g", purge_interval=None)
+        redis = RedisCache(fresh_redis.url, namespace="g", socket_timeout=5.0)
+        return MultiLevelCache([MemoryCache(100), redis, sql])
+
+    a, b = build("a"), build("b")
+    await a.start()
+    await b.start()
+    try:
+        assert await a.invalidate(namespace="m") == 1
+        await wait_until(lambda: b.generation("m") == 1)
+        await asyncio.sleep(0.3)  # B records it in its own file in the background
+    finally:
+        await a.close()
+        await b.close()
+    fresh_redis.kill()
+    fresh_redis.start()  # empty
+    b2 = build("b")
+    await b2.start()
+    try:
+        assert b2.generation("m") == 1  # from its own file
+    finally:
+        await b2.close()
+    # and the other way round: a restarted process that read a lagging store is told
+    fresh_redis.kill()
+    fresh_redis.start()
+    (tmp_path / "b.db").unlink()
+    b3 = build("b")  # nothing anywhere: generation 0 for now
+    await b3.start()
+    try:
+        assert b3.generation("m") == 0
+        a2 = build("a")  # its file has 1: it repairs Redis, and says so
+        await a2.start()
+        try:
+            await wait_until(lambda: b3.generation("m") == 1)
+        finally:
+            await a2.close()
+    finally:
+        await b3.close()

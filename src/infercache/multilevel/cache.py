@@ -305,8 +305,9 @@ class MultiLevelCache:
             if self._started:
                 return
             self._started = True
-            await self._generations.load()
+            repaired = await self._generations.load()
             await self._events.start(self._on_event, self._on_resync)
+            await self._announce(repaired)
 
     async def close(self) -> None:
         """Flush write-behind, stop background work, close the tiers. Idempotent.
@@ -739,6 +740,8 @@ class MultiLevelCache:
         elif kind == "gen":
             ns, gen = event.get("ns"), event.get("g")
             if isinstance(ns, str) and isinstance(gen, int):
+                if gen > self._generations.get(ns):
+                    self._bg.spawn(self._generations.record(ns, gen))
                 self._generations.observe(ns, gen)
 
     async def _apply_remote_event(self, keys: list[str] | None) -> None:
@@ -753,10 +756,15 @@ class MultiLevelCache:
                 slot.errors += 1
                 log_tier_error(slot, "invalidation", exc)
 
+    async def _announce(self, repaired: dict[str, int]) -> None:
+        """Tell the other processes of generations a store lagged behind (see Generations.load)."""
+        for ns, gen in repaired.items():
+            await self._events.publish({"t": "gen", "ns": ns, "g": gen})
+
     async def _on_resync(self) -> None:
         """Events sent while we were disconnected are lost: drop L1 and re-read generations
         (which also repairs a Redis that came back empty)."""
         self._counters["resyncs"] += 1
         if self._l1 is not None:
             self._l1.clear()
-        await self._generations.load()
+        await self._announce(await self._generations.load())

@@ -41,12 +41,27 @@ class Generations:
         """Learn of a generation (from an event): generations only move forward."""
         self.current[namespace] = max(self.current.get(namespace, 0), gen)
 
-    async def load(self) -> None:
+    async def record(self, namespace: str, gen: int) -> None:
+        """Keep a generation learned from another process's event in our own stores too: the
+        durable one may be this process's private SQLite file, which the bumping process never
+        wrote. Else, after Redis restarted empty, a restart of this process read the old
+        generation back from its file and served entries the bump had retired."""
+        for store in self.stores:
+            try:
+                await store.raise_generation(namespace, gen)
+            except Exception as exc:
+                log.debug(
+                    "generation of %r not recorded in %s: %s", namespace, _store_name(store), exc
+                )
+
+    async def load(self) -> dict[str, int]:
         """Take the maximum of every store's generations (and ours), then repair stores that
-        lag behind it (a Redis restarted empty, a bump made while a store was down)."""
+        lag behind it (a Redis restarted empty, a bump made while a store was down). Returns
+        the generations some store lagged behind, for the caller to announce: a process that
+        read a lagging store before this repair would otherwise keep the old one for good."""
         stores = self.stores
         if not stores:
-            return
+            return {}
         reads = await asyncio.gather(
             *(s.read_generations() for s in stores), return_exceptions=True
         )
@@ -60,14 +75,17 @@ class Generations:
             for ns, gen in got.items():
                 merged[ns] = max(merged.get(ns, 0), gen)
         self.current = merged
+        repaired: dict[str, int] = {}
         for store, got in answered:
             for ns, gen in merged.items():
                 if got.get(ns, 0) < gen:
+                    repaired[ns] = gen
                     try:
                         await store.raise_generation(ns, gen)
                     except Exception as exc:
                         log.debug("generation of %r not repaired: %s", ns, exc)
                         break
+        return repaired
 
     async def bump(self, namespace: str) -> int:
         """Advance ``namespace`` past every generation any store (or this process) has seen.
