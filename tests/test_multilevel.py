@@ -460,6 +460,34 @@ async def test_a_cancelled_leader_does_not_fail_the_callers_waiting_on_it(make: 
     assert await leader == "v3" and calls == 3
 
 
+async def test_a_delete_during_a_load_keeps_its_value_out_of_the_cache(make: Factory) -> None:
+    """A loader that read the source before a delete and finished after it stored its old value
+    anyway, served until its TTL ran out; callers after the delete joined that stale load."""
+    source = {"k": "v1"}
+
+    async def loader() -> str:
+        value = source["k"]
+        await asyncio.sleep(0.2)
+        return value
+
+    for write in ("through", "behind", "around"):
+        c = await make(write=write)
+        source["k"] = "v1"
+
+        k = key()
+        first = asyncio.create_task(c.get_or_compute(k, loader))
+        await asyncio.sleep(0.05)
+        source["k"] = "v2"
+        await c.delete(k)
+        after = asyncio.create_task(c.get_or_compute(k, loader))  # a fresh load, not a join
+        assert await first == "v1"  # asked before the delete: answered what it read
+        assert await after == "v2"
+        await c.flush()
+        assert await c.get(k) == "v2" and await c.get_or_compute(k, loader) == "v2", write
+        assert not c._flight.retired and not c._flight.inflight
+        await c.close()  # else it takes the next cache's deletes as another process's
+
+
 async def test_single_flight_across_instances(make: Factory) -> None:
     a = await make()
     b = await make()

@@ -448,7 +448,8 @@ class MultiLevelCache:
                 break
 
         async def load(through: bool) -> Any:
-            return await self._load_and_store(key, loader, ttl, through=through)
+            mine = self._flight.inflight.get(key)  # lead() registered it before calling us
+            return await self._load_and_store(key, loader, ttl, through=through, flight=mine)
 
         async def find() -> Any:
             hit = (await self._lookup([key])).get(key)
@@ -506,6 +507,7 @@ class MultiLevelCache:
         if not self._started:
             await self.start()
         found = 0
+        self._flight.retire(uniq)
         if self._l1 is not None:
             found = sum(bool(self._l1.delete(k)) for k in uniq)
         found += await self._wb.forget(uniq)
@@ -549,6 +551,7 @@ class MultiLevelCache:
         if not self._started:
             await self.start()
         removed = 0
+        self._flight.retire(None)
         if self._l1 is not None:
             removed += len(self._l1)
             self._l1.clear()
@@ -694,12 +697,20 @@ class MultiLevelCache:
         await self._events.publish({"t": "del", "k": keys})
 
     async def _load_and_store(
-        self, key: str, loader: Loader, ttl: float | None, *, through: bool
+        self,
+        key: str,
+        loader: Loader,
+        ttl: float | None,
+        *,
+        through: bool,
+        flight: asyncio.Future[Any] | None = None,
     ) -> Any:
         self._counters["loads"] += 1
         value = await call_loader(loader)
         if value is None:
             return None
+        if flight is not None and flight in self._flight.retired:
+            return value  # deleted while it loaded: answer the callers, store nothing
         if through and self.write == "behind":
             t = validate_ttl(ttl) if ttl is not None else self.default_ttl
             if self._l1 is not None:
@@ -729,11 +740,13 @@ class MultiLevelCache:
         l1 = self._l1
         if kind == "del":
             keys = [k for k in event.get("k", ()) if isinstance(k, str)]
+            self._flight.retire(keys)
             if l1 is not None:
                 for k in keys:
                     l1.delete(k)
             self._bg.spawn(self._apply_remote_event(keys))
         elif kind == "clear":
+            self._flight.retire(None)
             if l1 is not None:
                 l1.clear()
             self._bg.spawn(self._apply_remote_event(None))
@@ -747,7 +760,10 @@ class MultiLevelCache:
     async def _apply_remote_event(self, keys: list[str] | None) -> None:
         """The rest of another process's delete (``keys``) or clear (None): our queued
         write-behind copies would put the old values back into every tier, shared ones too, and
-        our private tiers hold copies the sender cannot reach (see :meth:`_on_event`)."""
+        our private tiers hold copies the sender cannot reach (see :meth:`_on_event`). A file
+        the sender shares (a worker beside us) is cleaned again on purpose: our own write of the
+        old value may have landed there after the sender's delete. The price is a newer value
+        written meanwhile being deleted too: a recompute, never a stale answer."""
         await (self._wb.clear() if keys is None else self._wb.forget(keys))
         for slot in self._private:
             try:

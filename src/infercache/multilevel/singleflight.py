@@ -14,7 +14,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from infercache.tiers.base import MISSING, Coordinator, consume_outcome
@@ -56,6 +56,16 @@ class SingleFlight:
         self.lock_poll = lock_poll
         self._counters = counters
         self.inflight: dict[str, asyncio.Future[Any]] = {}
+        #: loads a delete overtook (see :meth:`retire`); a leader forgets its own when it ends
+        self.retired: set[asyncio.Future[Any]] = set()
+
+    def retire(self, keys: Iterable[str] | None) -> None:
+        """A delete (``keys``) or a clear (None) overtook these keys' loads in flight: what they
+        read predates it, so it must not be stored (it was, and the stale value was served until
+        its TTL ran out); callers from now on start a fresh load instead of joining."""
+        targets = list(self.inflight) if keys is None else [k for k in keys if k in self.inflight]
+        for k in targets:
+            self.retired.add(self.inflight.pop(k))
 
     async def follow(self, key: str) -> Any:
         """The result of ``key``'s computation in progress; MISSING when there is none, or when
@@ -105,6 +115,7 @@ class SingleFlight:
         finally:
             if self.inflight.get(key) is fut:
                 del self.inflight[key]
+            self.retired.discard(fut)
 
     async def _locked(
         self,
