@@ -442,3 +442,13 @@ def test_eight_threads_keep_invariants(policy: str, clock: FakeClock) -> None:
     assert s["bytes"] <= 2000
     live = list(c._data)
     assert s["bytes"] == sum(len(k.encode()) for k in live)
+
+
+def test_a_numpy_view_weighs_the_array_it_keeps_alive() -> None:
+    big = np.zeros(1_000_000)
+    c = MemoryCache(1000, max_bytes=10_000_000)
+    for i in range(20):
+        c.set(f"k{i}", np.zeros(1_000_000)[:4])  # each holds 8 MB, shows 32 bytes
+    assert c.stats()["bytes"] <= 10_000_000 and len(c) <= 1
+    c.set("owner", big[:4].copy())
+    assert "owner" in c

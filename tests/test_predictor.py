@@ -86,6 +86,18 @@ async def test_outputs_match_the_model_and_second_call_is_l1(mlp_runner: ModelRu
         assert "compute" in s["stages"]
 
 
+async def test_cached_outputs_do_not_keep_the_batch_alive(mlp_runner: ModelRunner) -> None:
+    """Each output of a batch is a row of the batch's array: cached as is, one entry kept all
+    32 rows alive, unseen by MemoryCache(max_bytes)."""
+    l1 = MemoryCache(1000)
+    async with Predictor(mlp_runner, MultiLevelCache([l1])) as p:
+        preds = await asyncio.gather(*(p.predict(x) for x in XS[:16]))
+    for pred in preds:
+        stored = l1.get(pred.key)
+        assert stored is not None and stored.base is None  # owns its data
+        assert np.array_equal(stored, pred.output)
+
+
 async def test_coalescing_100_identical_requests_one_model_call() -> None:
     model = CountingModel()
     async with Predictor(counting_runner(model), MemoryCache()) as p:

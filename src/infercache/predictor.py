@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
+import numpy as np
 
 from infercache.batching import DynamicBatcher
 from infercache.errors import InfercacheError
@@ -364,6 +365,11 @@ class Predictor:
         return value, None
 
     async def _write(self, key: str, value: Any) -> None:
+        if type(value) is np.ndarray and value.base is not None:
+            # One row of the batch's output: cached as it is, it keeps the whole batch's array
+            # alive (32x its size at the default batch), which MemoryCache(max_bytes) does not
+            # see. A copy of one output row costs well under a microsecond.
+            value = value.copy()
         try:
             if self._writer is not None:
                 await self._writer.submit((key, value))

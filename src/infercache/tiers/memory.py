@@ -34,7 +34,8 @@ def default_weigher(value: Any) -> int:
 
     - ``bytes``/``bytearray``/``str``: ``len()`` (characters for ``str``; exact for ASCII).
     - anything with an integer ``nbytes`` (numpy arrays, torch tensors, memoryview): ``nbytes``,
-      the payload, not the few hundred bytes of header.
+      the payload, not the few hundred bytes of header; for a view, its base's (what it keeps
+      alive).
     - ``list``/``tuple``: ``sys.getsizeof`` of the container plus ``len() x`` the size of its
       first item; ``dict``: the same with its first key and value. An estimate, on purpose: exact
       deep sizing costs O(size of the value) on every ``set``.
@@ -60,6 +61,12 @@ def default_weigher(value: Any) -> int:
         return sys.getsizeof(value)
     nbytes = getattr(value, "nbytes", None)
     if isinstance(nbytes, int):
+        # a numpy view keeps its whole base array alive: weigh what it holds, not what it shows
+        # (a 4-element slice of a million-element array weighed 32 bytes and held 8 MB)
+        base = getattr(value, "base", None)
+        base_nbytes = getattr(base, "nbytes", None)
+        if isinstance(base_nbytes, int) and base_nbytes > nbytes:
+            return base_nbytes
         return nbytes
     return sys.getsizeof(value)
 
