@@ -98,6 +98,23 @@ async def test_cached_outputs_do_not_keep_the_batch_alive(mlp_runner: ModelRunne
         assert np.array_equal(stored, pred.output)
 
 
+async def test_a_non_finite_output_is_answered_but_not_cached() -> None:
+    calls = 0
+
+    def broken(batch: np.ndarray) -> np.ndarray:
+        nonlocal calls
+        calls += len(batch)
+        return np.full((len(batch), 1), np.nan)
+
+    runner = ModelRunner(broken, name="nan", version="1", freeze_gc=False, warmup=False,
+                         input_spec=InputSpec(shape=(4,), dtype="float64"))  # fmt: skip
+    async with Predictor(runner, MultiLevelCache([MemoryCache()])) as p:
+        first = await p.predict([1, 2, 3, 4])
+        again = await p.predict([1, 2, 3, 4])
+        assert np.isnan(first.output).all() and not again.cached and calls == 2
+        assert p.stats()["not_cached_nonfinite"] == 2
+
+
 async def test_coalescing_100_identical_requests_one_model_call() -> None:
     model = CountingModel()
     async with Predictor(counting_runner(model), MemoryCache()) as p:

@@ -184,6 +184,7 @@ class Predictor:
             "errors": 0,
             "lookup_errors": 0,
             "write_errors": 0,
+            "not_cached_nonfinite": 0,
         }
         self._hits: dict[str, int] = {}
         self._closed = False
@@ -365,11 +366,17 @@ class Predictor:
         return value, None
 
     async def _write(self, key: str, value: Any) -> None:
-        if type(value) is np.ndarray and value.base is not None:
-            # One row of the batch's output: cached as it is, it keeps the whole batch's array
-            # alive (32x its size at the default batch), which MemoryCache(max_bytes) does not
-            # see. A copy of one output row costs well under a microsecond.
-            value = value.copy()
+        if type(value) is np.ndarray:
+            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                # NaN or inf from a finite input: the model misbehaved (the answer goes out as
+                # null). Caching it would serve it again long after the cause is fixed.
+                self._counts["not_cached_nonfinite"] += 1
+                return
+            if value.base is not None:
+                # One row of the batch's output: cached as it is, it keeps the whole batch's
+                # array alive (32x its size at the default batch), which MemoryCache(max_bytes)
+                # does not see. A copy of one output row costs well under a microsecond.
+                value = value.copy()
         try:
             if self._writer is not None:
                 await self._writer.submit((key, value))
