@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import pickle
@@ -446,3 +447,23 @@ async def test_non_str_keys_are_refused(cache: SQLCache) -> None:
     stats = await cache.stats()
     assert stats["errors"] == 0 and stats["breaker"]["state"] == "closed"
     assert stats["entries"] == 1
+
+
+async def test_writes_to_a_deleted_sqlite_file_fail_instead_of_vanishing(tmp_path: Path) -> None:
+    """The open connection went on writing to the unlinked file: every later write was lost
+    with no error and health stayed green. Now they fail (and feed the breaker)."""
+    from infercache.errors import TierError
+
+    path = tmp_path / "gone.db"
+    c = SQLCache(f"sqlite:///{path}", purge_interval=None, failure_threshold=100)
+    try:
+        await c.set("before", 1)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}{suffix}")
+        await asyncio.sleep(1.1)  # the file is checked at most once a second
+        with pytest.raises(TierError, match="deleted or replaced"):
+            await c.set("after", 2)
+        assert (await c.stats())["errors"] >= 1
+    finally:
+        await c.close()
