@@ -243,6 +243,12 @@ def test_onnx_file(tmp_path: Path, mlp: Any) -> None:
         r.predict_single(np.zeros(10, np.float32))
     with pytest.raises(ConfigError):
         ModelRunner(path, quantize="dynamic-int8")
+    # a declared dtype the graph refuses would make every request a model_error: refused now
+    with pytest.raises(ConfigError, match="not the ONNX graph's input dtype float32"):
+        ModelRunner.load(str(path), input_spec=InputSpec(shape=(784,), dtype="int64"))
+    declared = ModelRunner.load(str(path), input_spec=InputSpec(shape=(784,), dtype="float32"),
+                                freeze_gc=False)  # fmt: skip
+    assert declared.input_spec == InputSpec(shape=(784,), dtype="float32")
 
 
 def test_callable_runner_and_versions() -> None:

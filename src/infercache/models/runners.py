@@ -555,8 +555,16 @@ class ModelRunner:
             model, device=device, threads=threads, compile=compile, quantize=quantize, kind=kind
         )
         self._backend = backend
-        if input_spec is None and isinstance(backend, _OnnxBackend):
-            input_spec = backend.inferred_spec()
+        if isinstance(backend, _OnnxBackend):
+            graph = backend.inferred_spec()
+            if input_spec is None:
+                input_spec = graph
+            elif graph is not None and np.dtype(graph.dtype) != np.dtype(input_spec.dtype):
+                # the session refuses any other dtype: every request would be a model_error
+                raise ConfigError(
+                    f"model {name!r}: the declared dtype {input_spec.dtype} is not the ONNX "
+                    f"graph's input dtype {graph.dtype}"
+                )
         if input_spec is None and example_input is not None and not isinstance(example_input, str):
             ex = np.asarray(example_input)
             if ex.dtype.kind in "biuf":
