@@ -282,6 +282,16 @@ async def test_queue_full_error(make: Factory) -> None:
     assert (await c.stats())["write_behind"]["full_errors"] == 2
 
 
+async def test_a_str_is_not_taken_for_a_list_of_keys(make: Factory) -> None:
+    c = await make()
+    await c.set_many({"a": 1, "abc": 2})
+    with pytest.raises(TypeError, match="iterable of keys"):
+        await c.get_many("abc")
+    with pytest.raises(TypeError, match="iterable of keys"):
+        await c.delete_many("abc")
+    assert await c.get_many(["a", "abc"]) == {"a": 1, "abc": 2}  # nothing deleted
+
+
 async def test_non_str_keys_are_refused_before_anything_is_written(make: Factory) -> None:
     c = await make(write="behind")
     with pytest.raises(TypeError, match="keys must be str"):

@@ -387,6 +387,7 @@ class MultiLevelCache:
 
     async def get_many_with_tier(self, keys: Iterable[str]) -> dict[str, tuple[Any, str]]:
         """Hits among ``keys`` with the name of the tier that served each (``"l1"`` for L1)."""
+        _not_one_key(keys)
         uniq = list(dict.fromkeys(keys))
         out: dict[str, tuple[Any, str]] = {}
         l1 = self._l1
@@ -501,6 +502,7 @@ class MultiLevelCache:
 
     async def delete_many(self, keys: Iterable[str]) -> int:
         """Delete keys everywhere (broadcast); returns how many keys some tier held."""
+        _not_one_key(keys)
         uniq = list(dict.fromkeys(keys))
         if not uniq:
             return 0
@@ -784,3 +786,12 @@ class MultiLevelCache:
         if self._l1 is not None:
             self._l1.clear()
         await self._announce(await self._generations.load())
+
+
+def _not_one_key(keys: Iterable[str]) -> None:
+    """A str is an iterable of keys too, of one-character ones: ``get_many("abc")`` looked up
+    "a", "b" and "c" in every tier, and ``delete_many("abc")`` would delete them."""
+    if isinstance(keys, str | bytes):
+        raise TypeError(
+            f"expected an iterable of keys, got one {type(keys).__name__}: {keys!r:.60}"
+        )
