@@ -16,6 +16,7 @@ WebSocket upgrade happens after the headers, so it is never affected.
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from typing import Any
 
@@ -23,30 +24,20 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from infercache.config import serve_settings_from_env
 
-__all__ = ["HeaderDeadlineProtocol", "body_timeout", "header_timeout"]
+__all__ = ["HeaderDeadlineProtocol", "deadlines"]
 
-_timeout: float | None = None
-_body_timeout: float | None = None
 # one sweeper per event loop (uvicorn runs one loop per worker process)
 _SWEEPERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def header_timeout() -> float:
-    """``header_timeout_s`` of the serve settings uvicorn's workers inherit (read once)."""
-    global _timeout, _body_timeout
-    if _timeout is None:
-        settings = serve_settings_from_env()
-        _timeout, _body_timeout = settings.header_timeout_s, settings.request_timeout_s
-    return _timeout
-
-
-def body_timeout() -> float:
-    """``request_timeout_s`` of the same settings: how long a body may take to arrive."""
-    header_timeout()
-    assert _body_timeout is not None
-    return _body_timeout
+@functools.cache
+def deadlines() -> tuple[float, float]:
+    """(``header_timeout_s``, ``request_timeout_s``) of the serve settings uvicorn's workers
+    inherit, read once: how long a request's headers, then its body, may take to arrive."""
+    settings = serve_settings_from_env()
+    return settings.header_timeout_s, settings.request_timeout_s
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
@@ -87,7 +78,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
 async def _sweep(connections: set[Any]) -> None:
     """Close every connection that has waited for a request's headers longer than the timeout."""
-    timeout, body = header_timeout(), body_timeout()
+    timeout, body = deadlines()
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(min(1.0, timeout / 2, body / 2))

@@ -321,8 +321,6 @@ class Service:
         broadcast to other processes when Redis is a tier: old entries become unreachable at once
         and age out, instead of a scan that deletes them one by one.
         """
-        from infercache.errors import InputError
-
         cache = self.cache
         if cache is None:
             raise InputError("this server has no cache to invalidate")
@@ -355,8 +353,6 @@ class Service:
         has_input: bool,
         input: Any,
     ) -> dict[str, Any]:
-        from infercache.errors import InputError
-
         given = sum(bool(x) for x in (all, key is not None, model is not None))
         if given != 1 or (version is not None and model is None) or (has_input and model is None):
             raise APIError(  # the request's shape, not an input: as the errors table says
@@ -817,9 +813,14 @@ async def build_service(settings: Settings, runners: Sequence[Any] | None = None
             },
         )
         models[runner.name] = ModelEntry(runner.name, predictor, runner)
-    service = Service(settings=settings, models=models, cache=cache, monitor=monitor, owned=[cache])
-    service.alone = settings.workers > 1 and not shared
-    return service
+    return Service(
+        settings=settings,
+        models=models,
+        cache=cache,
+        monitor=monitor,
+        owned=[cache],
+        alone=settings.workers > 1 and not shared,
+    )
 
 
 def _answer(entry: ModelEntry, pred: Any) -> dict[str, Any]:
