@@ -122,7 +122,7 @@ def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
 
 def test_serve_with_no_arguments_answers(plain_server: ServerProcess) -> None:
     log = plain_server.log()
-    assert f"listening on http://127.0.0.1:{plain_server.port}" in log
+    assert f"starting on http://127.0.0.1:{plain_server.port}" in log
     assert "serving mlp" in log
     assert (plain_server.cwd / "infercache.db").exists()  # the SQLite L3 file
     x = [0.25] * 784

@@ -83,6 +83,9 @@ def test_env_parsing_of_types() -> None:
         ({"models": ["bad name=demo"]}, "models"),
         ({"warmup": "maybe"}, "warmup"),
         ({"max_body_bytes": True}, "max_body_bytes"),
+        # a topic subscribe would refuse: every window's publish failed, after a clean start
+        ({"streams": ["bad topic=mlp@s"], "redis_url": "redis://127.0.0.1:6379/0"}, "streams"),
+        ({"streams": [".hidden=mlp@s"], "redis_url": "redis://127.0.0.1:6379/0"}, "streams"),
     ],
 )
 def test_invalid_settings_name_the_setting(source: dict[str, object], setting: str) -> None:

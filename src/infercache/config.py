@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -233,12 +234,38 @@ def _as_streams(name: str, value: Any) -> tuple[str, ...]:
     return _as_specs(name, value, parse_stream_spec, "stream")
 
 
+MAX_TOPIC_LEN = 200
+_TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+
+
+def topic_error(topic: str) -> str | None:
+    """Why ``topic`` is not a valid topic name, or None when it is.
+
+    The one rule for ``subscribe`` and ``POST /v1/topics/{topic}/publish``, so that every topic a
+    client can subscribe to can be published to: the name is one URL path segment (no ``/``, which
+    ends the segment even as ``%2F``, no ``%``, ``?``, ``#`` or spaces) and does not start with a
+    dot (clients collapse ``.`` and ``..`` segments before sending).
+    """
+    if not 0 < len(topic) <= MAX_TOPIC_LEN:
+        return f"topic must be 1 to {MAX_TOPIC_LEN} characters long, not {len(topic)}"
+    if _TOPIC.fullmatch(topic) is None:
+        return (
+            "topic may hold only letters, digits and . _ : - and must start with a letter or digit"
+        )
+    return None
+
+
 def parse_stream_spec(spec: str) -> tuple[str, str, str]:
-    """``"topic=model@stream_key"`` -> (topic, model, stream_key)."""
+    """``"topic=model@stream_key"`` -> (topic, model, stream_key); the topic follows
+    :func:`topic_error`, checked here so that a bad one stops ``serve`` at start rather than
+    failing each window's publish."""
     topic, eq, rest = spec.partition("=")
     model, at, key = rest.partition("@")
     if not (eq and at and topic.strip() and model.strip() and key.strip()):
         raise ConfigError(f"setting 'streams': {spec!r} is not topic=model@stream_key")
+    problem = topic_error(topic.strip())
+    if problem:
+        raise ConfigError(f"setting 'streams': {spec!r}: {problem}")
     return topic.strip(), model.strip(), key.strip()
 
 
@@ -584,4 +611,5 @@ __all__ = [
     "serve_settings_from_env",
     "settings_from_env",
     "settings_from_file",
+    "topic_error",
 ]

@@ -187,7 +187,7 @@ def run(settings: Settings) -> None:
 
         http = HeaderDeadlineProtocol  # httptools, closing connections slow to send headers
     print(
-        f"infercache {__version__}: listening on http://{settings.host}:{settings.port} "
+        f"infercache {__version__}: starting on http://{settings.host}:{settings.port} "
         f"({settings.workers} worker{'s' if settings.workers > 1 else ''}, loop={loop}, "
         f"http={'h11' if http == 'h11' else 'httptools'})",
         file=sys.stderr,

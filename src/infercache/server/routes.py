@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import HTMLResponse, Response
 
 from infercache import __version__
+from infercache.config import topic_error
 from infercache.errors import InputError
 from infercache.predictor import Predictor
 from infercache.server.encoding import dumps
@@ -340,8 +341,6 @@ async def cache_invalidate(request: Request) -> Response:
 )
 async def publish(topic: str, request: Request) -> Response:
     """Broadcast the JSON body to the subscribers of `topic`. Bearer token."""
-    from infercache.server.ws import topic_error
-
     service = _admin(request)
     problem = topic_error(topic)  # the rule subscribe applies: one that fails it has no subscriber
     if problem is not None:

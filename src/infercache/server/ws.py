@@ -39,13 +39,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from infercache.config import topic_error
 from infercache.errors import InfercacheError
 from infercache.server import fastjson
 from infercache.server.errors import public_message
@@ -62,26 +62,7 @@ _CLOSE_GRACE_S = 1.0
 _KNOWN_TYPES = frozenset({"predict", "prediction", "ping", "subscribe", "unsubscribe"})
 # the same fields HTTP accepts (less "inputs", which has no WebSocket form), plus the envelope's
 _PREDICT_FIELDS = frozenset({"type", "id", "model", "model_id", "input", "use_cache"})
-MAX_TOPIC_LEN = 200
-_TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 _MAX_TOPICS_PER_CONNECTION = 64
-
-
-def topic_error(topic: str) -> str | None:
-    """Why ``topic`` is not a valid topic name, or None when it is.
-
-    The one rule for ``subscribe`` and ``POST /v1/topics/{topic}/publish``, so that every topic a
-    client can subscribe to can be published to: the name is one URL path segment (no ``/``, which
-    ends the segment even as ``%2F``, no ``%``, ``?``, ``#`` or spaces) and does not start with a
-    dot (clients collapse ``.`` and ``..`` segments before sending).
-    """
-    if not 0 < len(topic) <= MAX_TOPIC_LEN:
-        return f"topic must be 1 to {MAX_TOPIC_LEN} characters long, not {len(topic)}"
-    if _TOPIC.fullmatch(topic) is None:
-        return (
-            "topic may hold only letters, digits and . _ : - and must start with a letter or digit"
-        )
-    return None
 
 
 def _server_transport(websocket: WebSocket) -> Any | None:
