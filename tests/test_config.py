@@ -174,6 +174,8 @@ def test_file_with_settings_both_at_top_level_and_in_the_table_is_refused(tmp_pa
         load_settings(env={}, config_file=_toml(tmp_path, "[infercache]\nprot = 1\n"))
     with pytest.raises(ConfigError, match="must be a table"):
         load_settings(env={}, config_file=_toml(tmp_path, "infercache = 1\n"))
+    with pytest.raises(ConfigError, match=r"both \[infercache\] and \[tool.infercache\]"):
+        load_settings(env={}, config_file=_toml(tmp_path, "[infercache]\n[tool.infercache]\n"))
     # either place alone still works
     s = load_settings(env={}, config_file=_toml(tmp_path, "[infercache]\nport = 7001\n"))
     assert s.port == 7001
@@ -221,3 +223,26 @@ def test_model_spec_declares_the_input_spec() -> None:
     ]:
         with pytest.raises(ConfigError, match=match):
             load_settings({"models": [bad]}, env={})
+
+
+def test_a_file_shared_with_other_tools(tmp_path: Path) -> None:
+    # pyproject.toml: our table under [tool], the other tools' tables left alone
+    pyproject = (
+        '[project]\nname = "svc"\n[tool.ruff]\nline-length = 100\n'
+        "[tool.infercache]\nport = 7003\nmax_batch_size = 16\n"
+    )
+    s = load_settings(env={}, config_file=_toml(tmp_path, pyproject))
+    assert (s.port, s.max_batch_size) == (7003, 16)
+    # the same with [infercache] beside another tool's table
+    shared = '[infercache]\nport = 7004\n[other_tool]\nport = "not ours"\n'
+    assert load_settings(env={}, config_file=_toml(tmp_path, shared)).port == 7004
+    # a typo in our table is still named
+    with pytest.raises(ConfigError, match="unknown setting 'prot'"):
+        load_settings(
+            env={}, config_file=_toml(tmp_path, "[tool.ruff]\n[tool.infercache]\nprot = 1\n")
+        )
+    with pytest.raises(ConfigError, match=r"\[tool.infercache\] .* must be a table"):
+        load_settings(env={}, config_file=_toml(tmp_path, "[tool]\ninfercache = 3\n"))
+    # a pyproject.toml without our table: named as such, not a list of "unknown settings" only
+    with pytest.raises(ConfigError, match=r"no \[infercache\] or \[tool.infercache\] table"):
+        load_settings(env={}, config_file=_toml(tmp_path, '[project]\nname = "svc"\n'))

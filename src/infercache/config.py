@@ -534,8 +534,16 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 
 def settings_from_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Raw values from a TOML file; unknown keys are an error (a typo must not pass silently)."""
+    """Raw values from a TOML file; unknown keys are an error (a typo must not pass silently).
+
+    The settings are either all at top level (a file of its own) or all in one table,
+    ``[infercache]`` or ``[tool.infercache]`` (``pyproject.toml``). A file with our table may be
+    shared with other tools, so its other tables are theirs and are left alone; a setting at top
+    level beside our table is refused (reading one place silently dropped the other's settings,
+    an admin_token among them).
+    """
     p = Path(path)
+    where = f"in config file {str(p)!r}"
     try:
         with p.open("rb") as fh:
             data = tomllib.load(fh)
@@ -543,22 +551,43 @@ def settings_from_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"setting 'config': file {str(p)!r} does not exist") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"setting 'config': cannot read {str(p)!r}: {exc}") from None
-    table = data.get("infercache")
-    if table is not None and not isinstance(table, dict):
-        raise ConfigError(f"setting 'config': [infercache] in {str(p)!r} must be a table")
-    top = {k: v for k, v in data.items() if k != "infercache"}
-    unknown = sorted(k for k in (*top, *(table or {})) if k not in FIELDS)
+    tool = data.get("tool")
+    tables = {
+        "[infercache]": data.get("infercache"),
+        "[tool.infercache]": tool.get("infercache") if isinstance(tool, dict) else None,
+    }
+    found = {name: t for name, t in tables.items() if t is not None}
+    for name, t in found.items():
+        if not isinstance(t, dict):
+            raise ConfigError(f"setting 'config': {name} {where} must be a table")
+    if len(found) > 1:
+        raise ConfigError(
+            f"setting 'config': {str(p)!r} has both [infercache] and [tool.infercache]; "
+            "use one table"
+        )
+    if not found:
+        if any(isinstance(v, dict) for v in data.values()):
+            where += " (it has no [infercache] or [tool.infercache] table)"
+        _refuse_unknown(data, where)
+        return dict(data)
+    name, table = next(iter(found.items()))
+    # top-level scalars beside our table: ours in the wrong place, or typos; tables: other tools'
+    top = {k: v for k, v in data.items() if k != "infercache" and not isinstance(v, dict)}
+    _refuse_unknown({**top, **table}, where)
+    if top:
+        raise ConfigError(
+            f"setting 'config': {str(p)!r} has settings both at top level "
+            f"({', '.join(sorted(top))}) and in its {name} table; put them all in one place"
+        )
+    return dict(table)
+
+
+def _refuse_unknown(values: Mapping[str, Any], where: str) -> None:
+    unknown = sorted(k for k in values if k not in FIELDS)
     if unknown:
         names = ", ".join(repr(k) for k in unknown)
         plural = "s" if len(unknown) > 1 else ""
-        raise ConfigError(f"unknown setting{plural} {names} in config file {str(p)!r}")
-    if table is not None and top:
-        # Reading one place silently dropped the other's settings (an admin_token among them).
-        raise ConfigError(
-            f"setting 'config': {str(p)!r} has settings both at top level "
-            f"({', '.join(sorted(top))}) and in its [infercache] table; put them all in one place"
-        )
-    return dict(table if table is not None else top)
+        raise ConfigError(f"unknown setting{plural} {names} {where}")
 
 
 def build_settings(values: Mapping[str, Any], *, base: Settings | None = None) -> Settings:
