@@ -51,7 +51,11 @@ _SERVE_FLAGS: dict[str, tuple[str, str]] = {
         "seconds a connection may take to send a request's headers, from its first byte or "
         "from opening; then it is closed",
     ),
-    "admin_token": ("--admin-token", "bearer token for /v1/cache/* (default: admin disabled)"),
+    "admin_token": (
+        "--admin-token",
+        "bearer token for the admin endpoints, /v1/cache/* and /v1/topics/*/publish "
+        "(default: admin disabled)",
+    ),
     "api_token": ("--api-token", "bearer token required for predictions (default: none)"),
     "ws_max_inflight": ("--ws-max-inflight", "concurrent predictions per WebSocket"),
     "ws_send_queue": ("--ws-send-queue", "messages buffered per WebSocket subscriber"),
