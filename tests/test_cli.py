@@ -350,3 +350,19 @@ def test_config_file_with_settings_in_both_places_stops_serve(
                     "[infercache]\nl1_size = 5\n")  # fmt: skip
     assert main(["serve", "--config", str(path), "--check"]) == 2
     assert "both at top level (admin_token, max_batch_size, port)" in capsys.readouterr().err
+
+
+def test_a_model_that_fails_to_load_in_the_workers_stops_serve_with_exit_2(tmp_path: Path) -> None:
+    """With ``--workers 2`` the models load in each worker: a bad one printed four tracebacks and
+    uvicorn's supervisor then exited 0, which systemd and scripts read as a clean stop."""
+    (tmp_path / "bad.onnx").write_text("not a model")
+    out = subprocess.run(
+        [sys.executable, "-m", "infercache", "serve", "--port", str(free_port()),
+         "--sql-url", "none", "--workers", "2", "--model", "bad.onnx"],
+        capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "infercache: invalid configuration: setting 'models': cannot load 'bad.onnx'" in (
+        out.stderr
+    )
+    assert "Traceback" not in out.stderr and "File " not in out.stderr

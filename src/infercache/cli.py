@@ -163,8 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
     from infercache.server.service import preflight
 
     preflight(settings)
-    run(settings)
-    return 0
+    return run(settings)
 
 
 async def _cache_command(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infercache import __version__
 from infercache.config import SERVE_SETTINGS_ENV, Settings, serve_settings_from_env
+from infercache.errors import ConfigError
 from infercache.server.errors import ERROR_CODE_SCOPE_KEY, install_error_handlers
 from infercache.server.fastpath import InfercacheApp
 from infercache.server.routes import router
@@ -37,6 +39,11 @@ from infercache.server.service import (
 from infercache.server.ws import websocket_endpoint
 
 log = logging.getLogger("infercache.server")
+
+#: where a worker that failed to start on a configuration error leaves its one-line message, for
+#: the parent (``run``): uvicorn's supervisor stops on a worker's start-up failure but returns
+#: normally, so ``serve --workers N`` exited 0 after one
+STARTUP_FAILURE_ENV = "INFERCACHE_STARTUP_FAILURE_FILE"
 
 
 class _MetricsMiddleware:
@@ -105,10 +112,14 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if given is None:
-            service = await build_service(settings, runners)
-        else:
-            service = service_from_predictors(given, settings, cache=cache, monitor=monitor)
+        try:
+            if given is None:
+                service = await build_service(settings, runners)
+            else:
+                service = service_from_predictors(given, settings, cache=cache, monitor=monitor)
+        except ConfigError as exc:
+            _startup_failed(app, f"infercache: invalid configuration: {exc}")
+            raise
         app.state.service = service
         service.start_streams()
         warm = asyncio.create_task(service.warm_up(), name="infercache-warmup")
@@ -143,6 +154,17 @@ def create_app(
     return app
 
 
+def _startup_failed(app: FastAPI, line: str) -> None:
+    """Note a start-up failure that deserves one line, not a traceback: InfercacheApp puts it in
+    uvicorn's ``lifespan.startup.failed`` message (which uvicorn logs), and the parent process
+    reads it from :data:`STARTUP_FAILURE_ENV`'s file to exit 2."""
+    app.state.startup_error = line
+    path = os.environ.get(STARTUP_FAILURE_ENV)
+    if path:
+        with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+
 def _print_banner(service: Service) -> None:
     s = service.settings
     models = ", ".join(f"{n} (version {e.version or '?'})" for n, e in service.models.items())
@@ -175,8 +197,9 @@ def app_from_env() -> FastAPI:
     return create_app(settings, banner=True, runners=runners)
 
 
-def run(settings: Settings) -> None:
-    """Run uvicorn with ``settings`` (blocking). uvloop and httptools are used when installed."""
+def run(settings: Settings) -> int:
+    """Run uvicorn with ``settings`` (blocking); the exit code: 2 when a worker failed to start on
+    a configuration error (it logged the line). uvloop and httptools are used when installed."""
     import uvicorn
 
     os.environ[SERVE_SETTINGS_ENV] = json.dumps(settings.to_dict())
@@ -193,6 +216,30 @@ def run(settings: Settings) -> None:
         file=sys.stderr,
         flush=True,
     )
+    fd, failure_file = tempfile.mkstemp(prefix="infercache-start-")
+    os.close(fd)
+    os.environ[STARTUP_FAILURE_ENV] = failure_file  # the workers inherit the environment
+    try:
+        try:
+            _run_uvicorn(uvicorn, settings, loop, http)
+        except SystemExit:  # uvicorn's exit 3 for a failed start: ours is 2, as for flags
+            if not _read_failure(failure_file):
+                raise
+        return 2 if _read_failure(failure_file) else 0
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(failure_file)
+
+
+def _read_failure(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def _run_uvicorn(uvicorn: Any, settings: Settings, loop: str, http: Any) -> None:
     uvicorn.run(
         "infercache.server.app:app_from_env",
         factory=True,

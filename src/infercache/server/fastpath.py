@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from infercache.errors import InfercacheError
 from infercache.server.errors import APIError, error_response, infercache_error_response
@@ -53,7 +53,22 @@ class InfercacheApp(FastAPI):
                 if name and "/" not in name and service is not None:
                     await serve_predict(service, name, scope, receive, send)
                     return
+        elif scope["type"] == "lifespan":
+            send = self._lifespan_send(send)
         await super().__call__(scope, receive, send)
+
+    def _lifespan_send(self, send: Send) -> Send:
+        """``send`` with a start-up failure's message cut to the line the lifespan noted (a
+        configuration error): Starlette puts the whole traceback there, and uvicorn logs it once
+        per worker."""
+
+        async def lifespan_send(message: Message) -> None:
+            line = getattr(self.state, "startup_error", None)
+            if message["type"] == "lifespan.startup.failed" and line:
+                message = {**message, "message": line}
+            await send(message)
+
+        return lifespan_send
 
 
 async def serve_predict(
