@@ -16,6 +16,7 @@ import pytest
 from infercache import __version__
 from infercache.bench.process import ServerProcess, free_port
 from infercache.cli import main
+from infercache.errors import ConfigError
 
 TOKEN = "cli-admin-token"
 
@@ -78,6 +79,47 @@ def test_a_redis_that_refuses_us_stops_serve_at_start(
     cluster = f"redis+cluster://127.0.0.1:{redis_server.port}"
     assert main(["serve", "--redis-url", cluster]) == 2
     assert "not in cluster mode" in capsys.readouterr().err
+
+
+def _preflight(sql_url: str) -> None:
+    # preflight() itself, not main(["serve", ...]): if a check regressed, main would start a
+    # real server on port 8000 and the test would hang instead of failing
+    from infercache.config import load_settings
+    from infercache.server.service import preflight
+
+    preflight(load_settings({"sql_url": sql_url}, env={}))
+
+
+def test_an_sqlite_file_that_can_never_work_stops_serve_at_start(tmp_path: Path) -> None:
+    """A directory, or a file that is not a database: the server started and stayed unready for
+    ever ("cache tier sqlite does not answer")."""
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(ConfigError, match=r"'sql_url'.* is a directory, not an SQLite file"):
+        _preflight(f"sqlite:///{tmp_path}/dir.db")
+    (tmp_path / "junk.db").write_bytes(os.urandom(5000))
+    with pytest.raises(ConfigError, match="not a usable SQLite database: file is not a database"):
+        _preflight(f"sqlite:///{tmp_path}/junk.db")
+
+
+def test_a_postgres_that_refuses_us_stops_serve_at_start(postgres_url: str) -> None:
+    """A database or role that does not exist (or a wrong password) never heals: the server
+    started, stayed unready, and the pool logged the refusal every few seconds, for ever."""
+    base, _, _ = postgres_url.rpartition("/")
+    with pytest.raises(ConfigError, match='refused us: database "no_such_db_xyz" does not exist'):
+        _preflight(f"{base}/no_such_db_xyz")
+    with pytest.raises(ConfigError, match='refused us: role "nobody_xyz" does not exist'):
+        _preflight(postgres_url.replace("postgres@", "nobody_xyz@"))
+    _preflight(postgres_url)  # the same server, as it should be: passes
+
+
+def test_a_postgres_or_sqlite_file_that_may_come_later_does_not_stop_the_start(
+    tmp_path: Path,
+) -> None:
+    """Nothing listening (PostgreSQL not up yet) and a file not created yet pass the preflight:
+    the running server serves without the tier until it answers."""
+    _preflight(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
+    _preflight(f"sqlite:///{tmp_path}/new.db")
+    assert not (tmp_path / "new.db").exists()  # the check creates nothing
 
 
 def test_invalid_env_setting_stops_serve_subprocess(tmp_path: Path) -> None:

@@ -605,6 +605,10 @@ def preflight(settings: Settings) -> None:
 
     if settings.redis_url:
         _check_redis_answers_us(settings.redis_url)
+    if settings.sql_url and settings.sql_url.startswith("sqlite:"):
+        _check_sqlite_file(settings.sql_url)
+    elif settings.sql_url:
+        _check_postgres_answers_us(settings.sql_url)
     for spec in settings.models:
         _, body = parse_model_spec(spec)
         lower = body.lower()
@@ -654,6 +658,71 @@ def _check_redis_answers_us(url: str) -> None:
         log.info("Redis at %s does not answer at start: %s", redact_url(url), exc)
     finally:
         client.close()
+
+
+def _check_sqlite_file(url: str) -> None:
+    """Stop at start when the SQLite L3 can never work: the path is a directory, or a file that is
+    not an SQLite database. The server used to start, log "cache tier sqlite does not answer"
+    and stay unready for ever. A file that does not exist yet is fine: it is created."""
+    import sqlite3
+
+    from infercache.tiers.sql import sqlite_path
+
+    raw = sqlite_path(url)
+    if raw in ("", ":memory:"):
+        return
+    path = Path(raw)
+    if path.is_dir():
+        raise ConfigError(f"setting 'sql_url': {str(path)!r} is a directory, not an SQLite file")
+    if not path.exists():
+        return
+    try:  # read-only: nothing is created or changed here
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1.0)
+        try:
+            conn.execute("PRAGMA schema_version").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return  # another process is writing it: a database after all
+        raise ConfigError(
+            f"setting 'sql_url': {str(path)!r} is not a usable SQLite database: {exc}"
+        ) from None
+
+
+#: what PostgreSQL says when it answers but will never let us in with this URL (as against "the
+#: database system is starting up" or "too many clients", which pass)
+_PG_REFUSALS = (
+    "password authentication failed",
+    "no password supplied",
+    "does not exist",  # the database or the role
+    "pg_hba.conf",
+    "permission denied",
+)
+
+
+def _check_postgres_answers_us(url: str) -> None:
+    """Stop at start when PostgreSQL answers but refuses us (a wrong password, a database or role
+    that does not exist): the server used to start and stay unready for ever while the pool
+    logged the refusal every few seconds. A server that does not answer may come up later, so
+    that is left to the running server (``/readyz``), as for Redis."""
+    try:
+        import psycopg
+    except ImportError:  # the SQL tier's own error names the missing extra
+        return
+
+    from infercache.config import redact_url
+
+    try:
+        psycopg.connect(url, connect_timeout=2).close()
+    except psycopg.Error as exc:
+        text = " ".join(str(exc).split())
+        fatal = text.partition("FATAL:")[2].strip()
+        if fatal and any(r in fatal for r in _PG_REFUSALS):
+            raise ConfigError(
+                f"setting 'sql_url': PostgreSQL at {redact_url(url)!r} refused us: {fatal}"
+            ) from None
+        log.info("PostgreSQL at %s does not answer at start: %s", redact_url(url), text)
 
 
 def load_model(spec: str, *, threads: int = 1, jit: bool = False, onnx: bool = False) -> Any:
