@@ -1,21 +1,25 @@
-"""bench.loadgen.Inputs: the payloads the load generator sends."""
+"""bench.loadgen: the payloads the load generator sends, its HTTP client, ``infercache bench``."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib.util
 import json
+import re
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from infercache.bench.loadgen import HTTPTarget, Inputs
-from infercache.bench.process import ServerProcess
+from infercache.bench.loadgen import MAX_KEYS, HTTPTarget, Inputs, make_inputs
+from infercache.bench.process import ServerProcess, free_port
+from infercache.cli import main
 
 
 def test_distinct_vectors_stay_distinct_in_float32() -> None:
@@ -41,6 +45,119 @@ def test_zipf_draws_favour_low_ranks() -> None:
     assert sum(d < 10 for d in draws) > sum(d >= 990 for d in draws) * 5
     with pytest.raises(ValueError):
         Inputs("uniform")
+
+
+def test_explicit_seed_and_offset_give_the_inputs_they_always_gave() -> None:
+    """benchmarks/bench_server.py passes its own seed and offsets: its runs stay comparable."""
+    distinct = Inputs("distinct", offset=10_000_000, seed=7)
+    sent = b"".join(distinct.input_json(distinct.next_index()) for _ in range(3))
+    digest = "3c5c2f3f3c43b37df1a85978e4af0b8f1b7960701d186181b9812c10c23f2e81"
+    assert hashlib.sha256(sent).hexdigest() == digest
+    zipf = Inputs("zipf", seed=7, keys=1000)
+    assert [zipf.next_index() for _ in range(12)] == [510, 21, 121, 1, 15, 167, 39, 103, 0, 13,
+                                                       536, 0]  # fmt: skip
+    digest = "4e7ef348de82e1ec392ce2023c83e09366f69411eae3eac0ed54bd060f9ed55e"
+    assert hashlib.sha256(zipf.input_json(5)).hexdigest() == digest
+
+
+def test_bench_seeds_give_fresh_exact_distinct_ranges_and_one_zipf_key_space() -> None:
+    firsts = []
+    for seed in (0, 1, 2, 2**32 - 1, 2**63):
+        inputs = make_inputs("distinct", seed)
+        first = inputs.next_index()
+        # above every zipf key, and room for 2**32 requests below 2**36 (exact in float32)
+        assert first >= MAX_KEYS and first + 2**32 <= 2**36
+        x = np.asarray(inputs.input_list(first + 2**32 - 1), np.float32)
+        assert int(x[0]) * 4096 + int(x[1]) == first + 2**32 - 1
+        firsts.append(inputs.input_json(first))
+        again = make_inputs("distinct", seed)
+        assert again.input_json(again.next_index()) == firsts[-1]  # the same seed: the same inputs
+    assert len(set(firsts)) == len(firsts)
+    one, two = make_inputs("zipf", 1, keys=1000), make_inputs("zipf", 2, keys=1000)
+    assert all(one.input_json(k) == two.input_json(k) for k in (0, 1, 999))  # same keys
+    draws = [one.next_index() for _ in range(50)]
+    assert draws != [two.next_index() for _ in range(50)]  # drawn in another order
+    repeat = make_inputs("zipf", 1, keys=1000)
+    assert draws == [repeat.next_index() for _ in range(50)]  # the same seed: the same order
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """``infercache serve`` with its SQLite L3, which kept the inputs of earlier bench runs."""
+    workdir = tmp_path_factory.mktemp("bench")
+    db = f"sqlite:///{workdir / 'l3.db'}"
+    with ServerProcess.infercache("--sql-url", db, cwd=workdir) as proc:
+        yield proc
+
+
+def _bench(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any], str]:
+    """``infercache bench --json *argv``: exit code, result, stderr."""
+    code = main(["bench", "--json", *argv])
+    out, err = capsys.readouterr()
+    return code, json.loads(out) if out.strip() else {}, err
+
+
+def _predictions_served(server: ServerProcess) -> float:
+    with urllib.request.urlopen(server.url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    found = re.search(r'infercache_http_requests_total\{route="/v1/models/\{name\}/predict",'
+                      r'status="200"\} (\S+)', text)  # fmt: skip
+    return float(found.group(1)) if found else 0.0
+
+
+def test_bench_runs_send_new_distinct_inputs_unless_given_the_same_seed(
+    server: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second ``--inputs distinct`` run measured cache hits: every run sent the same inputs."""
+    argv = ("--url", server.url, "--rate", "400", "--duration", "1", "--warmup", "0",
+            "--max-requests", "40")  # fmt: skip
+    seeds = set()
+    for _ in range(2):
+        code, result, _ = _bench(capsys, *argv)
+        assert code == 0 and result["ok"] == 40 and result["cached"] == 0, result
+        seeds.add(result.get("seed"))
+    assert len(seeds) == 2
+    code, first, _ = _bench(capsys, *argv, "--seed", "7")
+    assert code == 0 and first["seed"] == 7 and first["cached"] == 0
+    code, again, _ = _bench(capsys, *argv, "--seed", "7")
+    assert code == 0 and again["ok"] == again["cached"] == 40  # reproduced: all hits
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_bench_max_requests_counts_the_recorded_requests(
+    server: ServerProcess, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    """``--max-requests 10`` was spent in warm-up: nothing recorded, exit 1."""
+    before = _predictions_served(server)
+    started = time.monotonic()
+    code, result, err = _bench(capsys, "--url", server.url, "--mode", mode, "--rate", "100",
+                               "--concurrency", "4", "--warmup", "0.5", "--duration", "20",
+                               "--max-requests", "10")  # fmt: skip
+    assert code == 0, err
+    assert result["sent"] == result["ok"] == 10 and not result["errors"]
+    assert time.monotonic() - started < 10  # the budget ended the run, not --duration
+    # warm-up (50 arrivals in open mode, hundreds in closed) is bounded by a budget as large
+    assert _predictions_served(server) - before == 20
+
+
+def test_bench_says_in_one_line_why_a_run_recorded_nothing(
+    server: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = [
+        (("--url", server.url, "--rate", "1", "--duration", "0.05", "--warmup", "0"),
+         "no request was recorded: --rate 1/s over --duration 0.05 s expects 0.05 arrivals"),
+        (("--url", server.url, "--model", "nope", "--duration", "0.2", "--rate", "50"),
+         "no request succeeded: http_404 x"),
+        (("--url", f"http://127.0.0.1:{free_port()}", "--duration", "0.2", "--rate", "50"),
+         "(is an infercache server listening at"),
+        (("--url", f"http://127.0.0.1:{free_port()}", "--transport", "ws", "--duration", "0.2"),
+         "cannot connect to http://127.0.0.1:"),
+    ]  # fmt: skip
+    for argv, says in cases:
+        code, result, err = _bench(capsys, *argv)
+        assert code == 1 and err.startswith("infercache bench: ") and says in err, (argv, err)
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert result.get("ok", 0) == 0
 
 
 async def test_http_target_does_not_reuse_a_connection_the_server_closed() -> None:

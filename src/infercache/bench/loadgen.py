@@ -17,7 +17,8 @@ an index, so "all distinct" (the miss path) costs no per-request encoding, and Z
 distinct inputs draws the index from a Zipf distribution.
 
 Safety: the generator only targets loopback (127.0.0.1, ::1, localhost), and every run is bounded
-in time (``duration``) and in requests (``max_requests``).
+in time (``warmup`` + ``duration``) and in requests (``max_requests`` recorded, as many again at
+most during warm-up).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import contextlib
 import itertools
 import json
 import math
+import secrets
 import sys
 import time
 from collections import deque
@@ -51,6 +53,10 @@ class Inputs:
 
     Vectors of ``dim`` floats by default; ``text=True`` gives short sentences instead (for a text
     model such as MiniLM), distinct per index like the vectors.
+
+    ``seed`` draws the template vector and, unless ``draw_seed`` is given, the Zipf draws after it;
+    ``draw_seed`` lets the draw order change while the template (hence the key space) stays the
+    same. ``offset`` is the first ``distinct`` index.
     """
 
     def __init__(
@@ -63,6 +69,7 @@ class Inputs:
         seed: int = 0,
         offset: int = 0,
         text: bool = False,
+        draw_seed: int | None = None,
     ) -> None:
         if kind not in ("distinct", "zipf", "same"):
             raise ValueError("kind must be distinct, zipf or same")
@@ -77,7 +84,7 @@ class Inputs:
         self.keys = keys
         self.text = text
         self._counter = itertools.count(offset)
-        self._rng = rng
+        self._rng = rng if draw_seed is None else np.random.default_rng(draw_seed)
         if kind == "zipf":
             ranks = np.arange(1, keys + 1, dtype=np.float64)
             p = ranks**-zipf_s
@@ -388,6 +395,8 @@ async def run_load(
 
     ``path`` overrides the predict path (for other servers' endpoints); the body is always
     ``{"input": [...]}``. Requests started during ``warmup`` seconds are not recorded.
+    ``max_requests`` bounds the requests recorded, not counting warm-up: a budget that warm-up
+    could spend left a short run with nothing measured. Warm-up sends at most as many again.
     """
     if mode not in ("open", "closed") or transport not in ("http", "ws"):
         raise ValueError("mode must be open/closed and transport http/ws")
@@ -442,9 +451,11 @@ async def run_load(
 
     try:
         if mode == "open":
-            await _open_loop(one, rate, stop_at, max_requests, max_in_flight, result)
+            await _open_loop(
+                one, rate, recording_from, stop_at, max_requests, max_in_flight, result
+            )
         else:
-            await _closed_loop(one, concurrency, stop_at, max_requests)
+            await _closed_loop(one, concurrency, recording_from, stop_at, max_requests)
     finally:
         if http is not None:
             await http.close()
@@ -456,6 +467,7 @@ async def run_load(
 async def _open_loop(
     one: Callable[[float], Any],
     rate: float,
+    recording_from: float,
     stop_at: float,
     max_requests: int,
     max_in_flight: int,
@@ -463,29 +475,41 @@ async def _open_loop(
 ) -> None:
     """Poisson arrivals at ``rate``: fire each request at its scheduled time, never waiting for
     earlier ones. Requests over ``max_in_flight`` are counted as errors (``generator_overflow``)
-    rather than queued, so the generator's memory stays bounded when the server stalls."""
+    rather than queued, so the generator's memory stays bounded when the server stalls.
+
+    ``max_requests`` counts the requests scheduled from ``recording_from`` on; warm-up has a
+    budget of its own, as large, and once it is spent the arrivals skip to ``recording_from``
+    (Poisson arrivals have no memory, so the recorded ones are still Poisson)."""
     rng = np.random.default_rng(12345)
     clock = time.perf_counter
     tasks: set[asyncio.Task[None]] = set()
     t = clock()
-    n = 0
+    warm = recorded = 0
     gaps: list[float] = []
-    while n < max_requests:
+    while recorded < max_requests:
         if not gaps:
             gaps = rng.exponential(1.0 / rate, 4096).tolist()
         t += gaps.pop()
         if t >= stop_at:
             break
+        recording = t >= recording_from
+        if not recording and warm >= max_requests:
+            t = recording_from
+            continue
         delay = t - clock()
         if delay > 0.0005:
             await asyncio.sleep(delay)
         if len(tasks) >= max_in_flight:
-            _err(result, "generator_overflow")
+            if recording:
+                _err(result, "generator_overflow")
             continue
         task = asyncio.create_task(one(t))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-        n += 1
+        if recording:
+            recorded += 1
+        else:
+            warm += 1
     if tasks:
         _, pending = await asyncio.wait(tasks, timeout=30)
         result.unfinished = len(pending)
@@ -494,19 +518,68 @@ async def _open_loop(
 
 
 async def _closed_loop(
-    one: Callable[[float], Any], concurrency: int, stop_at: float, max_requests: int
+    one: Callable[[float], Any],
+    concurrency: int,
+    recording_from: float,
+    stop_at: float,
+    max_requests: int,
 ) -> None:
+    """``concurrency`` clients, each sending its next request when its last one is answered.
+
+    As in the open loop, ``max_requests`` counts the requests started from ``recording_from`` on
+    and warm-up has a budget of its own, as large; a client finding it spent waits for the
+    recorded window."""
     clock = time.perf_counter
-    budget = itertools.count()
+    warm = itertools.count()
+    recorded = itertools.count()
 
     async def user() -> None:
-        while clock() < stop_at and next(budget) < max_requests:
-            await one(clock())
+        while (now := clock()) < stop_at:
+            if now >= recording_from:
+                if next(recorded) >= max_requests:
+                    return
+            elif next(warm) >= max_requests:
+                await asyncio.sleep(recording_from - now)
+                continue
+            await one(now)
 
     await asyncio.gather(*(user() for _ in range(concurrency)))
 
 
 # --------------------------------------------------------------------------- CLI
+
+#: ``--keys`` at most: zipf keys are the indices below it, and the fresh ranges start above it.
+MAX_KEYS = 1 << 32
+#: Where a CLI run's ``distinct`` indices may start: above every zipf key and above the ranges
+#: benchmarks/bench_server.py uses (10M per run), with 2**32 requests of room below 2**36, where
+#: the index stops being exact in float32 (see :meth:`Inputs.input_json`).
+_FRESH_LOW = 1 << 32
+_FRESH_HIGH = (1 << 36) - (1 << 32)
+
+_SEED_HELP = (
+    "makes a run's inputs reproducible; default: a new random seed per run, printed with the "
+    "result. distinct: the seed picks the template vector and a fresh range of indices, so runs "
+    "with different seeds share no input (all misses, even against a cache kept across "
+    "restarts) and a repeated seed sends the same inputs again. zipf: the seed only orders the "
+    "draws; the --keys inputs are the same whatever the seed, so repeated zipf runs warm the "
+    "same keys (for a cold start, `infercache cache invalidate` first). same: one fixed input"
+)
+
+
+def make_inputs(
+    kind: str, seed: int, *, dim: int = 784, keys: int = 10_000, zipf_s: float = 0.9
+) -> Inputs:
+    """The inputs of one ``infercache bench`` run with ``seed`` (see ``--seed``).
+
+    Repeated runs must measure what they say: ``distinct`` with a fixed seed and offset sent the
+    same inputs every run, so a second run measured cache hits (and the SQLite L3 kept them
+    across restarts). The random offset also keeps ``distinct`` clear of the zipf keys, which
+    share the seed-0 template, when ``seed`` is 0.
+    """
+    if kind == "distinct":
+        offset = int(np.random.default_rng([seed, 1]).integers(_FRESH_LOW, _FRESH_HIGH))
+        return Inputs(kind, dim=dim, seed=seed, offset=offset)
+    return Inputs(kind, dim=dim, keys=keys, zipf_s=zipf_s, seed=0, draw_seed=seed)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -519,11 +592,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="closed loop: clients")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds recorded")
     parser.add_argument("--warmup", type=float, default=0.5, help="seconds not recorded")
-    parser.add_argument("--inputs", choices=["distinct", "zipf", "same"], default="distinct")
+    parser.add_argument(
+        "--inputs",
+        choices=["distinct", "zipf", "same"],
+        default="distinct",
+        help="distinct: every request a new input (misses); zipf: Zipf(--zipf-s) over --keys "
+        "inputs; same: one input",
+    )
     parser.add_argument("--keys", type=int, default=10_000, help="zipf: distinct inputs")
     parser.add_argument("--zipf-s", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=None, help=_SEED_HELP)
     parser.add_argument("--dim", type=int, default=784, help="input vector length")
-    parser.add_argument("--max-requests", type=int, default=1_000_000)
+    parser.add_argument(
+        "--max-requests",
+        type=int,
+        default=1_000_000,
+        help="at most N requests recorded (warm-up not counted; it sends at most N more)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -564,6 +649,8 @@ def check_args(args: argparse.Namespace) -> str | None:
     for flag, value in positive.items():
         if not (math.isfinite(value) and value > 0):
             return f"{flag} must be a finite number > 0, got {value}"
+    if args.duration > 600:
+        return f"--duration must be at most 600 seconds, got {args.duration}"
     if not (math.isfinite(args.warmup) and args.warmup >= 0):
         return f"--warmup must be a finite number >= 0, got {args.warmup}"
     counts = {"--concurrency": args.concurrency, "--max-requests": args.max_requests,
@@ -571,7 +658,37 @@ def check_args(args: argparse.Namespace) -> str | None:
     for flag, count in counts.items():
         if count < 1:
             return f"{flag} must be >= 1, got {count}"
+    if args.keys > MAX_KEYS:
+        return f"--keys must be at most {MAX_KEYS}, got {args.keys}"
+    if args.seed is not None and args.seed < 0:
+        return f"--seed must be >= 0, got {args.seed}"
     return None
+
+
+def why_nothing_recorded(result: RunResult, args: argparse.Namespace) -> str:
+    """One line on why a run recorded no answer, for the CLI's exit 1 (a bare "0 req/s ok" left
+    the user guessing)."""
+    if result.errors:
+        errors = ", ".join(f"{key} x{n}" for key, n in result.errors.items())
+        hint = ""
+        if any(k.startswith(("Connection", "OSError")) for k in result.errors):
+            hint = f" (is an infercache server listening at {args.url}?)"
+        elif "http_404" in result.errors or "ws_model_not_found" in result.errors:
+            hint = f" (does the server serve --model {args.model}?)"
+        return f"no request succeeded: {errors}{hint}"
+    if result.unfinished:
+        return f"no answer came back: {result.unfinished} requests unfinished 30 s after the run"
+    if args.mode == "open":
+        expected = args.rate * args.duration
+        if expected < 3:
+            return (
+                f"no request was recorded: --rate {args.rate:g}/s over --duration "
+                f"{args.duration:g} s expects {expected:.2g} arrivals; raise either"
+            )
+    return (
+        f"no request was recorded in the {args.duration:g} s after the {args.warmup:g} s warm-up "
+        "(the server answered none in time)"
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -580,26 +697,36 @@ def run_from_args(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"infercache bench: {problem}", file=sys.stderr)
         return 2
-    inputs = Inputs(args.inputs, dim=args.dim, keys=args.keys, zipf_s=args.zipf_s)
-    result = run_async(
-        run_load(
-            args.url,
-            model=args.model,
-            transport=args.transport,
-            mode=args.mode,
-            rate=args.rate,
-            concurrency=args.concurrency,
-            duration=args.duration,
-            warmup=args.warmup,
-            inputs=inputs,
-            max_requests=args.max_requests,
+    from websockets.exceptions import WebSocketException
+
+    seed = secrets.randbelow(1 << 32) if args.seed is None else args.seed
+    inputs = make_inputs(args.inputs, seed, dim=args.dim, keys=args.keys, zipf_s=args.zipf_s)
+    try:
+        result = run_async(
+            run_load(
+                args.url,
+                model=args.model,
+                transport=args.transport,
+                mode=args.mode,
+                rate=args.rate,
+                concurrency=args.concurrency,
+                duration=args.duration,
+                warmup=args.warmup,
+                inputs=inputs,
+                max_requests=args.max_requests,
+            )
         )
-    )
+    except (OSError, WebSocketException) as exc:  # the WebSockets open before the run
+        print(f"infercache bench: cannot connect to {args.url}: {exc}", file=sys.stderr)
+        return 1
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "seed": seed}))
     else:
-        print(format_result(result))
-    return 0 if result.ok else 1
+        print(f"{format_result(result)}, seed {seed}")
+    if not result.ok:
+        print(f"infercache bench: {why_nothing_recorded(result, args)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
