@@ -141,6 +141,17 @@ def test_unloadable_model_stops_serve(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["serve", "--model", f"{tmp_path / 'missing.onnx'}"]) == 2
 
 
+def test_a_factory_that_is_not_there_is_named_once() -> None:
+    from infercache.server.service import load_model
+
+    with pytest.raises(ConfigError) as info:
+        load_model("json:no_such_factory")  # the module imports; the name is not in it
+    assert str(info.value) == (
+        "setting 'models': cannot load 'json:no_such_factory': module 'json' has no attribute "
+        "'no_such_factory'"
+    )
+
+
 def _env() -> dict[str, str]:
     import os
 

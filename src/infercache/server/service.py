@@ -762,7 +762,10 @@ def load_model(spec: str, *, threads: int = 1, jit: bool = False, onnx: bool = F
     except ConfigError as exc:
         if str(exc).startswith("setting "):
             raise
-        raise ConfigError(f"setting 'models': cannot load {spec!r}: {one_line(str(exc))}") from exc
+        text = one_line(str(exc))
+        if not text.startswith("cannot load "):  # ModelRunner.load names the spec itself
+            text = f"cannot load {spec!r}: {text}"
+        raise ConfigError(f"setting 'models': {text}") from exc
     except Exception as exc:  # one line: a TorchScript error's text is a whole traceback
         raise ConfigError(
             f"setting 'models': cannot load {spec!r}: {type(exc).__name__}: {one_line(str(exc))}"
