@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import textwrap
 from pathlib import Path
@@ -171,3 +172,21 @@ async def test_workers_with_nothing_shared_say_an_invalidation_stays_local(tmp_p
             )
         assert r.status_code == 200
         assert r.json()["broadcast"] is False and "worker that received it" in r.json()["warning"]
+        # ... and so does a publish, and the metrics and stats say which worker answered
+        async with httpx.AsyncClient(base_url=proc.url, timeout=30) as c:
+            auth = {"Authorization": f"Bearer {token}"}
+            r = await c.post("/v1/topics/news/publish", json={"x": 1}, headers=auth)
+            assert r.status_code == 200
+            assert r.json()["broadcast"] is False and "one of 2" in r.json()["warning"]
+            pids = set()
+            for _ in range(12):
+                stats = (await c.get("/v1/cache/stats", headers=auth)).json()
+                assert stats["worker"]["workers"] == 2
+                text = (await c.get("/metrics")).text
+                # every sample names its worker: unlabelled, two workers' counters read as resets
+                samples = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+                labelled = [re.search(r'worker="(\d+)"', ln) for ln in samples]
+                workers = {m.group(1) for m in labelled if m is not None}
+                assert all(labelled) and len(workers) == 1  # one process answered, all its samples
+                pids.add(stats["worker"]["pid"])
+            assert all(isinstance(p, int) for p in pids)

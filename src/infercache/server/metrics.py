@@ -202,10 +202,37 @@ def _tier_metrics(health: Mapping[str, Any]) -> Iterator[Any]:
         yield c
 
 
-class ServerMetrics:
-    """The server's metrics, with cheap hot-path helpers."""
+class _WorkerLabelled:
+    """A registry's metrics with a ``worker`` label on every sample.
 
-    def __init__(self, sources: Callable[[], Mapping[str, Any]] | None = None) -> None:
+    With ``serve --workers N`` each worker process counts on its own and a scrape reaches one of
+    them at random: unlabelled, a counter read 1024, 77, 77, 1024 on successive scrapes, which
+    Prometheus takes for resets (``rate()`` and alerts wrong). With the label each worker is its
+    own series, and ``sum by (...)`` over them gives the totals.
+    """
+
+    def __init__(self, registry: CollectorRegistry, worker: str) -> None:
+        self._registry = registry
+        self._worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            metric.samples = [
+                s._replace(labels={**s.labels, "worker": self._worker}) for s in metric.samples
+            ]
+            yield metric
+
+
+class ServerMetrics:
+    """The server's metrics, with cheap hot-path helpers.
+
+    ``worker``: a label value for every sample, when several worker processes share the port.
+    """
+
+    def __init__(
+        self, sources: Callable[[], Mapping[str, Any]] | None = None, *, worker: str | None = None
+    ) -> None:
+        self.worker = worker
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.errors = Counter("infercache_errors", "Error responses by code", ["code"], registry=r)
@@ -272,4 +299,6 @@ class ServerMetrics:
         self.prediction_counts[key] = self.prediction_counts.get(key, 0) + 1
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.worker is None:
+            return generate_latest(self.registry)
+        return generate_latest(_WorkerLabelled(self.registry, self.worker))

@@ -346,7 +346,15 @@ async def publish(topic: str, request: Request) -> Response:
     if problem is not None:
         raise APIError(422, "invalid_topic", problem)
     data = _decode_json(await read_body(request, service.settings.max_body_bytes))
-    return _json({"topic": topic, "delivered": service.hub.publish(topic, data)})
+    out: dict[str, Any] = {"topic": topic, "delivered": service.hub.publish(topic, data)}
+    workers = service.settings.workers
+    if workers > 1:  # each worker holds its own WebSocket connections and hub
+        out["broadcast"] = False
+        out["warning"] = (
+            f"delivered to the subscribers connected to the worker that received it, one of "
+            f"{workers}: with --workers N a publish does not reach the other workers' subscribers"
+        )
+    return _json(out)
 
 
 @router.get("/metrics", summary="Prometheus metrics", tags=["metrics"], response_class=Response)

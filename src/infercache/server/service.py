@@ -13,6 +13,7 @@ import contextlib
 import functools
 import gc
 import logging
+import os
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -188,7 +189,10 @@ class Service:
     alone: bool = False
 
     def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(self._metric_sources)
+        several = self.settings.workers > 1
+        self.metrics = ServerMetrics(
+            self._metric_sources, worker=str(os.getpid()) if several else None
+        )
         self.admin_auth = TokenAuth(self.settings.admin_token)
         self.deadlines = Deadlines(self.settings.request_timeout_s)
         self.api_auth = TokenAuth(self.settings.api_token)
@@ -455,6 +459,8 @@ class Service:
                     pass
             models[name] = info
         return {
+            # which process answered: with --workers N each has its own L1, batcher and counters
+            "worker": {"pid": os.getpid(), "workers": self.settings.workers},
             "uptime_s": time.time() - self.started_at,
             "ready": self.ready,
             "models": models,
@@ -478,7 +484,6 @@ class Service:
     async def _run_stream(self, topic: str, entry: ModelEntry, key: str) -> None:
         """Consume ``key`` forever; on an error (Redis down) log, wait and resume -- entries
         not acknowledged are re-read from this consumer's pending list, so none is lost."""
-        import os
         import socket
 
         from infercache.streaming import RedisStreamSource, StreamProcessor, default_extract
