@@ -553,9 +553,13 @@ class DynamicBatcher(Generic[T, R]):
             return False
         return 0.0 <= 2.0 * self._gap <= self._load_wait_s
 
+    #: a yield to the event loop that comes back sooner than this ran nothing else: the loop is
+    #: idle, nobody is being read or parsed, and waiting longer would only idle the CPU
+    IDLE_YIELD_S = 30e-6
+
     async def _wait_under_load(self) -> None:
         before = self._live
-        if not await self._wait_for_company(self._load_wait_s):
+        if not await self._wait_while_busy(self._load_wait_s):
             return  # the oldest item already waited a window (behind the last batch)
         self._load_waits += 1
         if self._live > before:
@@ -564,6 +568,32 @@ class DynamicBatcher(Generic[T, R]):
             self._load_waits_fruitless += 1
             self._no_wait = self._no_wait_next
             self._no_wait_next = min(64, 2 * self._no_wait_next)
+
+    async def _wait_while_busy(self, wait_s: float) -> bool:
+        """Wait for company while the event loop has other work (requests being read, parsed and
+        submitted), yielding to it: stop when a yield finds the loop idle, the batch limit is
+        queued, or the window (from the oldest item) ends. False when nothing was waited for.
+
+        Waiting pays only while the loop is busy: then the requests it is reading join this
+        batch, and the core does the reading it would do anyway. Once every request that can
+        come is queued (a closed loop of N clients has at most N), a fixed window was pure idle
+        time: 8 clients lost 30 % of their throughput to it."""
+        oldest = next((e for e in self._queue if e.state == _QUEUED), None)
+        if oldest is None:
+            return False
+        end = oldest.enqueued + wait_s
+        timer = self._timer
+        waited = False
+        while self._live < self._limit and not self._closing:
+            start = timer()
+            if start >= end:
+                break
+            queued = self._live
+            await asyncio.sleep(0)
+            waited = True
+            if self._live == queued and timer() - start < self.IDLE_YIELD_S:
+                break
+        return waited
 
     async def _wait_for_company(self, wait_s: float | None = None) -> bool:
         """Wait until the batch limit is queued or the wait window (from the oldest item) ends;
