@@ -229,10 +229,14 @@ async def test_postgres_that_stops_answering_fails_calls_instead_of_holding_them
 ) -> None:
     """A PostgreSQL that stops answering on an open connection (a partition, a stalled host): a
     statement has no timeout of its own, so a lookup, or the write-behind flusher, waited until
-    TCP gave up. Now each call fails at statement_timeout, and the next ones work again."""
+    TCP gave up. Now a lookup fails at read_timeout and a write at statement_timeout, and the
+    next ones work again."""
     proxy = await ReplyDelayProxy(postgres_server.port).start()
     c = SQLCache(
-        proxy.through(postgres_server.url), namespace=f"ns{next(_ns)}", statement_timeout=0.5
+        proxy.through(postgres_server.url),
+        namespace=f"ns{next(_ns)}",
+        read_timeout=0.5,
+        statement_timeout=0.5,
     )
     try:
         await c.set("k", 1)
@@ -243,6 +247,33 @@ async def test_postgres_that_stops_answering_fails_calls_instead_of_holding_them
         proxy.hold = {}
         await c.set("k", 3)  # the held connections were dropped; new ones answer
         assert await c.get("k") == 3
+    finally:
+        await c.close()
+        await proxy.stop()
+
+
+async def test_postgres_caller_that_gives_up_leaves_a_healthy_connection_pooled(
+    postgres_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request deadline cancels a lookup in flight. On a server that answers, its statement
+    finishes without the caller and the connection goes back to the pool: only a statement past
+    its own deadline has its connection aborted (and replaced)."""
+    proxy = await ReplyDelayProxy(postgres_server.port).start()
+    c = SQLCache(proxy.through(postgres_server.url), namespace=f"ns{next(_ns)}", read_timeout=2.0)
+    try:
+        await c.set("k", 1)
+        proxy.hold = {b"SELECT": 0.3}
+        lookup = asyncio.create_task(c.get("k"))
+        await asyncio.sleep(0.05)
+        lookup.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await lookup
+        await wait_until(lambda: not c.backend._busy)  # type: ignore[union-attr]
+        proxy.hold = {}
+        assert await c.get("k") == 1
+        lost = [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")]
+        assert not lost, lost
+        assert c.breaker.snapshot()["consecutive_failures"] == 0
     finally:
         await c.close()
         await proxy.stop()
