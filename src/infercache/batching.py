@@ -18,19 +18,18 @@ is computing waits up to ``max_wait_ms`` for company: the model is busy then, so
 Waiting under load (``load_wait_ms``). Greedy dispatch keeps a single-core server's batches small
 under Poisson arrivals: at 800-1,000 req/s the demo MLP's batches held 1.4-1.6 items on average
 (3.7 at 1,500), and a forward of one or two items costs several times more per item than one of 32.
-At 70 % of its closed-loop capacity the core then ran 80-100 % busy, and queueing pushed p99 to
-30-80 ms. With ``load_wait_ms``, a worker that finds fewer than the batch limit queued waits up to
-that long (from the oldest item's arrival) for company, but only while requests arrive at least
-twice per window (an EWMA of the gaps between submits). So at low load nothing waits (200 req/s:
-gaps of 5 ms). A lone client, where nobody else will arrive until its item is answered, does not
-pay the window on every batch either: a wait that brings no new item turns waiting off for the next
-1, 2, 4, ... 64 batches. Measured on the server with Poisson arrivals (L1 only, interleaved
-rounds), a 2 ms window doubled the mean batch at 1,500 req/s (3.7 to 7.8 items) and lowered p50 in
-most rounds (6-8 ms against 9.6-18). The p99 figures were mixed on this noisy machine: median 38.6
--> 15.1 ms (5 rounds) and 46 -> 33 ms (8 rounds) at 1,500 req/s, but 15.1 -> 19.5 ms (5 rounds) at
-1,400 req/s. The price is certain: a closed loop of 8 clients lost 30 % of its throughput (1,416
-against 2,044 req/s), because there the window is idle time that delays the clients' next requests,
-and every wait looks fruitful (the other clients do come). So it is off by default.
+With ``load_wait_ms``, a worker that finds fewer than the batch limit queued waits for company, up
+to that long from the oldest item's arrival, while requests arrive at least twice per window (an
+EWMA of the gaps between submits) -- and only while the event loop has other work: it yields to
+the loop, and a yield that comes back at once (nothing else ran) ends the wait. Waiting pays only
+then, since the requests the loop is reading join the batch. Once every request that can come is
+queued (a closed loop of N clients has N), a fixed window was idle time: 8 clients lost 30 % of
+their throughput to it. A wait that brings no new item also turns waiting off for the next 1, 2,
+4 ... 64 batches. Measured on the server (4 interleaved rounds, 2 ms against greedy): 8 clients
+closed loop 1.17x the throughput (1.02-1.39x per round; the fixed window was 0.70x), 64 clients
+the same, p50 at 200 req/s the same; at 900 req/s Poisson p99 8.7 against 11.9 ms, at 1,360 req/s
+20.4 against 17.5 ms with 5 % more CPU per request (the yields). Within this machine's noise for
+latency, so it stays off by default.
 
 Other guarantees:
 
@@ -155,7 +154,8 @@ class DynamicBatcher(Generic[T, R]):
         timeout: default per-item deadline in seconds from submit, > 0 (None: no deadline).
         greedy: dispatch what is queued as soon as a worker is idle (default) instead of waiting.
         load_wait_ms: with ``greedy``, the longest a short batch waits for company while
-            requests arrive at least twice per this window (0: never; see the module doc).
+            requests arrive at least twice per this window and the event loop is busy (0:
+            never; see the module doc).
         direct: a sync function run on the loop (``offload=False``) computes a lone item at once,
             in its caller, when nothing is queued or running and submits come far apart (the
             gap before it and the average gap over four times the average batch's compute): no
