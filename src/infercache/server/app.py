@@ -227,6 +227,7 @@ def run(settings: Settings) -> int:
                 raise
         return 2 if _read_failure(failure_file) else 0
     finally:
+        os.environ.pop(STARTUP_FAILURE_ENV, None)
         with contextlib.suppress(OSError):
             os.unlink(failure_file)
 
