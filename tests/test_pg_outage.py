@@ -268,3 +268,88 @@ async def test_redis_outage_is_logged_once_and_its_end_too(
     assert "redis redis unavailable" in assert_one_line(opened)
     (closed,) = breaker_lines(caplog, logging.INFO)
     assert "redis redis answers again" in assert_one_line(closed)
+
+
+async def test_a_locked_table_leaves_no_statement_running_and_the_circuit_open(
+    postgres_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A migration holds our table: lookups time out here, but the server kept each one waiting
+    for the lock, one more backend per lookup until max_connections ran out; and the probe's
+    SELECT 1 closed the circuit again every ~1.5 s. The server now ends our statements itself,
+    and the probe reads the table."""
+    caplog.set_level(logging.INFO, logger=BREAKER_LOG)
+    table = f"locked{next(_ns)}"
+    c = SQLCache(
+        postgres_server.url, namespace="n", table=table, read_timeout=0.3,
+        statement_timeout=0.5, recovery_time=0.2,
+    )  # fmt: skip
+    await c.set("k", 1)
+    holder = await psycopg.AsyncConnection.connect(postgres_server.url, autocommit=True)
+    watcher = await psycopg.AsyncConnection.connect(postgres_server.url, autocommit=True)
+
+    async def waiting_long() -> int:
+        # backends of ours waiting for the lock for longer than the server's statement_timeout
+        # (1.0 s here); the probe's own short waits come and go
+        cur = await watcher.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE %s AND pid <> pg_backend_pid()"
+            " AND now() - query_start > interval '1.5 seconds'",
+            (f"%{table}%",),
+        )
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            took, out = await timed(c.get("k"))
+            assert isinstance(out, TierError) and took < 1.5, (out, took)
+            await asyncio.sleep(0.05)
+        # what we gave up on ended on the server too: without its statement_timeout the first
+        # lookups would still be waiting, 2 s on
+        await asyncio.sleep(0.6)
+        assert await waiting_long() == 0
+        assert c.breaker.opened_count == 1  # opened once, and stayed open while locked
+        assert c.breaker.state == "open"
+    finally:
+        await holder.execute("ROLLBACK")
+        await holder.close()
+        await watcher.close()
+    await wait_until(lambda: c.breaker.state == "closed", limit=10)
+    assert await c.get("k") == 1
+    await c.close()
+    assert len(breaker_lines(caplog, logging.WARNING)) == 1
+
+
+async def test_a_background_probe_never_reports_half_open_and_follows_a_new_loop() -> None:
+    """With a background probe no call is let through, so the circuit is open until the probe
+    succeeds: ``state`` said half_open (and infercache_tier_up 1) between probes. And a probe
+    task of a loop that is gone never ran again, so the circuit never closed."""
+    healthy = False
+
+    async def probe() -> None:
+        if not healthy:
+            raise ConnectionRefusedError("refused")
+
+    b = CircuitBreaker("t", failure_threshold=1, recovery_time=0.05, probe=probe)
+
+    async def fail() -> None:
+        b.record_failure(ConnectionRefusedError("refused"))
+        await asyncio.sleep(0.2)  # several probe periods
+        assert b.state == "open"
+        with pytest.raises(TierUnavailable):
+            b.before_call()
+
+    def in_another_loop() -> None:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(fail())
+        loop.close()  # its probe task is left behind, never to run again
+
+    await asyncio.to_thread(in_another_loop)
+    healthy = True
+    with pytest.raises(TierUnavailable):
+        b.before_call()  # from this loop: a new probe starts here
+    await wait_until(lambda: b.state == "closed", limit=5)
+    await b.close()

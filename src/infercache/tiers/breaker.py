@@ -90,7 +90,11 @@ class CircuitBreaker:
     @property
     def state(self) -> str:
         with self._lock:
-            if self._state == OPEN and self._timer() - self._opened_at >= self.recovery_time:
+            if (
+                self._probe is None  # with a background probe no call is let through: open
+                and self._state == OPEN
+                and self._timer() - self._opened_at >= self.recovery_time
+            ):
                 return HALF_OPEN
             return self._state
 
@@ -160,12 +164,15 @@ class CircuitBreaker:
         """Start the background probe, if there is one to run and none runs yet."""
         if self._probe is None or self._closed:
             return
-        if self._prober is not None and not self._prober.done():
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop here (a worker thread): the next call from one starts it
             return
+        prober = self._prober
+        if prober is not None and not prober.done() and prober.get_loop() is loop:
+            return
+        # none yet, or it ended, or it belongs to a loop that is gone (closed without
+        # cancelling its tasks): a task there never runs again, so the circuit never closed
         self._prober = loop.create_task(self._probe_loop(), name=f"infercache-probe {self.name}")
 
     async def _probe_loop(self) -> None:
@@ -196,8 +203,10 @@ class CircuitBreaker:
         """Stop the background probe (idempotent)."""
         self._closed = True
         prober, self._prober = self._prober, None
-        if prober is not None and not prober.done():
-            prober.cancel()
+        if prober is None or prober.done() or prober.get_loop().is_closed():
+            return  # a task of a closed loop can be neither cancelled nor awaited
+        prober.cancel()
+        if prober.get_loop() is asyncio.get_running_loop():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await prober
 

@@ -642,11 +642,30 @@ class _PostgresBackend:
                     open=False,
                     timeout=self._timeout,  # wait at most this long for a connection
                     reconnect_timeout=3600.0,
-                    kwargs={"autocommit": True, "connect_timeout": max(1, round(self._timeout))},
+                    kwargs=self._connect_kwargs(),
                 )
                 await pool.open(wait=False)
                 self._pool = pool
             return self._pool
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        """Connection options: autocommit, a connect timeout, and a server-side
+        ``statement_timeout`` a little past our longest deadline. At our deadline the connection
+        is cut (``_abort``), which frees us but not the server: a statement waiting on a lock (a
+        migration holding the table) kept running there, one more backend per timed-out lookup
+        until ``max_connections`` ran out. The server now ends it itself. Options already in the
+        URL are kept."""
+        longest = max(self._read_timeout, self._statement_timeout or 0.0)
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": max(1, round(self._timeout)),
+        }
+        if longest > 0:
+            ms = int((longest + 0.5) * 1000)
+            given = self._psycopg.conninfo.conninfo_to_dict(self.url).get("options") or ""
+            if "statement_timeout" not in str(given):
+                kwargs["options"] = f"{given} -c statement_timeout={ms}".strip()
+        return kwargs
 
     def _retire_pool(self) -> None:
         """Drop the pool (see the class docstring); it closes in the background, its workers
@@ -659,18 +678,16 @@ class _PostgresBackend:
             task.add_done_callback(self._retiring.discard)
 
     async def _run(self, budget: float | None, work: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
-        """``work(conn)`` on a pooled connection, within ``budget`` seconds from now (None:
-        only the wait for a connection is bounded, by the pool's ``timeout``)."""
+        """``work(conn)`` on a pooled connection, the statement within ``budget`` seconds (None:
+        no bound). The wait for a connection has its own bound, the pool's ``timeout``: charged
+        to the statement, a burst of lookups on a pool still opening its connections left the
+        statements no time, and healthy connections were cut."""
         pool = await self._get_pool()
         loop = asyncio.get_running_loop()
-        start = loop.time()
-        conn = await pool.getconn(
-            timeout=self._timeout if budget is None else min(self._timeout, budget)
-        )
+        conn = await pool.getconn(timeout=self._timeout)
         # an aborted connection goes back too: the pool discards it and opens another
         task = loop.create_task(self._use(conn, work, pool.putconn))
-        left = None if budget is None else max(budget - (loop.time() - start), 0.0)
-        return await self._finish(conn, task, left, budget)
+        return await self._finish(conn, task, budget, budget)
 
     async def _use(
         self,
@@ -744,20 +761,23 @@ class _PostgresBackend:
 
     async def probe(self) -> None:
         """The breaker's check while its circuit is open: drop the pool, then connect once on a
-        connection of our own and run ``SELECT 1``. A refused connection fails in about a
+        connection of our own and read one row of our table. A refused connection fails in about a
         millisecond, where a request's lookup waited the pool's whole ``timeout``; a server that
         does not answer, within ``timeout`` (connecting) plus ``read_timeout``."""
         self._retire_pool()
-        connect = self._psycopg.AsyncConnection.connect(
-            self.url, autocommit=True, connect_timeout=max(1, round(self._timeout))
-        )
+        connect = self._psycopg.AsyncConnection.connect(self.url, **self._connect_kwargs())
         conn = await asyncio.wait_for(connect, self._timeout)
 
-        async def select_1(conn: Conn) -> None:
-            await conn.execute("SELECT 1")
+        async def read_table(conn: Conn) -> None:
+            # the table, not SELECT 1: a server that answers while our table is locked (a
+            # migration) fails every lookup, and a SELECT 1 probe closed the circuit again and
+            # again (one WARNING and one INFO line every ~1.5 s)
+            # a missing table answers too: the next call makes it (setup never ran)
+            with contextlib.suppress(self._psycopg.errors.UndefinedTable):
+                await conn.execute(f"SELECT 1 FROM {self.table} LIMIT 1")
 
         # closed by the task, once nothing waits on its socket any more
-        task = asyncio.get_running_loop().create_task(self._use(conn, select_1, _close))
+        task = asyncio.get_running_loop().create_task(self._use(conn, read_table, _close))
         await self._finish(conn, task, self._read_timeout, self._read_timeout)
 
     async def setup(self) -> None:
@@ -966,10 +986,11 @@ class SQLCache:
     ``idle_writer``: run SQLite's writer thread at the lowest CPU priority (Linux SCHED_IDLE;
     see ``_SQLiteBackend``), so that on a busy core writes take only the time requests leave.
     PostgreSQL: ``timeout`` bounds the wait for a pooled connection (and for the breaker's probe
-    to connect). ``read_timeout`` bounds a lookup (``get``, ``get_many``, ``exists``, ``ttl``,
-    generations), the wait for a connection included: it is on the request path, so a server
-    that stops answering must cost a request no more than Redis's 0.5 s socket timeout before
-    the breaker opens and requests skip the tier. ``statement_timeout`` (None: none) bounds the
+    to connect). ``read_timeout`` bounds a lookup's statement (``get``, ``get_many``, ``exists``,
+    ``ttl``, generations): it is on the request path, so a server that stops answering must cost
+    a request about Redis's 0.5 s socket timeout before the breaker opens and requests skip the
+    tier. The server also ends our statements itself a little past the longest of the two
+    (``statement_timeout`` in the connection's options), so that none runs on once we gave up. ``statement_timeout`` (None: none) bounds the
     other statements: writes, purge, ``clear`` and ``count``. Longer, as they are off the
     request path and a write-behind flush is one statement for a whole batch (256 values of
     64 KB: ~0.3 s on a local server), but short, as the server's shutdown flushes write-behind
