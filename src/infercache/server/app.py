@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infercache import __version__
 from infercache.config import SERVE_SETTINGS_ENV, Settings, serve_settings_from_env
-from infercache.errors import ConfigError
+from infercache.errors import ConfigError, one_line
 from infercache.server.errors import ERROR_CODE_SCOPE_KEY, install_error_handlers
 from infercache.server.fastpath import InfercacheApp
 from infercache.server.routes import router
@@ -44,6 +44,9 @@ log = logging.getLogger("infercache.server")
 #: the parent (``run``): uvicorn's supervisor stops on a worker's start-up failure but returns
 #: normally, so ``serve --workers N`` exited 0 after one
 STARTUP_FAILURE_ENV = "INFERCACHE_STARTUP_FAILURE_FILE"
+_CONFIG_FAILURE = "infercache: invalid configuration: "
+#: start-up failures of this process's apps (the one worker of ``serve``, or tests)
+_failures: list[str] = []
 
 
 class _MetricsMiddleware:
@@ -118,7 +121,11 @@ def create_app(
             else:
                 service = service_from_predictors(given, settings, cache=cache, monitor=monitor)
         except ConfigError as exc:
-            _startup_failed(app, f"infercache: invalid configuration: {exc}")
+            _startup_failed(app, f"{_CONFIG_FAILURE}{exc}", replace=True)
+            raise
+        except Exception as exc:  # the traceback stays in the log: this is not a user's slip
+            _startup_failed(app, f"infercache: start-up failed: {type(exc).__name__}: "
+                            f"{one_line(str(exc))}", replace=False)  # fmt: skip
             raise
         app.state.service = service
         service.start_streams()
@@ -154,11 +161,14 @@ def create_app(
     return app
 
 
-def _startup_failed(app: FastAPI, line: str) -> None:
-    """Note a start-up failure that deserves one line, not a traceback: InfercacheApp puts it in
-    uvicorn's ``lifespan.startup.failed`` message (which uvicorn logs), and the parent process
-    reads it from :data:`STARTUP_FAILURE_ENV`'s file to exit 2."""
-    app.state.startup_error = line
+def _startup_failed(app: FastAPI, line: str, *, replace: bool) -> None:
+    """Note a start-up failure for ``run``'s exit code: in this process, and with several
+    workers in :data:`STARTUP_FAILURE_ENV`'s file, which the parent reads. ``replace``: the line
+    is all the user needs (a configuration error), so InfercacheApp puts it in uvicorn's
+    ``lifespan.startup.failed`` message in place of the traceback uvicorn would log."""
+    if replace:
+        app.state.startup_error = line
+    _failures.append(line)
     path = os.environ.get(STARTUP_FAILURE_ENV)
     if path:
         with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as fh:
@@ -198,8 +208,9 @@ def app_from_env() -> FastAPI:
 
 
 def run(settings: Settings) -> int:
-    """Run uvicorn with ``settings`` (blocking); the exit code: 2 when a worker failed to start on
-    a configuration error (it logged the line). uvloop and httptools are used when installed."""
+    """Run uvicorn with ``settings`` (blocking); the exit code: 2 when the server or a worker
+    failed to start on a configuration error (it logged the line), 3 (uvicorn's) on another
+    start-up failure. uvloop and httptools are used when installed."""
     import uvicorn
 
     os.environ[SERVE_SETTINGS_ENV] = json.dumps(settings.to_dict())
@@ -216,20 +227,31 @@ def run(settings: Settings) -> int:
         file=sys.stderr,
         flush=True,
     )
+    if settings.workers == 1:  # the app runs in this process: it notes failures in _failures
+        del _failures[:]
+        try:
+            _run_uvicorn(uvicorn, settings, loop, http)
+        except SystemExit:  # uvicorn's exit 3 for a failed start: ours is 2, as for flags
+            if not any(f.startswith(_CONFIG_FAILURE) for f in _failures):
+                raise
+            return 2
+        return 0
+    # Several workers: uvicorn's supervisor stops on a worker's failed start but returns
+    # normally, so the workers leave their line in a file. (A file for one worker too would be
+    # left behind by every SIGTERM: uvicorn re-raises the signal before any finally runs.)
     fd, failure_file = tempfile.mkstemp(prefix="infercache-start-")
     os.close(fd)
     os.environ[STARTUP_FAILURE_ENV] = failure_file  # the workers inherit the environment
     try:
-        try:
-            _run_uvicorn(uvicorn, settings, loop, http)
-        except SystemExit:  # uvicorn's exit 3 for a failed start: ours is 2, as for flags
-            if not _read_failure(failure_file):
-                raise
-        return 2 if _read_failure(failure_file) else 0
+        _run_uvicorn(uvicorn, settings, loop, http)
+        lines = _read_failure(failure_file).splitlines()
     finally:
         os.environ.pop(STARTUP_FAILURE_ENV, None)
         with contextlib.suppress(OSError):
             os.unlink(failure_file)
+    if any(line.startswith(_CONFIG_FAILURE) for line in lines):
+        return 2
+    return 3 if lines else 0
 
 
 def _read_failure(path: str) -> str:

@@ -989,12 +989,13 @@ class SQLCache:
     to connect). ``read_timeout`` bounds a lookup's statement (``get``, ``get_many``, ``exists``,
     ``ttl``, generations): it is on the request path, so a server that stops answering must cost
     a request about Redis's 0.5 s socket timeout before the breaker opens and requests skip the
-    tier. The server also ends our statements itself a little past the longest of the two
-    (``statement_timeout`` in the connection's options), so that none runs on once we gave up. ``statement_timeout`` (None: none) bounds the
-    other statements: writes, purge, ``clear`` and ``count``. Longer, as they are off the
-    request path and a write-behind flush is one statement for a whole batch (256 values of
-    64 KB: ~0.3 s on a local server), but short, as the server's shutdown flushes write-behind
-    first and a frozen server holds that flush for as long.
+    tier. ``statement_timeout`` (None: none) bounds the other statements: writes, purge,
+    ``clear`` and ``count``. Longer, as they are off the request path and a write-behind flush
+    is one statement for a whole batch (256 values of 64 KB: ~0.3 s on a local server), but
+    short, as the server's shutdown flushes write-behind first and a frozen server holds that
+    flush for as long. The server also ends our statements itself a little past the longer of
+    the two (``statement_timeout`` in the connection's options), so that none runs on there
+    once we gave up.
     """
 
     def __init__(
