@@ -110,6 +110,10 @@ def test_a_postgres_that_refuses_us_stops_serve_at_start(postgres_url: str) -> N
     with pytest.raises(ConfigError, match='refused us: role "nobody_xyz" does not exist'):
         _preflight(postgres_url.replace("postgres@", "nobody_xyz@"))
     _preflight(postgres_url)  # the same server, as it should be: passes
+    # the driver-qualified form the settings accept is checked too, and no password is shown
+    base_plus = base.replace("postgresql://", "postgresql+psycopg://", 1)
+    with pytest.raises(ConfigError, match="does not exist"):
+        _preflight(f"{base_plus}/no_such_db_xyz")
 
 
 def test_a_postgres_or_sqlite_file_that_may_come_later_does_not_stop_the_start(
@@ -120,6 +124,14 @@ def test_a_postgres_or_sqlite_file_that_may_come_later_does_not_stop_the_start(
     _preflight(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
     _preflight(f"sqlite:///{tmp_path}/new.db")
     assert not (tmp_path / "new.db").exists()  # the check creates nothing
+    # a crash left a hot journal: a read-only open cannot roll it back, the tier's open will
+    import sqlite3
+
+    db = tmp_path / "crashed.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    (tmp_path / "crashed.db-journal").write_bytes(db.read_bytes())
+    _preflight(f"sqlite:///{db}")
 
 
 def test_invalid_env_setting_stops_serve_subprocess(tmp_path: Path) -> None:
@@ -235,6 +247,7 @@ def test_cache_commands_fail_clearly_without_a_traceback(
         (["--warmup", "-1"], "--warmup must be a finite number >= 0"),
         (["--mode", "closed", "--concurrency", "0"], "--concurrency must be >= 1"),
         (["--keys", "0"], "--keys must be >= 1"),
+        (["--keys", str(2**32)], "--keys must be at most 10000000"),  # a 32 GiB CDF: traceback
         (["--url", "ws://127.0.0.1:8000", "--transport", "ws"], "http:// address"),
         (["--url", "http://[::1"], "Invalid IPv6 URL"),
         (["--url", "http://example.com:8000"], "loopback only"),

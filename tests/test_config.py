@@ -233,6 +233,9 @@ def test_a_file_shared_with_other_tools(tmp_path: Path) -> None:
     )
     s = load_settings(env={}, config_file=_toml(tmp_path, pyproject))
     assert (s.port, s.max_batch_size) == (7003, 16)
+    # another tool's array of tables ([[servers]]) is left alone as well
+    servers = '[infercache]\nport = 7005\n[[servers]]\nname = "a"\n[[servers]]\nname = "b"\n'
+    assert load_settings(env={}, config_file=_toml(tmp_path, servers)).port == 7005
     # the same with [infercache] beside another tool's table
     shared = '[infercache]\nport = 7004\n[other_tool]\nport = "not ours"\n'
     assert load_settings(env={}, config_file=_toml(tmp_path, shared)).port == 7004

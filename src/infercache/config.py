@@ -566,13 +566,13 @@ def settings_from_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             "use one table"
         )
     if not found:
-        if any(isinstance(v, dict) for v in data.values()):
+        if any(_is_table(v) for v in data.values()):
             where += " (it has no [infercache] or [tool.infercache] table)"
         _refuse_unknown(data, where)
         return dict(data)
     name, table = next(iter(found.items()))
     # top-level scalars beside our table: ours in the wrong place, or typos; tables: other tools'
-    top = {k: v for k, v in data.items() if k != "infercache" and not isinstance(v, dict)}
+    top = {k: v for k, v in data.items() if k != "infercache" and not _is_table(v)}
     _refuse_unknown({**top, **table}, where)
     if top:
         raise ConfigError(
@@ -580,6 +580,13 @@ def settings_from_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"({', '.join(sorted(top))}) and in its {name} table; put them all in one place"
         )
     return dict(table)
+
+
+def _is_table(value: Any) -> bool:
+    """A TOML table, or an array of tables (``[[servers]]``): another tool's, beside ours."""
+    if isinstance(value, dict):
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def _refuse_unknown(values: Mapping[str, Any], where: str) -> None:

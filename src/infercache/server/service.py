@@ -688,8 +688,11 @@ def _check_sqlite_file(url: str) -> None:
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
-        if "locked" in str(exc) or "busy" in str(exc):
-            return  # another process is writing it: a database after all
+        text = str(exc)
+        if any(w in text for w in ("locked", "busy", "readonly", "unable to open")):
+            # another process is writing it, or a crash left a journal that only a read-write
+            # open rolls back: it may be a database after all; the tier will tell
+            return
         raise ConfigError(
             f"setting 'sql_url': {str(path)!r} is not a usable SQLite database: {exc}"
         ) from None
@@ -716,12 +719,19 @@ def _check_postgres_answers_us(url: str) -> None:
     except ImportError:  # the SQL tier's own error names the missing extra
         return
 
+    from urllib.parse import urlsplit
+
     from infercache.config import redact_url
 
+    scheme = urlsplit(url).scheme
+    conninfo = "postgresql" + url[len(scheme) :] if "+" in scheme else url  # as SQLCache does
     try:
-        psycopg.connect(url, connect_timeout=2).close()
+        psycopg.connect(conninfo, connect_timeout=2).close()
     except psycopg.Error as exc:
         text = " ".join(str(exc).split())
+        password = urlsplit(conninfo).password
+        if password:  # libpq quotes a URL it cannot parse, password and all
+            text = text.replace(password, "***")
         fatal = text.partition("FATAL:")[2].strip()
         if fatal and any(r in fatal for r in _PG_REFUSALS):
             raise ConfigError(
