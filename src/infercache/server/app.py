@@ -40,9 +40,9 @@ from infercache.server.ws import websocket_endpoint
 
 log = logging.getLogger("infercache.server")
 
-#: where a worker that failed to start on a configuration error leaves its one-line message, for
-#: the parent (``run``): uvicorn's supervisor stops on a worker's start-up failure but returns
-#: normally, so ``serve --workers N`` exited 0 after one
+#: where a worker that failed to start leaves its one-line message, for the parent (``run``):
+#: uvicorn's supervisor stops on a worker's start-up failure but returns normally, so
+#: ``serve --workers N`` exited 0 after one
 STARTUP_FAILURE_ENV = "INFERCACHE_STARTUP_FAILURE_FILE"
 _CONFIG_FAILURE = "infercache: invalid configuration: "
 #: start-up failures of this process's apps (the one worker of ``serve``, or tests)
