@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import sqlite3
 import textwrap
@@ -190,3 +191,42 @@ async def test_workers_with_nothing_shared_say_an_invalidation_stays_local(tmp_p
                 assert all(labelled) and len(workers) == 1  # one process answered, all its samples
                 pids.add(stats["worker"]["pid"])
             assert all(isinstance(p, int) for p in pids)
+
+
+@pytest.mark.parametrize("bus", ["sqlite", "redis"])
+async def test_a_publish_reaches_the_subscribers_of_every_worker(
+    tmp_path: Path, bus: str, request: pytest.FixtureRequest
+) -> None:
+    """Each worker holds its own WebSocket connections: a publish reached only the subscribers
+    of the worker that received it (3 of 6 in a review). It is now relayed over what carries the
+    invalidations: the SQLite file's event log, or Redis."""
+    from websockets.asyncio.client import connect
+
+    token = "relay-admin-token"
+    extra: list[str] = []
+    if bus == "redis":
+        extra = ["--redis-url", request.getfixturevalue("redis_server").url, "--sql-url", "none"]
+    proc = ServerProcess.infercache("--workers", "2", "--admin-token", token, *extra, cwd=tmp_path)
+    with proc:
+        ws_url = proc.url.replace("http://", "ws://") + "/v1/ws"
+        clients = [await connect(ws_url) for _ in range(8)]
+        try:
+            for ws in clients:
+                await ws.send('{"type": "subscribe", "topic": "news"}')
+                assert '"subscribed"' in str(await asyncio.wait_for(ws.recv(), 10))
+            async with httpx.AsyncClient(base_url=proc.url, timeout=30) as c:
+                r = await c.post(
+                    "/v1/topics/news/publish",
+                    json={"n": 1},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+            assert r.status_code == 200 and r.json()["broadcast"] is True, r.json()
+            for ws in clients:  # every one, whichever worker holds it, once
+                event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert event == {"type": "event", "topic": "news", "data": {"n": 1}}
+            for ws in clients:
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(ws.recv(), 0.6)  # no second copy
+        finally:
+            for ws in clients:
+                await ws.close()

@@ -128,6 +128,7 @@ def create_app(
                             f"{one_line(str(exc))}", replace=False)  # fmt: skip
             raise
         app.state.service = service
+        await service.start_relay()
         service.start_streams()
         warm = asyncio.create_task(service.warm_up(), name="infercache-warmup")
         if banner:

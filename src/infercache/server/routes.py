@@ -346,14 +346,17 @@ async def publish(topic: str, request: Request) -> Response:
     if problem is not None:
         raise APIError(422, "invalid_topic", problem)
     data = _decode_json(await read_body(request, service.settings.max_body_bytes))
-    out: dict[str, Any] = {"topic": topic, "delivered": service.hub.publish(topic, data)}
+    delivered, relayed = await service.publish_topic(topic, data)
+    out: dict[str, Any] = {"topic": topic, "delivered": delivered}
     workers = service.settings.workers
     if workers > 1:  # each worker holds its own WebSocket connections and hub
-        out["broadcast"] = False
-        out["warning"] = (
-            f"delivered to the subscribers connected to the worker that received it, one of "
-            f"{workers}: with --workers N a publish does not reach the other workers' subscribers"
-        )
+        out["broadcast"] = relayed
+        if not relayed:
+            out["warning"] = (
+                f"delivered to the subscribers connected to the worker that received it, one of "
+                f"{workers}: with neither Redis nor an SQLite file (or with Redis down) nothing "
+                "carries it to the others"
+            )
     return _json(out)
 
 

@@ -15,12 +15,13 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import orjson
 
 from infercache.config import Settings, model_input_spec, parse_model_spec
 from infercache.errors import (
@@ -187,8 +188,14 @@ class Service:
     stream_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     #: several workers and nothing shared to carry invalidations between them
     alone: bool = False
+    #: what carries invalidations between processes (the Redis tier or the SQLite event log):
+    #: with several workers it relays topic publishes too (``start_relay``)
+    bus: Any = None
 
     def __post_init__(self) -> None:
+        self._relay_stop: Callable[[], Awaitable[None]] | None = None
+        self._relay_channel = ""
+        self._origin = os.urandom(8).hex()  # tells this process's relayed publishes apart
         several = self.settings.workers > 1
         self.metrics = ServerMetrics(
             self._metric_sources, worker=str(os.getpid()) if several else None
@@ -529,7 +536,46 @@ class Service:
                 with contextlib.suppress(Exception):
                     await source.close()
 
+    # -- topic publishes across workers ---------------------------------------------------------
+
+    async def start_relay(self) -> None:
+        """With several workers, relay topic publishes to the other workers over ``bus``: each
+        worker holds its own WebSocket connections, and a publish reached only the subscribers
+        of the worker that received it."""
+        bus = self.bus
+        if bus is None or self.settings.workers < 2:
+            return
+        channel = bus.channel("topics") if hasattr(bus, "channel") else "infercache:topics"
+        self._relay_channel = channel
+
+        def on_message(raw: bytes) -> None:
+            msg = orjson.loads(raw)
+            if msg.get("o") != self._origin:  # ours went to our subscribers already
+                self.hub.publish(str(msg["t"]), msg.get("d"))
+
+        try:
+            self._relay_stop = await bus.subscribe(channel, on_message)
+        except Exception as exc:  # publishes stay local, and say so
+            log.warning("topic publishes will reach this worker's subscribers only: %s", exc)
+
+    async def publish_topic(self, topic: str, data: Any) -> tuple[int, bool]:
+        """(subscribers of this worker it was queued for, whether it went to the others too)."""
+        delivered = self.hub.publish(topic, data)
+        if self._relay_stop is None:
+            return delivered, self.settings.workers == 1
+        payload = orjson.dumps({"o": self._origin, "t": topic, "d": data})
+        try:
+            await self.bus.publish(self._relay_channel, payload)
+        except Exception as exc:
+            log.warning("topic %s not relayed to the other workers: %s", topic, one_line(str(exc)))
+            return delivered, False
+        return delivered, True
+
     async def close(self) -> None:
+        stop, self._relay_stop = self._relay_stop, None
+        if stop is not None:
+            with contextlib.suppress(Exception):
+                await stop()
         await self.deadlines.close()
         for task in self.stream_tasks:
             task.cancel()
@@ -907,7 +953,14 @@ async def build_service(settings: Settings, runners: Sequence[Any] | None = None
         monitor=monitor,
         owned=[cache],
         alone=settings.workers > 1 and not shared,
+        bus=events if events is not None else _redis_tier(tiers),
     )
+
+
+def _redis_tier(tiers: Sequence[Any]) -> Any:
+    from infercache.tiers.redis import RedisCache
+
+    return next((t for t in tiers if isinstance(t, RedisCache)), None)
 
 
 def _answer(entry: ModelEntry, pred: Any) -> dict[str, Any]:
