@@ -531,6 +531,44 @@ async def test_stream_results_reach_subscribers(redis_url: str, tmp_path_factory
             await client.aclose()
 
 
+async def test_stream_results_reach_the_subscribers_of_every_worker(
+    redis_url: str, tmp_path_factory: Any
+) -> None:
+    """With two workers each consumes part of the stream; a subscriber saw only the windows of
+    the worker it was connected to. Every window now reaches every subscriber."""
+    import redis.asyncio as aioredis
+
+    key = "infercache:test:digits2"
+    proc = ServerProcess.infercache(
+        "--workers", "2",
+        "--redis-url", redis_url,
+        "--sql-url", "none",
+        "--stream", f"digits2=mlp@{key}",
+        "--stream-size", "1",
+        cwd=tmp_path_factory.mktemp("stream2"),
+    )  # fmt: skip
+    with proc:
+        conns = [await connect(proc.url.replace("http", "ws") + "/v1/ws") for _ in range(6)]
+        try:
+            for conn in conns:
+                await conn.send(json.dumps({"type": "subscribe", "topic": "digits2"}))
+                assert (await recv(conn))["type"] == "subscribed"
+            client = aioredis.Redis.from_url(redis_url)
+            for _ in range(8):
+                # one at a time: Redis hands each entry to the consumer that has waited longest,
+                # so both workers compute some of the windows
+                await client.xadd(key, {"data": json.dumps({"input": vector()})})
+                await asyncio.sleep(0.3)
+            await client.aclose()
+            for conn in conns:  # all eight windows, whichever worker computed each
+                windows = [await recv(conn, wait=20) for _ in range(8)]
+                assert all(w["type"] == "event" for w in windows)
+                assert sum(w["data"]["summary"]["count"] for w in windows) == 8
+        finally:
+            for conn in conns:
+                await conn.close()
+
+
 async def test_client_timeout_holds_over_the_websocket_too(server: ServerProcess) -> None:
     """``InfercacheClient(timeout=...)`` bounded HTTP requests only; over the WebSocket a request
     the server was slow to answer waited for ever. Now both give up at the same timeout, and

@@ -515,7 +515,9 @@ class Service:
                 duration=s.stream_duration if s.stream_window == "time" else None,
                 idle_timeout=s.stream_idle_timeout,
                 extract=extract,
-                publish=functools.partial(self.hub.publish, topic),
+                # relayed to the other workers' subscribers too: each worker consumes part of
+                # the stream (one consumer group), and a subscriber saw its own worker's windows
+                publish=functools.partial(self.publish_topic, topic),
             )
             try:
                 await proc.run(source)
