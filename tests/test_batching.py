@@ -218,6 +218,10 @@ async def test_sparse_items_run_directly_in_their_caller() -> None:
 
     def fn(xs: list[int]) -> list[int]:
         sizes.append(len(xs))
+        # a compute well above the gaps within a burst, even on a loaded machine: with a
+        # compute of a microsecond, a burst's submits came more than four computes apart on a
+        # busy CI core, and every one of them ran directly
+        time.sleep(0.001)
         if xs[0] == -1:
             raise ValueError("poison")
         if xs[0] == -2:
@@ -229,27 +233,27 @@ async def test_sparse_items_run_directly_in_their_caller() -> None:
     async with DynamicBatcher(fn, offload=False) as b:
         for i in range(3):  # seed the averages: gaps between submits, compute per batch
             assert await b.submit(i) == i * 10
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.06)
         # far-apart submits on an idle batcher: computed before submit() first yields
         coro = b.submit_timed(7)
         with pytest.raises(StopIteration) as done:
             coro.send(None)
         result, queued_s, compute_s = done.value.value
         assert result == 70 and queued_s == 0.0 and compute_s >= 0.0
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.06)
         with pytest.raises(ModelError, match="poison"):
             await b.submit(-1)
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.06)
         with pytest.raises(InputError, match="bad input"):
             await b.submit(-2)
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.06)
         with pytest.raises(ModelError, match="0 results for 1 item"):
             await b.submit(-3)
         stats = b.stats()
         assert stats["direct_runs"] >= 4 and stats["errors"] == 3
         # a burst still shares batches: one may run directly, the rest queue together
         sizes.clear()
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.06)
         assert await asyncio.gather(*(b.submit(i) for i in range(16))) == [
             i * 10 for i in range(16)
         ]
