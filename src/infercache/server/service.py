@@ -34,6 +34,7 @@ from infercache.errors import (
 from infercache.server import fastjson
 from infercache.server.auth import TokenAuth
 from infercache.server.deadlines import Deadlines
+from infercache.server.encoding import dumps
 from infercache.server.errors import APIError
 from infercache.server.metrics import ServerMetrics
 from infercache.server.ws import Hub
@@ -565,8 +566,9 @@ class Service:
         delivered = self.hub.publish(topic, data)
         if self._relay_stop is None:
             return delivered, self.settings.workers == 1
-        payload = orjson.dumps({"o": self._origin, "t": topic, "d": data})
         try:
+            # the encoder of the WebSocket events: numpy arrays in a window's outputs included
+            payload = dumps({"o": self._origin, "t": topic, "d": data})
             await self.bus.publish(self._relay_channel, payload)
         except Exception as exc:
             log.warning("topic %s not relayed to the other workers: %s", topic, one_line(str(exc)))
