@@ -548,8 +548,7 @@ class Service:
         bus = self.bus
         if bus is None or self.settings.workers < 2:
             return
-        channel = bus.channel("topics") if hasattr(bus, "channel") else "infercache:topics"
-        self._relay_channel = channel
+        channel = self._relay_channel = bus.channel("topics")
 
         def on_message(raw: bytes) -> None:
             msg = orjson.loads(raw)
@@ -772,9 +771,9 @@ def _check_postgres_answers_us(url: str) -> None:
     from urllib.parse import urlsplit
 
     from infercache.config import redact_url
+    from infercache.tiers.sql import postgres_conninfo
 
-    scheme = urlsplit(url).scheme
-    conninfo = "postgresql" + url[len(scheme) :] if "+" in scheme else url  # as SQLCache does
+    conninfo = postgres_conninfo(url)
     try:
         psycopg.connect(conninfo, connect_timeout=2).close()
     except psycopg.Error as exc:
@@ -888,10 +887,12 @@ async def build_service(settings: Settings, runners: Sequence[Any] | None = None
     tiers: list[Any] = [
         MemoryCache(max_size=settings.l1_size, ttl=settings.cache_ttl, policy=settings.l1_policy)
     ]
+    redis_tier = None
     if settings.redis_url:
         from infercache.tiers.redis import RedisCache
 
-        tiers.append(RedisCache(settings.redis_url, ttl=settings.cache_ttl))
+        redis_tier = RedisCache(settings.redis_url, ttl=settings.cache_ttl)
+        tiers.append(redis_tier)
     if settings.sql_url:
         from infercache.tiers.sql import SQLCache
 
@@ -919,8 +920,10 @@ async def build_service(settings: Settings, runners: Sequence[Any] | None = None
 
         path = sqlite_path(sql_url)
         events = None if path == ":memory:" else SQLiteEventLog(path)
-    shared = bool(settings.redis_url) or events is not None
-    if settings.workers > 1 and not shared:
+    # what carries invalidations (and, with several workers, topic publishes) between processes
+    bus = events if events is not None else redis_tier
+    alone = settings.workers > 1 and bus is None
+    if alone:
         log.warning(
             "%d workers with neither Redis nor an SQLite file: each has its own cache, and an "
             "invalidation reaches only the worker that receives it",
@@ -956,15 +959,9 @@ async def build_service(settings: Settings, runners: Sequence[Any] | None = None
         cache=cache,
         monitor=monitor,
         owned=[cache],
-        alone=settings.workers > 1 and not shared,
-        bus=events if events is not None else _redis_tier(tiers),
+        alone=alone,
+        bus=bus,
     )
-
-
-def _redis_tier(tiers: Sequence[Any]) -> Any:
-    from infercache.tiers.redis import RedisCache
-
-    return next((t for t in tiers if isinstance(t, RedisCache)), None)
 
 
 def _answer(entry: ModelEntry, pred: Any) -> dict[str, Any]:

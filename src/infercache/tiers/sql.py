@@ -904,6 +904,13 @@ class _PostgresBackend:
 # --------------------------------------------------------------------------- SQLCache
 
 
+def postgres_conninfo(url: str) -> str:
+    """A ``postgresql+driver://`` URL (SQLAlchemy's form, which the settings accept) as the
+    ``postgresql://`` libpq reads; other URLs as they are."""
+    scheme = urlsplit(url).scheme
+    return "postgresql" + url[len(scheme) :] if "+" in scheme else url
+
+
 def sqlite_path(url: str) -> str:
     """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs.db`` -> ``/abs.db``; ``sqlite://``
     or ``sqlite:///:memory:`` -> in-memory."""
@@ -1034,9 +1041,8 @@ class SQLCache:
         if scheme == "sqlite":
             self.backend = _SQLiteBackend(sqlite_path(url), table, idle_writer=idle_writer)
         elif scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
-            pg_url = "postgresql" + url[len(scheme) :] if "+" in scheme else url
             self.backend = _PostgresBackend(
-                pg_url,
+                postgres_conninfo(url),
                 table,
                 pool_min=1,
                 pool_max=pool_size,
