@@ -263,6 +263,11 @@ def _read_failure(path: str) -> str:
         return ""
 
 
+#: the event loop uvicorn is given for a ``loop`` name: uvloop, with listeners that accept every
+#: waiting connection at once (libuv accepts one per loop iteration; see server/accept.py)
+_LOOP_FACTORIES = {"uvloop": "infercache.server.accept:new_event_loop"}
+
+
 def _run_uvicorn(uvicorn: Any, settings: Settings, loop: str, http: Any) -> None:
     uvicorn.run(
         "infercache.server.app:app_from_env",
@@ -270,7 +275,7 @@ def _run_uvicorn(uvicorn: Any, settings: Settings, loop: str, http: Any) -> None
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
-        loop=loop,
+        loop=_LOOP_FACTORIES.get(loop, loop),
         http=http,
         log_level=settings.log_level,
         access_log=False,
