@@ -353,3 +353,34 @@ async def test_a_background_probe_never_reports_half_open_and_follows_a_new_loop
         b.before_call()  # from this loop: a new probe starts here
     await wait_until(lambda: b.state == "closed", limit=5)
     await b.close()
+
+
+@linux_only
+async def test_close_with_writes_queued_for_a_frozen_postgres_tries_it_once(
+    postgres_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() flushes what waits for the slower tiers. With PostgreSQL frozen that flush used
+    to try the tier once per queued batch and once more for what it had missed: about three
+    statement timeouts (~6 s) before the breaker opened. A tier that failed during close()'s
+    own flush is not tried again: close() takes one statement timeout, and what the tier
+    missed is counted as lost (logged), while the other tiers got every write."""
+    from infercache.multilevel import MultiLevelCache
+    from infercache.tiers.memory import MemoryCache
+
+    caplog.set_level(logging.WARNING)
+    l1 = MemoryCache(max_size=10_000)
+    sql = SQLCache(postgres_server.url, namespace=f"frozen{next(_ns)}", statement_timeout=1.0)
+    cache = MultiLevelCache(
+        tiers=[l1, sql], write="behind", write_behind_batch=50, write_behind_interval=5.0
+    )
+    await cache.set("warm", 0)
+    await cache.flush()  # the pool is open and the table exists: only the freeze is measured
+    with frozen(postgres_server):
+        await cache.set_many({f"k{i}": i for i in range(500)})  # ten batches, all queued
+        took, out = await timed(cache.close())
+    assert not isinstance(out, Exception), out
+    assert took < 2.5, f"close() took {took:.2f} s"  # one statement timeout, not three
+    assert sql.breaker.opened_count <= 1
+    lost = [r.getMessage() for r in caplog.records if "entries lost" in r.getMessage()]
+    assert lost and "500 write-behind entries lost" in lost[0], lost
+    assert len(l1.get_many([f"k{i}" for i in range(500)])) == 500  # L1 kept every write

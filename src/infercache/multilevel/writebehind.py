@@ -74,6 +74,9 @@ class WriteBehind:
         self.pending: OrderedDict[str, tuple[Any, float | None]] = OrderedDict()
         self.flushing: dict[str, tuple[Any, float | None]] = {}
         self.closed = False
+        self._closing = False
+        #: tiers (``id(slot)``) that failed during close()'s flush: not tried again
+        self._failed_at_close: set[int] = set()
         self._wake: asyncio.Event | None = None
         self._batch_ready: asyncio.Event | None = None
         self._space: asyncio.Condition | None = None
@@ -206,7 +209,16 @@ class WriteBehind:
         """Flush, give up on what a still-down tier missed (counted), stop the flusher."""
         if self.closed:
             return
-        await self.flush()
+        # One try per tier: a tier that fails during this flush (down, or frozen: each try then
+        # waits its statement or socket timeout) gets no second one, not for the next batch nor
+        # for its retries. Trying each queued batch and then the retries took about three
+        # timeouts before the breaker opened (~4-6 s of SIGTERM with PostgreSQL frozen).
+        self._closing = True
+        try:
+            await self.flush()
+        finally:
+            self._closing = False
+            self._failed_at_close.clear()
         self.closed = True
         for slot in self._slots:
             if slot.retry:
@@ -312,6 +324,7 @@ class WriteBehind:
                     self._flush_idle.set()
             now = time.monotonic()
             due = [s for s in self._slots if (s.retry if force else s.retry.due(now))]
+            due = [s for s in due if id(s) not in self._failed_at_close]
             if due:
                 self._flush_idle.clear()
                 try:
@@ -327,7 +340,7 @@ class WriteBehind:
             per = {k: (v, eff_ttl(slot.tier, t)) for k, (v, t) in batch.items()}
             if slot.retry:  # older writes wait for this tier: queue behind them, keep order
                 slot.retry.add(per, now)
-                if slot.retry.due(now):
+                if slot.retry.due(now) and id(slot) not in self._failed_at_close:
                     await self._retry(slot)
                 return
             try:
@@ -337,6 +350,8 @@ class WriteBehind:
             except Exception:
                 # The tier is down: keep its copy for retries; the other tiers have theirs.
                 slot.retry.failed_write(per, now)
+                if self._closing:
+                    self._failed_at_close.add(id(slot))
                 raise
 
         await each_remote(self._slots, "write-behind", one)
@@ -356,6 +371,8 @@ class WriteBehind:
                 self._unencodable(slot, exc, len(items))
             except Exception:
                 buf.attempt_failed(time.monotonic())
+                if self._closing:
+                    self._failed_at_close.add(id(slot))
                 raise
             buf.succeeded()
 
