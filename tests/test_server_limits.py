@@ -146,3 +146,20 @@ async def test_connections_slow_to_send_headers_are_closed(tmp_path: Path) -> No
                 resp = await client.get("/healthz")
                 assert resp.status_code == 200
                 await asyncio.sleep(1.5)
+
+
+async def test_keep_alive_sets_how_long_an_idle_connection_stays_open(tmp_path: Path) -> None:
+    """uvicorn closes a kept-alive connection idle for 5 s. A load balancer that keeps its own
+    idle connections longer (60 s is common) reuses one the server is closing and answers that
+    request 502, so the setting must be raisable; here it is lowered to see it act."""
+    args = ("--sql-url", "none", "--keep-alive", "0.5", "--no-warmup")
+    with ServerProcess.infercache(*args, cwd=tmp_path) as srv:
+        conn = socket.create_connection(("127.0.0.1", srv.port))
+        try:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            conn.settimeout(5)
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+            # idle from here: closed after ~0.5 s (uvicorn's default would keep it for 5 s)
+            assert await asyncio.to_thread(_closed_within, conn, 3.0)
+        finally:
+            conn.close()

@@ -51,6 +51,11 @@ _SERVE_FLAGS: dict[str, tuple[str, str]] = {
         "seconds a connection may take to send a request's headers, from its first byte or "
         "from opening; then it is closed",
     ),
+    "keep_alive_s": (
+        "--keep-alive",
+        "seconds an idle kept-alive connection stays open; behind a load balancer, set it above "
+        "the balancer's idle timeout",
+    ),
     "admin_token": (
         "--admin-token",
         "bearer token for the admin endpoints, /v1/cache/* and /v1/topics/*/publish "

@@ -69,6 +69,7 @@ class Settings:
     max_inputs: int = 256
     request_timeout_s: float = 30.0
     header_timeout_s: float = 10.0
+    keep_alive_s: float = 5.0
     # -- auth
     admin_token: str | None = None
     api_token: str | None = None
@@ -319,6 +320,7 @@ _MIN: dict[str, float] = {
     "max_inputs": 1,
     "request_timeout_s": 0.001,
     "header_timeout_s": 0.001,
+    "keep_alive_s": 0.001,
     "ws_max_inflight": 1,
     "ws_send_queue": 1,
     "torch_threads": 1,

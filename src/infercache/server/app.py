@@ -280,6 +280,8 @@ def _run_uvicorn(uvicorn: Any, settings: Settings, loop: str, http: Any) -> None
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=5,
+        # uvicorn types it int but only hands it to call_later: fractions work
+        timeout_keep_alive=settings.keep_alive_s,
         # The server never uses the client's address (no access log, no per-client limits), so
         # uvicorn's X-Forwarded-For rewriting would be one more ASGI layer on every request.
         proxy_headers=False,
