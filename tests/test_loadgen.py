@@ -274,6 +274,23 @@ def test_bench_server_reports_the_highest_rate_within_the_p99_objective() -> Non
     assert not any("infercache-l1" in line for line in lines)  # not measured, not reported
 
 
+def test_bench_server_reports_the_median_p99_at_70_percent_over_rounds() -> None:
+    """One 3 s point of a tail percentile is noise on a shared machine: the figure is the median
+    of the rounds, with every round shown (nothing picked)."""
+    bench = _benchmark("bench_server")
+    results = []
+    for p99 in (5.4, 225.0, 22.5):
+        point = _point("infercache", 1900, p99, 1900)
+        point["label"] = "open 1900/s (70%) distinct"
+        results.append(point)
+    ws = {**results[0], "transport": "ws", "p99_ms": 1.0}  # other transports are not counted
+    lines = bench._ratios([*results, ws], {}, {})
+    assert (
+        "p99 at 70 % of capacity (infercache, 1900/s): 22.50 ms (per round 5.4, 225.0, 22.5)"
+        in (lines)
+    )
+
+
 def test_server_process_pause_resume_and_stop_while_paused(tmp_path: Path) -> None:
     # bench_server keeps every contender up and pauses all but the one under load
     argv = [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
