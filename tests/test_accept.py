@@ -210,3 +210,24 @@ def test_out_of_file_descriptors_pauses_accepting_then_resumes() -> None:
     first, last = [line for line in lines if line.startswith("held")]
     assert int(first.split()[3]) > 0  # some waited: the limit was hit
     assert int(last.split()[3]) == 0, out.stdout  # all accepted after the limit was lifted
+
+
+def test_several_workers_keep_uvloops_own_listener(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers share one listening socket and the kernel wakes them all: a greedy worker took
+    every connection of a burst (200 of 200), so with several workers each keeps uvloop's."""
+    import json
+
+    from infercache.config import SERVE_SETTINGS_ENV, Settings
+
+    monkeypatch.setenv(SERVE_SETTINGS_ENV, json.dumps(Settings(workers=2).to_dict()))
+    loop = new_event_loop()
+    try:
+        assert not isinstance(loop, GreedyAcceptLoop)
+    finally:
+        loop.close()
+    monkeypatch.setenv(SERVE_SETTINGS_ENV, json.dumps(Settings(workers=1).to_dict()))
+    loop = new_event_loop()
+    try:
+        assert isinstance(loop, GreedyAcceptLoop)
+    finally:
+        loop.close()
