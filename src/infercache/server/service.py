@@ -896,9 +896,10 @@ async def build_service(settings: Settings, runners: Sequence[Any] | None = None
     if settings.sql_url:
         from infercache.tiers.sql import SQLCache
 
-        # One worker is the L3's only writer, so a Bloom filter of its keys can answer "never
-        # written" without a query; with several workers (or PostgreSQL, usually shared by
-        # servers) it would miss the others' writes.
+        # A Bloom filter of the L3's keys answers "never written" without a query. On an SQLite
+        # file it is used only while this process is the file's only writer (writer presence,
+        # tiers/sql.py): with several workers, each the others' other writer, it would never be
+        # on. PostgreSQL has no presence, and is usually shared by servers: off.
         key_filter = settings.workers == 1 and settings.sql_url.startswith("sqlite")
         tiers.append(
             SQLCache(

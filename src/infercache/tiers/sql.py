@@ -17,6 +17,10 @@ Why it looks the way it does:
 - Namespace generations (``invalidate(namespace=...)``) are also kept here, in a small
   ``{table}_generations`` table, so they are as durable as the entries they make unreachable:
   a Redis restart without persistence cannot bring old L3 entries back.
+- With ``key_filter`` a Bloom filter of the namespace's keys spares lookups of keys never written.
+  It cannot learn what other processes write, so every SQLCache on an SQLite file announces
+  itself in a ``{table}_writers`` table (a heartbeat a second) and the filter is used only while
+  no other writer is live (``_KeyFilter``).
 - PostgreSQL goes through psycopg 3's AsyncConnectionPool with short timeouts (a lookup 0.5 s,
   like Redis's socket timeout; a write 2 s) and the same circuit breaker as Redis, probing in the
   background while it is open, so a stopped or frozen server degrades MultiLevelCache instead of
@@ -35,6 +39,7 @@ import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import (
     Awaitable,
     Callable,
@@ -87,6 +92,16 @@ _GENERATIONS_DDL = (
     " namespace TEXT NOT NULL, name TEXT NOT NULL, generation BIGINT NOT NULL,"
     " PRIMARY KEY (namespace, name))"
 )
+
+# Writer presence in an SQLite file (see _KeyFilter): one row per open SQLCache, its ``seen``
+# refreshed by a heartbeat. AUTOINCREMENT makes every announcement take a sequence number never
+# used before, even after rows are deleted, so a process can tell that a writer came (and perhaps
+# went) between two of its heartbeats.
+_WRITERS_DDL = (
+    "CREATE TABLE IF NOT EXISTS {table}_writers ("
+    " seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, seen REAL NOT NULL)"
+)
+_LAST_ISSUED = "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = ?), 0)"
 
 
 class _Backend(Protocol):
@@ -289,6 +304,8 @@ class _SQLiteBackend:
             " WHERE expires_at IS NOT NULL"
         )
         db.execute(_GENERATIONS_DDL.format(table=t))
+        if not self._shared:  # an in-memory database has no other writer to announce us to
+            db.execute(_WRITERS_DDL.format(table=t))
 
     async def setup(self) -> None:
         await self._call(self._setup)
@@ -506,6 +523,43 @@ class _SQLiteBackend:
 
     async def advance_generation(self, ns: str, name: str, step: int, floor: int) -> int:
         return await self._call(self._advance_generation, ns, name, step, floor)
+
+    def _heartbeat(
+        self, writer: str, now: float, stale: float, forget: float
+    ) -> tuple[int, int, bool]:
+        """Announce ``writer`` as live at ``now`` and look at the others, in one transaction.
+
+        Returns (other writers seen within ``stale`` seconds, the last announcement sequence
+        number issued, whether this call announced ``writer`` anew and so took one of them).
+        Rows not refreshed for ``forget`` seconds (a crashed process; or one stamped far in the
+        future by a fake clock) are deleted here: the table stays a few rows long.
+        """
+        t = f"{self.table}_writers"
+        with _immediate(self._db()) as db:
+            cur = db.execute(f"UPDATE {t} SET seen = ? WHERE id = ?", (now, writer))
+            inserted = cur.rowcount == 0  # first beat, or our row was forgotten while we stalled
+            if inserted:
+                db.execute(f"INSERT INTO {t} (id, seen) VALUES (?, ?)", (writer, now))
+            db.execute(f"DELETE FROM {t} WHERE seen < ? OR seen > ?", (now - forget, now + forget))
+            (others,) = db.execute(
+                f"SELECT count(*) FROM {t} WHERE id <> ? AND seen >= ?", (writer, now - stale)
+            ).fetchone()
+            (issued,) = db.execute(_LAST_ISSUED, (t,)).fetchone()
+        return int(others), int(issued), inserted
+
+    async def heartbeat(
+        self, writer: str, now: float, stale: float, forget: float
+    ) -> tuple[int, int, bool]:
+        """On the writer thread, behind the writes queued before it (see ``_heartbeat``)."""
+        return await self._call(self._heartbeat, writer, now, stale, forget)
+
+    def _leave(self, writer: str) -> None:
+        self._db().execute(f"DELETE FROM {self.table}_writers WHERE id = ?", (writer,))
+
+    async def leave(self, writer: str) -> None:
+        """Withdraw ``writer``'s row: queued behind its last writes, so a process that sees the
+        row gone and reloads its key filter reads every key ``writer`` stored."""
+        await self._call(self._leave, writer)
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -927,13 +981,30 @@ class _KeyFilter:
     here skip the query (see tiers/bloom.py for the measurement).
 
     It learns every key this SQLCache writes (before the write, so a lookup never skips a row that
-    exists) and, once at start, the keys already in the table, read in pages of ``PAGE`` keys on
-    the reader thread; lookups use it only after that load. Adding a key costs ~4 µs on the event
-    loop, so a page is ~8 ms of it and a table of a million keys ~5 s, spread over the first
-    seconds of serving; the filter then takes ~4 MB (measured: 1M keys, 5 layers). It never
-    learns keys that another process writes later, so it is meant for a table with one writer:
-    ``infercache serve`` turns it on for its SQLite L3 with one worker only. Deleted and expired
-    keys stay "maybe" (one real lookup each).
+    exists) and the keys already in the table, read in pages of ``PAGE`` keys on the reader
+    thread; lookups use it only after that load. Adding a key costs ~4 µs on the event loop, so a
+    page is ~8 ms of it and a table of a million keys ~5 s, spread over the first seconds of
+    serving; the filter then takes ~4 MB (measured: 1M keys, 5 layers). Deleted and expired keys
+    stay "maybe" (one real lookup each).
+
+    It never learns the keys another process writes, so it is used only while this process is
+    the file's only writer. Every SQLCache on an SQLite file announces itself in the
+    ``{table}_writers`` table with a heartbeat (SQLCache ``WRITER_HEARTBEAT_S``), and each beat
+    reports here (``observe``): the first comes before the initial load, so a process started
+    beside a live writer never turns the filter on; a live writer appearing later turns it off
+    (lookups query again); once no other writer is live (its row deleted at close, or not
+    refreshed for ``WRITER_STALE_S`` after a crash), the table's keys are loaded again into the
+    same filter and it is used again. Keys it keeps that were deleted since cost a real lookup
+    each, never a wrong miss; a reload costs what the first load did. A writer that came and went
+    between two beats is noticed too (its announcement took a sequence number) and causes a
+    reload. What it cannot see is the time between another process's first write and our next
+    beat, about a heartbeat at most: lookups of keys written then miss, and are recomputed. A
+    heartbeat that fails for ``WRITER_STALE_S`` leaves us unable to tell, which counts as
+    another writer; one that only waits behind our own writes (a busy core) changes nothing.
+    Presence is per table, not per namespace: a writer of another namespace turns the filter off
+    too, costing a reload but no wrong answer. PostgreSQL and in-memory databases have no
+    presence: the filter loads once and stays on (``infercache serve`` never turns it on for
+    PostgreSQL).
     """
 
     PAGE = 2000
@@ -941,31 +1012,101 @@ class _KeyFilter:
     def __init__(self, cache: SQLCache) -> None:
         self.cache = cache
         self.keys = BloomFilter()
-        self.ready = False
+        self.ready = False  # loaded, and no other writer seen since: lookups may skip the query
+        self.shared = False  # another process writes the file, or we cannot tell: filter off
+        self.other_writers: int | None = None  # live writers besides us at the last heartbeat
         self.skipped = 0
         self.loaded = 0
+        self.reloads = 0
+        self._epoch = 0  # bumped whenever a load in flight must not make the filter ready
+        self._said_off = False  # an INFO line said the filter is off: say when it is back
         self._loader: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        """Load the table's keys once (a backend without writer presence)."""
         if self._loader is None:
-            self._loader = asyncio.create_task(self._load(), name="infercache-key-filter")
+            self._begin()
 
-    async def _load(self) -> None:
-        cache, after = self.cache, ""
+    def _begin(self) -> None:
+        self._epoch += 1
+        self._loader = asyncio.create_task(self._load(self._epoch), name="infercache-key-filter")
+
+    def _halt(self) -> None:
+        """Stop using the filter, and make a load in flight end without turning it on."""
+        self._epoch += 1
+        self.ready = False
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
+
+    def observe(self, others: int | None, joined: bool) -> None:
+        """A heartbeat's report: ``others`` live writers besides us (None: the heartbeat has
+        failed for a while, so we cannot tell); ``joined``: a writer announced itself since our
+        previous beat, so it may have written keys we never loaded, even if it is gone."""
+        self.other_writers = others
+        name, path = self.cache.name, getattr(self.cache.backend, "path", "?")
+        if others != 0:
+            if not self.shared:
+                self.shared = True
+                self._halt()
+                self._said_off = True
+                if others is None:
+                    log.info(
+                        "%s: cannot tell whether another process writes %s (heartbeat failing):"
+                        " key filter off, every lookup queries",
+                        name,
+                        path,
+                    )
+                else:
+                    log.info(
+                        "%s: another process writes %s: key filter off, every lookup queries"
+                        " until it stops",
+                        name,
+                        path,
+                    )
+            return
+        if not (self.shared or joined or self._loader is None):
+            return
+        if joined and not self.shared and self._loader is not None:
+            log.info(
+                "%s: another process wrote to %s between two heartbeats: reloading the key filter",
+                name,
+                path,
+            )
+            self._said_off = True
+        self.shared = False
+        self._halt()
+        if self._loader is not None:
+            self.reloads += 1
+        self._begin()
+
+    async def _load(self, epoch: int) -> None:
+        cache, after, n = self.cache, "", 0
         try:
             while True:
                 page = await cache.backend.keys_after(cache.namespace, after, self.PAGE)
                 self.keys.add_many(page)
                 self.loaded += len(page)
+                n += len(page)
                 if len(page) < self.PAGE:
                     break
                 after = page[-1]
         except Exception as exc:  # only an optimisation: without it every key is looked up
             log.warning("%s: key filter not loaded, every lookup queries: %s", cache.name, exc)
             return
+        if epoch != self._epoch:  # another writer appeared meanwhile: not ours alone any more
+            return
         self.ready = True
+        if self._said_off:
+            self._said_off = False
+            log.info(
+                "%s: no other process writes %s now: key filter on again (%d keys loaded)",
+                cache.name,
+                getattr(cache.backend, "path", "?"),
+                n,
+            )
 
     async def stop(self) -> None:
+        self._epoch += 1
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -974,6 +1115,9 @@ class _KeyFilter:
     def stats(self) -> dict[str, Any]:
         return {
             "ready": self.ready,
+            "shared": self.shared,
+            "other_writers": self.other_writers,
+            "reloads": self.reloads,
             "keys": len(self.keys),
             "loaded": self.loaded,
             "bytes": self.keys.nbytes,
@@ -989,7 +1133,9 @@ class SQLCache:
     in seconds (None: no expiry). ``timer`` is wall-clock epoch seconds (expiry is stored as an
     absolute time shared with other processes); tests inject a fake one to expire rows.
     ``key_filter``: keep a Bloom filter of the namespace's keys so that lookups of keys never
-    written skip the query; only for a table this process alone writes (see ``_KeyFilter``).
+    written skip the query. With an SQLite file it is used only while no other process writes the
+    file (every SQLCache there announces itself with a heartbeat, see ``_KeyFilter``); with
+    PostgreSQL always, so only for a table this process alone writes.
     ``idle_writer``: run SQLite's writer thread at the lowest CPU priority (Linux SCHED_IDLE;
     see ``_SQLiteBackend``), so that on a busy core writes take only the time requests leave.
     PostgreSQL: ``timeout`` bounds the wait for a pooled connection (and for the breaker's probe
@@ -1080,6 +1226,26 @@ class SQLCache:
         self._m = TierMetrics()
         self._purged = 0
         self._filter = _KeyFilter(self) if key_filter else None
+        # Writer presence (SQLite files only; see _KeyFilter): filter or not, every instance
+        # writes, so every one announces itself while open.
+        self._presence = isinstance(self.backend, _SQLiteBackend) and not self.backend._shared
+        self._writer_id = uuid.uuid4().hex
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._issued: int | None = None  # the last announcement sequence number seen
+        self._beat_ok_at: float | None = None  # time.monotonic() of the last good heartbeat
+        self._beat_failing = False
+        self._announced = False  # a heartbeat was sent: close() withdraws our row
+        self._beats = 0  # heartbeats that succeeded
+        #: live writers of the SQLite file besides this instance at the last heartbeat (None:
+        #: not known yet, or the heartbeat fails)
+        self.other_writers: int | None = None
+
+    #: Writer presence in an SQLite file: seconds between heartbeats; a writer not heard from
+    #: for WRITER_STALE_S is gone (a few beats missed: a crash, or a process stalled that long);
+    #: rows older than WRITER_FORGET_S are deleted by whoever beats. Tests shorten them.
+    WRITER_HEARTBEAT_S = 1.0
+    WRITER_STALE_S = 5.0
+    WRITER_FORGET_S = 60.0
 
     # ----------------------------------------------------------------- plumbing
 
@@ -1110,13 +1276,76 @@ class SQLCache:
             if self._ready:
                 return
             await self.backend.setup()
+            if self._presence and self._heartbeat is None:
+                # Announce ourselves before our first write, and look before the filter's first
+                # load: beside a live writer it stays off. (Ready only after it: cancelled while
+                # beating, the next call sets up again.)
+                await self._beat()
+                self._heartbeat = asyncio.create_task(
+                    self._heartbeat_loop(), name=f"infercache-writers-{self.name}"
+                )
             self._ready = True
-            if self._filter is not None:
+            if self._filter is not None and not self._presence:
                 self._filter.start()
             if self.purge_interval is not None and self._purger is None:
                 self._purger = asyncio.create_task(
                     self._purge_loop(), name=f"infercache-purge-{self.name}"
                 )
+
+    async def _beat(self) -> None:
+        """One heartbeat (see ``_KeyFilter``), reported to the key filter. Never raises: a
+        failure is logged (a WARNING when the heartbeat starts failing, DEBUG while it goes on)
+        and, once the last good beat is WRITER_STALE_S old, turns the filter off, as we can no
+        longer see who writes. Bounded by WRITER_STALE_S, as the writer thread may be busy; a
+        beat that only waited that long changes nothing."""
+        backend = self.backend
+        assert isinstance(backend, _SQLiteBackend)
+        stale = self.WRITER_STALE_S
+        self._announced = True
+        try:
+            others, issued, inserted = await asyncio.wait_for(
+                backend.heartbeat(self._writer_id, self._timer(), stale, self.WRITER_FORGET_S),
+                timeout=stale,
+            )
+        except TimeoutError:
+            # The writer thread is busy: the beat waits behind queued write batches, and runs at
+            # idle priority on a saturated core. That says nothing about other writers, and
+            # turning the filter off (then reloading it) because we are busy would cost the
+            # busiest moments a lookup per miss: keep what the last beat said.
+            log.debug("%s: writer heartbeat waited %g s behind writes", self.name, stale)
+            return
+        except Exception as exc:
+            desc = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if not self._beat_failing:
+                self._beat_failing = True
+                log.warning("%s: writer heartbeat in %s failed: %s", self.name, backend.path, desc)
+            else:
+                log.debug("%s: writer heartbeat failed again: %s", self.name, desc)
+            last_ok = self._beat_ok_at
+            if last_ok is None or time.monotonic() - last_ok >= stale:
+                self.other_writers = None
+                if self._filter is not None:
+                    self._filter.observe(None, joined=False)
+            return
+        if self._beat_failing:
+            self._beat_failing = False
+            log.info("%s: writer heartbeat in %s works again", self.name, backend.path)
+        self._beat_ok_at = time.monotonic()
+        self._beats += 1
+        last, self._issued = self._issued, issued
+        # announcements since our last beat, our own (re-)announcement aside
+        joined = last is not None and issued - last - int(inserted) > 0
+        self.other_writers = others
+        if self._filter is not None:
+            self._filter.observe(others, joined)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.WRITER_HEARTBEAT_S)
+            try:
+                await self._beat()
+            except Exception:  # never let the heartbeat die silently
+                log.exception("%s: writer heartbeat failed", self.name)
 
     async def _purge_loop(self) -> None:
         assert self.purge_interval is not None
@@ -1317,6 +1546,8 @@ class SQLCache:
         }
         if self._filter is not None:
             out["key_filter"] = self._filter.stats()
+        if self._presence:
+            out["other_writers"] = self.other_writers
         for counter in ("inline_lookups", "inline_backoffs", "idle_writer"):
             if hasattr(self.backend, counter):
                 out[counter] = getattr(self.backend, counter)
@@ -1336,6 +1567,18 @@ class SQLCache:
         self._closed = True
         if self._filter is not None:
             await self._filter.stop()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._heartbeat
+            self._heartbeat = None
+        if self._announced and isinstance(self.backend, _SQLiteBackend):
+            # behind our last writes on the writer thread: whoever sees the row gone and reloads
+            # its key filter reads them all
+            try:
+                await self.backend.leave(self._writer_id)
+            except Exception as exc:  # it goes stale in WRITER_STALE_S anyway
+                log.debug("%s: writer row not withdrawn: %s", self.name, exc)
         if self._purger is not None:
             self._purger.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
