@@ -131,6 +131,18 @@ def test_a_given_socket_is_served_and_every_interface_binds() -> None:
     run(main)
 
 
+def test_reuse_address_as_asyncio_sets_it() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for asked, expected in ((None, True), (False, False)):
+            server = await loop.create_server(Echo, "127.0.0.1", 0, reuse_address=asked)
+            (sock,) = server.sockets
+            assert bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)) is expected
+            server.close()
+
+    run(main)
+
+
 def test_a_port_in_use_fails_with_the_address_in_the_message() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()

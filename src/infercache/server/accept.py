@@ -94,15 +94,22 @@ class GreedyAcceptLoop(uvloop.Loop):
         if sock is not None:
             socks = [sock]
         else:
-            socks = await self._bind(host, port, reuse_port=bool(reuse_port))
+            socks = await self._bind(
+                host, port, reuse_address=reuse_address is not False, reuse_port=bool(reuse_port)
+            )
         return GreedyServer(self, protocol_factory, socks, backlog)
 
     async def _bind(
-        self, host: str | list[str] | None, port: int | None, *, reuse_port: bool
+        self,
+        host: str | list[str] | None,
+        port: int | None,
+        *,
+        reuse_address: bool,
+        reuse_port: bool,
     ) -> list[socket.socket]:
         """Listening sockets for ``host`` (None or "": every interface) and ``port``, bound as
-        asyncio binds them: SO_REUSEADDR, and IPv6 sockets for IPv6 only (a host that resolves
-        to both families gets one socket each)."""
+        asyncio binds them: SO_REUSEADDR unless told not to, and IPv6 sockets for IPv6 only (a
+        host that resolves to both families gets one socket each)."""
         hosts: list[str | None] = (
             [None] if host in (None, "") else [host] if isinstance(host, str) else list(host)
         )
@@ -117,7 +124,8 @@ class GreedyAcceptLoop(uvloop.Loop):
             for family, kind, proto, _canon, address in dict.fromkeys(infos):
                 sock = socket.socket(family, kind, proto)
                 socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_address:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if reuse_port:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
