@@ -263,8 +263,9 @@ def _read_failure(path: str) -> str:
         return ""
 
 
-#: the event loop uvicorn is given for a ``loop`` name: uvloop, with listeners that accept every
-#: waiting connection at once (libuv accepts one per loop iteration; see server/accept.py)
+#: the event loop uvicorn is given for a ``loop`` name: uvloop, whose listener (one worker)
+#: accepts every waiting connection at once (libuv accepts one per loop iteration; see
+#: server/accept.py)
 _LOOP_FACTORIES = {"uvloop": "infercache.server.accept:new_event_loop"}
 
 
