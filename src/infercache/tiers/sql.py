@@ -1014,7 +1014,6 @@ class _KeyFilter:
         self.keys = BloomFilter()
         self.ready = False  # loaded, and no other writer seen since: lookups may skip the query
         self.shared = False  # another process writes the file, or we cannot tell: filter off
-        self.other_writers: int | None = None  # live writers besides us at the last heartbeat
         self.skipped = 0
         self.loaded = 0
         self.reloads = 0
@@ -1042,7 +1041,6 @@ class _KeyFilter:
         """A heartbeat's report: ``others`` live writers besides us (None: the heartbeat has
         failed for a while, so we cannot tell); ``joined``: a writer announced itself since our
         previous beat, so it may have written keys we never loaded, even if it is gone."""
-        self.other_writers = others
         name, path = self.cache.name, getattr(self.cache.backend, "path", "?")
         if others != 0:
             if not self.shared:
@@ -1104,6 +1102,11 @@ class _KeyFilter:
                 getattr(cache.backend, "path", "?"),
                 n,
             )
+
+    @property
+    def other_writers(self) -> int | None:
+        """Live writers besides us at the last heartbeat (the cache keeps the count)."""
+        return self.cache.other_writers
 
     async def stop(self) -> None:
         self._epoch += 1
