@@ -42,18 +42,8 @@ RESOURCE_PAUSE_S = 1.0
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """The loop factory uvicorn is given (``loop="infercache.server.accept:new_event_loop"``):
-    :class:`GreedyAcceptLoop` for one worker, uvloop's own loop for several.
-
-    With ``--workers N`` every worker waits on the one listening socket uvicorn's supervisor
-    bound, the kernel wakes them all, and the one that runs first would take the whole queue:
-    measured with two workers, 8, 64 and 200 connections opened in a row all went to one of
-    them, also with at most 16 accepted per event, where uvloop's one per iteration split them
-    34/30 and 101/99. Balance across workers matters more than a burst's wait there."""
-    from infercache.config import serve_settings_from_env
-
-    if serve_settings_from_env().workers > 1:
-        return uvloop.new_event_loop()
+    """The loop factory uvicorn is given (``loop="infercache.server.accept:new_event_loop"``),
+    for one worker only (``server.app.uvicorn_loop`` says why)."""
     return GreedyAcceptLoop()
 
 
