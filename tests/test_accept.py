@@ -8,7 +8,10 @@ call_soon, so it runs once per event loop iteration.
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import importlib
+import json
 import socket
 import subprocess
 import sys
@@ -21,7 +24,13 @@ import pytest
 
 pytest.importorskip("uvloop")
 
-from infercache.server.accept import GreedyAcceptLoop, GreedyServer, new_event_loop
+from infercache.server.accept import (
+    REUSEPORT_BALANCES,
+    GreedyAcceptLoop,
+    GreedyServer,
+    new_event_loop,
+    shared_port_socket,
+)
 
 
 def run(coro_fn: Callable[[], Coroutine[Any, Any, Any]], factory: Any = new_event_loop) -> Any:
@@ -225,13 +234,82 @@ def test_out_of_file_descriptors_pauses_accepting_then_resumes() -> None:
     assert int(last.split()[3]) == 0, out.stdout  # all accepted after the limit was lifted
 
 
-def test_several_workers_keep_uvloops_own_listener() -> None:
-    """Workers share one listening socket and the kernel wakes them all: a greedy worker took
-    all 64 of 64 connections in four tries of four (uvloop's split them in three of four), so
-    with several workers each keeps uvloop's."""
+reuseport = pytest.mark.skipif(not REUSEPORT_BALANCES, reason="SO_REUSEPORT balances on Linux")
+
+
+@reuseport
+def test_several_workers_each_listen_on_their_own_socket_and_share_the_connections() -> None:
+    """``serve --workers N``: the supervisor's socket (bound, SO_REUSEPORT, never listened on)
+    makes each worker's server listen on a socket of its own at that address, and the kernel
+    spreads connections over them. On one shared socket a greedy worker took all 64 of 64 in
+    four tries of four. Two servers in one loop stand in for two workers here."""
+
+    class Counted(asyncio.Protocol):
+        def __init__(self, tally: list[int]) -> None:
+            self.tally = tally
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.tally.append(1)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        template = shared_port_socket("127.0.0.1", 0)
+        address = template.getsockname()
+        tallies: list[list[int]] = [[], []]
+        servers = [
+            await loop.create_server(functools.partial(Counted, t), sock=template) for t in tallies
+        ]
+        try:
+            own = [s.sockets[0] for s in servers]
+            assert template not in own and own[0] is not own[1]
+            assert all(s.getsockname() == address for s in own)
+            assert not template.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            clients = [await asyncio.open_connection(*address) for _ in range(64)]
+            for _ in range(100):
+                if sum(map(len, tallies)) == 64:
+                    break
+                await asyncio.sleep(0.01)
+            for _, writer in clients:
+                writer.close()
+            counts = [len(t) for t in tallies]
+            assert sum(counts) == 64 and min(counts) >= 12, counts  # 34/30, 33/31 measured
+        finally:
+            for server in servers:
+                server.close()
+            template.close()
+        # the workers' sockets close with their servers; the template alone accepts nothing
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(*address)
+
+    run(main)
+
+
+@reuseport
+def test_the_shared_port_socket_refuses_a_port_in_use_even_by_another_shared_one() -> None:
+    """SO_REUSEPORT alone would let a second ``serve --workers N`` of the same user bind the
+    port and take half of the first one's connections without a word."""
+
+    async def main() -> None:
+        first = shared_port_socket("127.0.0.1", 0)
+        port = first.getsockname()[1]
+        server = await asyncio.get_running_loop().create_server(Echo, sock=first)  # a worker
+        with pytest.raises(OSError, match=rf"error while attempting to bind on address.*{port}"):
+            shared_port_socket("127.0.0.1", port)
+        server.close()
+        first.close()
+
+    run(main)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    with pytest.raises(OSError, match="address already in use"):
+        shared_port_socket("127.0.0.1", taken.getsockname()[1])
+    taken.close()
+
+
+def test_the_loop_uvicorn_is_given() -> None:
     from infercache.server.app import uvicorn_loop
 
-    assert uvicorn_loop("uvloop", 2) == "uvloop"
     factory = uvicorn_loop("uvloop", 1)
     module, _, name = factory.partition(":")
     loop = getattr(importlib.import_module(module), name)()
@@ -239,4 +317,42 @@ def test_several_workers_keep_uvloops_own_listener() -> None:
         assert isinstance(loop, GreedyAcceptLoop)
     finally:
         loop.close()
+    # several workers: greedy only where each can have its own socket (see the test above)
+    assert (uvicorn_loop("uvloop", 2) == factory) is REUSEPORT_BALANCES
     assert uvicorn_loop("asyncio", 1) == "asyncio"  # no uvloop installed: asyncio's own
+
+
+@reuseport
+async def test_serve_with_two_workers_shares_new_connections_between_them(tmp_path: Any) -> None:
+    """The real server: once both workers listen, 64 new connections are shared."""
+    from infercache.bench.process import ServerProcess
+
+    token = "workers-accept-token"
+
+    async def worker_of_a_new_connection(port: int) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(
+                f"GET /v1/cache/stats HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {token}\r\n\r\n".encode()
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            return int(json.loads(await reader.readexactly(length))["worker"]["pid"])
+        finally:
+            writer.close()
+
+    proc = ServerProcess.infercache(
+        "--workers", "2", "--sql-url", "none", "--no-warmup", "--admin-token", token,
+        cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    with proc:
+        seen: set[int] = set()
+        deadline = time.monotonic() + 90
+        while len(seen) < 2:  # the second worker listens once its model is loaded
+            assert time.monotonic() < deadline, "the second worker never took a connection"
+            seen.add(await worker_of_a_new_connection(proc.port))
+            await asyncio.sleep(0.05)
+        pids = await asyncio.gather(*(worker_of_a_new_connection(proc.port) for _ in range(64)))
+        counts = sorted(collections.Counter(pids).values())
+        assert len(counts) == 2 and counts[0] >= 12, counts

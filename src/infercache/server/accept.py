@@ -17,6 +17,15 @@ request on a new connection waited 0.3-1.9 s, and those made the p99.
 a reader on each listening socket accepts everything waiting (up to ``backlog``), as asyncio does,
 and hands each connection to uvloop's own transport (``connect_accepted_socket``). TLS listeners,
 UNIX sockets and ``start_serving=False`` go to uvloop unchanged.
+
+With ``--workers N`` all workers shared the one socket uvicorn's supervisor listens on, and the
+kernel wakes every worker for it: a greedy worker took all 64 of 64 connections opened in a row
+(four tries of four). On Linux the supervisor now binds a socket with SO_REUSEPORT and does not
+listen on it (:func:`shared_port_socket`); each worker's loop, handed that socket, listens on one
+of its own bound to the same address (SO_REUSEPORT), and the kernel spreads new connections over
+the workers' sockets by a hash of their addresses. Each worker then accepts greedily from its own
+queue. The cost, as with nginx's ``reuseport``: connections waiting in the queue of a worker that
+dies are reset, where a shared queue would have handed them to another worker.
 """
 
 from __future__ import annotations
@@ -25,12 +34,13 @@ import asyncio
 import errno
 import logging
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import uvloop
 
-__all__ = ["GreedyAcceptLoop", "new_event_loop"]
+__all__ = ["REUSEPORT_BALANCES", "GreedyAcceptLoop", "new_event_loop", "shared_port_socket"]
 
 log = logging.getLogger("infercache.server")
 
@@ -39,16 +49,103 @@ log = logging.getLogger("infercache.server")
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: seconds to stop accepting after such an error
 RESOURCE_PAUSE_S = 1.0
+#: Linux spreads new connections over the listening sockets bound to one address with
+#: SO_REUSEPORT; elsewhere (macOS, the BSDs) the option exists but does not balance.
+REUSEPORT_BALANCES = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def shared_port_socket(host: str, port: int) -> socket.socket:
+    """The socket ``serve --workers N`` hands uvicorn's supervisor (as ``fd``): bound to
+    ``host:port`` with SO_REUSEPORT and never listened on, so that each worker's
+    :class:`GreedyAcceptLoop` listens on a socket of its own at that address (the family is
+    chosen as uvicorn chooses it).
+
+    SO_REUSEPORT would also let a second server of the same user bind the port and silently take
+    half its connections, so the address is first bound without it: a port where anything
+    listens, a worker of another ``serve --workers N`` included, fails here as it did without
+    SO_REUSEPORT. Not caught: a second server started in the seconds before the first one's
+    workers listen (its socket, bound with SO_REUSEADDR and not listening, does not conflict).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _bind_to(probe, (host, port))
+        port = probe.getsockname()[1]  # port 0: the one the kernel chose
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _bind_to(sock, (host, port))
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_to(sock: socket.socket, address: Any) -> None:
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"error while attempting to bind on address {address!r}: "
+            f"{(exc.strerror or str(exc)).lower()}",
+        ) from None
+
+
+def _domain(sock: socket.socket) -> int:
+    """The socket's real address family: one rebuilt from a file descriptor (uvicorn's ``fd``
+    option, a socket passed to a worker process) can carry the wrong one."""
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN))
+    except (AttributeError, OSError):
+        return int(sock.family)
+
+
+def _is_port_template(sock: socket.socket) -> bool:
+    """A socket from :func:`shared_port_socket`: SO_REUSEPORT set, bound, not listening."""
+    if not REUSEPORT_BALANCES:
+        return False
+    try:
+        return bool(
+            _domain(sock) in (socket.AF_INET, socket.AF_INET6)
+            and sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+            and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            and sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_STREAM
+        )
+    except OSError:
+        return False
+
+
+def _own_listener(template: socket.socket) -> socket.socket:
+    """A socket of this process bound where ``template`` is, in its SO_REUSEPORT group."""
+    family = _domain(template)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            v6only = template.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        _bind_to(sock, template.getsockname())
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """The loop factory uvicorn is given (``loop="infercache.server.accept:new_event_loop"``),
-    for one worker only (``server.app.uvicorn_loop`` says why)."""
+    """The loop factory uvicorn is given (``loop="infercache.server.accept:new_event_loop"``);
+    ``server.app.uvicorn_loop`` says when."""
     return GreedyAcceptLoop()
 
 
 class GreedyAcceptLoop(uvloop.Loop):
-    """uvloop, with plain TCP servers that accept every waiting connection per readiness event."""
+    """uvloop, with plain TCP servers that accept every waiting connection per readiness event.
+
+    Given a socket from :func:`shared_port_socket`, the server listens on one of its own at the
+    same address instead (one per worker process, balanced by the kernel)."""
 
     async def create_server(  # type: ignore[override]
         self,
@@ -65,8 +162,9 @@ class GreedyAcceptLoop(uvloop.Loop):
         **kwargs: Any,
     ) -> asyncio.AbstractServer:
         plain = ssl is None and start_serving and not kwargs.get("family")
+        template = sock is not None and _is_port_template(sock)
         if sock is not None and sock.family not in (socket.AF_INET, socket.AF_INET6):
-            plain = False
+            plain = plain and template  # the template's own listener gets the right family
         if not plain:
             parent: Any = super()  # uvloop's stub types sock as None and port as int
             return await parent.create_server(
@@ -82,7 +180,7 @@ class GreedyAcceptLoop(uvloop.Loop):
                 **kwargs,
             )
         if sock is not None:
-            socks = [sock]
+            socks = [_own_listener(sock) if template else sock]
         else:
             socks = await self._bind(
                 host, port, reuse_address=reuse_address is not False, reuse_port=bool(reuse_port)
@@ -120,14 +218,7 @@ class GreedyAcceptLoop(uvloop.Loop):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                try:
-                    sock.bind(address)
-                except OSError as exc:
-                    raise OSError(
-                        exc.errno,
-                        f"error while attempting to bind on address {address!r}: "
-                        f"{(exc.strerror or str(exc)).lower()}",
-                    ) from None
+                _bind_to(sock, address)
         except BaseException:
             for sock in socks:
                 sock.close()

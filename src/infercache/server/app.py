@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -264,41 +265,67 @@ def _read_failure(path: str) -> str:
 
 
 def uvicorn_loop(loop: str, workers: int) -> str:
-    """What uvicorn is given for the ``loop`` name: with one worker, uvloop with a listener that
-    accepts every waiting connection at once (libuv accepts one per loop iteration; see
-    server/accept.py).
+    """What uvicorn is given for the ``loop`` name: uvloop with a listener that accepts every
+    waiting connection at once (libuv accepts one per loop iteration; see server/accept.py).
 
-    With ``--workers N`` every worker waits on the one listening socket uvicorn's supervisor
-    bound, the kernel wakes them all, and the one that runs first takes what it accepts.
-    Measured with two workers, 64 connections opened in a row, four tries each: the greedy
-    listener gave all 64 to one worker every time (also at most 16 per event), uvloop's one per
-    iteration split them 34/30, 39/25, 61/3 and 64/0 (200 connections: both erratic). Neither
-    balances; the greedy one is the worse, and balance across workers matters more than a
-    burst's wait there."""
-    if loop == "uvloop" and workers == 1:
+    With ``--workers N`` that needs a listening socket per worker (:func:`_listen_args`), which
+    balances only on Linux. Elsewhere the workers share the supervisor's socket, the kernel wakes
+    them all for it, and a greedy one takes everything waiting: measured with two workers and 64
+    connections opened in a row, four tries each, it took all 64 every time, where uvloop's one
+    per iteration split them 34/30, 39/25, 61/3 and 64/0. There they keep uvloop's."""
+    if loop != "uvloop":
+        return loop
+    from infercache.server.accept import REUSEPORT_BALANCES
+
+    if workers == 1 or REUSEPORT_BALANCES:
         return "infercache.server.accept:new_event_loop"
     return loop
 
 
+def _listen_args(settings: Settings, loop: str) -> tuple[dict[str, Any], socket.socket | None]:
+    """uvicorn's arguments for where to listen, and the socket to close after it returns.
+
+    With several workers and the greedy listener, the socket uvicorn's supervisor hands its
+    workers is one bound with SO_REUSEPORT and never listened on (``fd``): each worker listens
+    on a socket of its own at that address, and the kernel balances new connections over them
+    (measured: tests/test_accept.py, tests/test_workers.py)."""
+    where: dict[str, Any] = {"host": settings.host, "port": settings.port}
+    if settings.workers == 1 or not loop.startswith("infercache."):
+        return where, None
+    from infercache.server.accept import shared_port_socket
+
+    sock = shared_port_socket(settings.host, settings.port)
+    return {**where, "fd": sock.fileno()}, sock
+
+
 def _run_uvicorn(uvicorn: Any, settings: Settings, loop: str, http: Any) -> None:
-    uvicorn.run(
-        "infercache.server.app:app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        loop=uvicorn_loop(loop, settings.workers),
-        http=http,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-        # uvicorn types it int but only hands it to call_later: fractions work
-        timeout_keep_alive=settings.keep_alive_s,
-        # The server never uses the client's address (no access log, no per-client limits), so
-        # uvicorn's X-Forwarded-For rewriting would be one more ASGI layer on every request.
-        proxy_headers=False,
-        server_header=False,
-    )
+    loop = uvicorn_loop(loop, settings.workers)
+    try:
+        where, sock = _listen_args(settings, loop)
+    except OSError as exc:  # the port is in use: as uvicorn says it, with its exit code
+        print(f"ERROR:    {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
+    try:
+        uvicorn.run(
+            "infercache.server.app:app_from_env",
+            factory=True,
+            **where,
+            workers=settings.workers,
+            loop=loop,
+            http=http,
+            log_level=settings.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            # uvicorn types it int but only hands it to call_later: fractions work
+            timeout_keep_alive=settings.keep_alive_s,
+            # The server never uses the client's address (no access log, no per-client limits),
+            # so uvicorn's X-Forwarded-For rewriting would be one more ASGI layer per request.
+            proxy_headers=False,
+            server_header=False,
+        )
+    finally:
+        if sock is not None:
+            sock.close()
 
 
 def _has(module: str) -> bool:
