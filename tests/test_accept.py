@@ -356,3 +356,21 @@ async def test_serve_with_two_workers_shares_new_connections_between_them(tmp_pa
         pids = await asyncio.gather(*(worker_of_a_new_connection(proc.port) for _ in range(64)))
         counts = sorted(collections.Counter(pids).values())
         assert len(counts) == 2 and counts[0] >= 12, counts
+
+
+@reuseport
+def test_serve_with_two_workers_on_a_port_in_use_says_so_and_exits_3(tmp_path: Any) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "infercache", "serve", "--workers", "2", "--sql-url", "none",
+             "--port", str(taken.getsockname()[1])],
+            capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        )  # fmt: skip
+    finally:
+        taken.close()
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "address already in use" in out.stderr
+    assert "Traceback" not in out.stderr
