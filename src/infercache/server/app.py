@@ -264,6 +264,10 @@ def _read_failure(path: str) -> str:
         return ""
 
 
+#: uvicorn's ``loop`` for uvloop with our listener (server/accept.py)
+GREEDY_LOOP = "infercache.server.accept:new_event_loop"
+
+
 def uvicorn_loop(loop: str, workers: int) -> str:
     """What uvicorn is given for the ``loop`` name: uvloop with a listener that accepts every
     waiting connection at once (libuv accepts one per loop iteration; see server/accept.py).
@@ -278,7 +282,7 @@ def uvicorn_loop(loop: str, workers: int) -> str:
     from infercache.server.accept import REUSEPORT_BALANCES
 
     if workers == 1 or REUSEPORT_BALANCES:
-        return "infercache.server.accept:new_event_loop"
+        return GREEDY_LOOP
     return loop
 
 
@@ -288,9 +292,9 @@ def _listen_args(settings: Settings, loop: str) -> tuple[dict[str, Any], socket.
     With several workers and the greedy listener, the socket uvicorn's supervisor hands its
     workers is one bound with SO_REUSEPORT and never listened on (``fd``): each worker listens
     on a socket of its own at that address, and the kernel balances new connections over them
-    (measured: tests/test_accept.py, tests/test_workers.py)."""
+    (tests/test_accept.py; benchmarks/bench_accept.py)."""
     where: dict[str, Any] = {"host": settings.host, "port": settings.port}
-    if settings.workers == 1 or not loop.startswith("infercache."):
+    if settings.workers == 1 or loop != GREEDY_LOOP:
         return where, None
     from infercache.server.accept import shared_port_socket
 
