@@ -239,13 +239,19 @@ def main(argv: list[str] | None = None) -> int:
                     break
         # p99 at 70 % of each server's own capacity, once per round, interleaved: one 3 s point
         # of a tail percentile is at the mercy of whatever else the machine did in those 3 s
-        # (it moved 5-225 ms between rounds of one run). seed-orjson is the reference: a server
-        # that does not batch, so its open-loop cost per request at that rate is close to its
-        # closed-loop one, where a batching server's is not.
+        # (it moved 5-225 ms between rounds of one run). Each point's capacity is measured
+        # right before it: the capacities above are minutes old by now, and this machine's
+        # speed moves 1.5x within seconds (docs/benchmarks.md, stop 14), so 70 % of an old
+        # capacity was anything from 50 % to over 100 % of the present one. seed-orjson is the
+        # reference: a server that does not batch.
         r70s = {n: round(0.7 * cap[n]) for n in [*ours, "seed-orjson"] if n in urls}
         for rnd in range(rounds):
-            print(f"round {rnd + 1}: 70 % of each server's own capacity", flush=True)
-            for name, r70 in r70s.items():
+            print(f"round {rnd + 1}: 70 % of each server's capacity, measured just before",
+                  flush=True)  # fmt: skip
+            for name in r70s:
+                now = bench.run(name, urls[name], f"closed c={conc} distinct (capacity for 70%)",
+                                mode="closed", concurrency=conc)  # fmt: skip
+                r70 = round(0.7 * now.throughput)
                 bench.run(name, urls[name], f"open {r70}/s (70%) distinct", mode="open",
                           rate=r70)  # fmt: skip
         for name in ours:
@@ -359,7 +365,8 @@ def _ratios(
         ]
         if r70:
             p99s = [r["p99_ms"] for r in r70]
-            out.append(f"p99 at 70 % of capacity ({ours}, {r70[0]['offered_rate']:.0f}/s): "
+            rates = [f"{r['offered_rate']:.0f}" for r in r70]
+            out.append(f"p99 at 70 % of capacity ({ours}, {', '.join(rates)} req/s): "
                        f"{_median(p99s):.2f} ms (per round "
                        f"{', '.join(f'{x:.1f}' for x in p99s)})")  # fmt: skip
     best: dict[str, float] = {}
