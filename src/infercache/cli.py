@@ -22,7 +22,11 @@ from infercache.errors import ConfigError, InfercacheError
 _SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "host": ("--host", "interface to bind (default 127.0.0.1)"),
     "port": ("--port", "TCP port (default 8000)"),
-    "workers": ("--workers", "uvicorn worker processes (default 1)"),
+    "workers": (
+        "--workers",
+        "uvicorn worker processes (default 1); on Linux each listens on a socket of its own "
+        "(SO_REUSEPORT) and the kernel spreads new connections over them",
+    ),
     "log_level": ("--log-level", "uvicorn log level"),
     "redis_url": ("--redis-url", "Redis L2 tier, e.g. redis://127.0.0.1:6379/0 (default: none)"),
     "sql_url": (
