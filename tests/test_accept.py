@@ -276,10 +276,11 @@ def test_several_workers_each_listen_on_their_own_socket_and_share_the_connectio
         finally:
             for server in servers:
                 server.close()
+        try:  # the workers' sockets closed with their servers; the template takes nothing
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection(*address)
+        finally:
             template.close()
-        # the workers' sockets close with their servers; the template alone accepts nothing
-        with pytest.raises(ConnectionRefusedError):
-            await asyncio.open_connection(*address)
 
     run(main)
 
