@@ -375,3 +375,20 @@ def test_serve_with_two_workers_on_a_port_in_use_says_so_and_exits_3(tmp_path: A
     assert out.returncode == 3, out.stderr[-2000:]
     assert "address already in use" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@reuseport
+def test_bench_accept_times_a_burst_against_two_workers() -> None:
+    """benchmarks/bench_accept.py's measurement, small: every connection answered, both
+    workers (their own SO_REUSEPORT sockets) took part, the times are sorted."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accept.py"
+    spec = importlib.util.spec_from_file_location("bench_accept_under_test", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    times, split = bench.measure("greedy x2", 20)
+    assert len(times) == 20 and times == sorted(times) and times[0] > 0
+    assert sum(split.values()) == 20 and len(split) == 2, split
