@@ -38,11 +38,6 @@ nan = float("nan")
 _ENV_WORD = re.compile(r"[A-Z_][A-Z0-9_]*=")
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def parse_contender(spec: str) -> tuple[str, dict[str, str] | None, list[str]]:
     """``name=[VAR=value ...] serve args`` -> (name, environment, args); ``name`` alone -> (name,
     None, []): one of bench_server.py's contenders."""
@@ -110,13 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(args.rounds):
                 print(f"round {rnd + 1}", flush=True)
                 for name, kind, proc in servers:
-                    assert proc.proc is not None
-                    c0 = _cpu_seconds(proc.proc.pid)
                     r = bench.run(kind, proc.url, f"{name} {args.mode}", **load)
-                    c1 = _cpu_seconds(proc.proc.pid)
-                    # requests over the warm-up and the measurement, the CPU time's window
-                    served = r.throughput * (bench.seconds + bench.warmup)
-                    cpu_us = (c1 - c0) / served * 1e6 if served else nan
+                    cpu_us = bench.results[-1]["server_cpu_us"] or nan
                     rows[name].append((r.throughput, cpu_us, r.p50_ms or nan, r.p99_ms or nan))
         finally:
             for _, _, proc in servers:

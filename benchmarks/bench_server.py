@@ -131,11 +131,17 @@ class Bench:
         return Inputs(kind, offset=self._offset, seed=7, text=text)
 
     def run(self, server: str, url: str, label: str, **kw: Any) -> RunResult:
+        """One load point; its result dict also has the server process's CPU time (user +
+        system, all its threads) per answered request and as a share of one core over the point
+        (warm-up included): at a fixed open-loop rate, a core near 100 % busy is what a long
+        tail comes from."""
         from infercache.bench.loadgen import run_async
 
         kind = kw.pop("inputs", "distinct")
         text = kw.pop("text", False)
         self.focus(url)
+        pid = next((p.proc.pid for p in self.fleet if p.url == url and p.proc), None)
+        c0, t0 = cpu_seconds(pid), time.perf_counter()
         result = run_async(
             run_load(
                 url,
@@ -147,8 +153,16 @@ class Bench:
                 **kw,
             )
         )
-        print("  " + format_result(result), flush=True)
-        self.results.append({"server": server, "label": label, **result.to_dict()})
+        cpu, wall = cpu_seconds(pid) - c0, time.perf_counter() - t0
+        served = result.throughput * (self.seconds + self.warmup)  # the CPU time's window
+        usage = {
+            "server_cpu_us": cpu / served * 1e6 if pid and served else None,
+            "server_core_busy": cpu / wall if pid and wall else None,
+        }
+        busy = usage["server_core_busy"]
+        extra = f", server core {busy:.0%} busy" if busy is not None else ""
+        print("  " + format_result(result) + extra, flush=True)
+        self.results.append({"server": server, "label": label, **result.to_dict(), **usage})
         time.sleep(0.3)
         return result
 
@@ -286,6 +300,17 @@ SLO_P99_MS = 15.0
 SLO_RATES = (300, 600, 900, 1200, 1500, 1800, 2100, 2400, 2700, 3000)
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all threads (0 without /proc)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _meets_slo(r: dict[str, Any]) -> bool:
     """p99 within the objective, and the offered rate was served (not queued up or failed)."""
     return (
@@ -366,9 +391,12 @@ def _ratios(
         if r70:
             p99s = [r["p99_ms"] for r in r70]
             rates = [f"{r['offered_rate']:.0f}" for r in r70]
+            busy = [r.get("server_core_busy") for r in r70]
+            cores = (f"; server core {', '.join(f'{b:.0%}' for b in busy)} busy"
+                     if all(b is not None for b in busy) else "")  # fmt: skip
             out.append(f"p99 at 70 % of capacity ({ours}, {', '.join(rates)} req/s): "
                        f"{_median(p99s):.2f} ms (per round "
-                       f"{', '.join(f'{x:.1f}' for x in p99s)})")  # fmt: skip
+                       f"{', '.join(f'{x:.1f}' for x in p99s)}{cores})")  # fmt: skip
     best: dict[str, float] = {}
     for res in results:
         if res["label"].startswith("slo ") and _meets_slo(res):
@@ -390,14 +418,16 @@ def markdown(results: list[dict[str, Any]]) -> str:
         return "-" if v is None else f"{v:.2f}"
 
     lines = [
-        "| server | load | ok req/s | p50 ms | p99 ms | p99.9 ms | cached | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| server | load | ok req/s | p50 ms | p99 ms | p99.9 ms | cached | errors | core busy |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
         errs = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
+        busy = r.get("server_core_busy")
         lines.append(
             f"| {r['server']} | {r['label']} | {r['throughput']:.0f} | {f(r['p50_ms'])} | "
-            f"{f(r['p99_ms'])} | {f(r['p999_ms'])} | {r['cached']}/{r['ok']} | {errs} |"
+            f"{f(r['p99_ms'])} | {f(r['p999_ms'])} | {r['cached']}/{r['ok']} | {errs} | "
+            f"{'-' if busy is None else f'{busy:.0%}'} |"
         )
     return "\n".join(lines)
 

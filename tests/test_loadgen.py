@@ -279,16 +279,23 @@ def test_bench_server_reports_the_median_p99_at_70_percent_over_rounds() -> None
     of the rounds, with every round shown (nothing picked)."""
     bench = _benchmark("bench_server")
     results = []
-    for p99, rate in ((5.4, 1900), (225.0, 1750), (22.5, 1900)):  # each round's own capacity
-        point = _point("infercache", rate, p99, rate)
+    for p99, rate, busy in ((5.4, 1900, 0.81), (225.0, 1750, 0.99), (22.5, 1900, 0.9)):
+        point = _point("infercache", rate, p99, rate)  # each round's own capacity
         point["label"] = f"open {rate}/s (70%) distinct"
+        point["server_core_busy"] = busy
         results.append(point)
     ws = {**results[0], "transport": "ws", "p99_ms": 1.0}  # other transports are not counted
     lines = bench._ratios([*results, ws], {}, {})
     assert (
         "p99 at 70 % of capacity (infercache, 1900, 1750, 1900 req/s): 22.50 ms (per round 5.4, "
-        "225.0, 22.5)" in lines
+        "225.0, 22.5; server core 81%, 99%, 90% busy)" in lines
     )
+    del results[1]["server_core_busy"]  # not measured (no /proc): not reported
+    assert any(
+        line.endswith("(per round 5.4, 225.0, 22.5)") for line in bench._ratios(results, {}, {})
+    )
+    table = bench.markdown([{**r, "p999_ms": None, "cached": 0, "ok": 1} for r in results])
+    assert table.splitlines()[2].endswith("| 81% |") and table.splitlines()[3].endswith("| - |")
 
 
 def test_server_process_pause_resume_and_stop_while_paused(tmp_path: Path) -> None:
