@@ -155,9 +155,10 @@ class Bench:
         )
         cpu, wall = cpu_seconds(pid) - c0, time.perf_counter() - t0
         served = result.throughput * (self.seconds + self.warmup)  # the CPU time's window
+        known = pid is not None and cpu >= 0  # a server gone under the load reads as 0
         usage = {
-            "server_cpu_us": cpu / served * 1e6 if pid and served else None,
-            "server_core_busy": cpu / wall if pid and wall else None,
+            "server_cpu_us": cpu / served * 1e6 if known and served else None,
+            "server_core_busy": cpu / wall if known and wall else None,
         }
         busy = usage["server_core_busy"]
         extra = f", server core {busy:.0%} busy" if busy is not None else ""
