@@ -54,6 +54,14 @@ class Echo(asyncio.Protocol):
         self.transport.write(data)  # type: ignore[attr-defined]
 
 
+def _port_in_use() -> tuple[socket.socket, int]:
+    """A socket listening on a free loopback port, and the port: what another server holds."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    return taken, taken.getsockname()[1]
+
+
 def _tick(loop: asyncio.AbstractEventLoop) -> None:
     Echo.iteration += 1
     loop.call_soon(_tick, loop)
@@ -156,10 +164,7 @@ def test_reuse_address_as_asyncio_sets_it() -> None:
 def test_a_port_in_use_fails_with_the_address_in_the_message() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        taken = socket.socket()
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+        taken, port = _port_in_use()
         with pytest.raises(OSError, match=rf"error while attempting to bind on address.*{port}"):
             await loop.create_server(Echo, "127.0.0.1", port)
         taken.close()
@@ -300,11 +305,9 @@ def test_the_shared_port_socket_refuses_a_port_in_use_even_by_another_shared_one
         first.close()
 
     run(main)
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
+    taken, port = _port_in_use()
     with pytest.raises(OSError, match="address already in use"):
-        shared_port_socket("127.0.0.1", taken.getsockname()[1])
+        shared_port_socket("127.0.0.1", port)
     taken.close()
 
 
@@ -361,13 +364,11 @@ async def test_serve_with_two_workers_shares_new_connections_between_them(tmp_pa
 
 @reuseport
 def test_serve_with_two_workers_on_a_port_in_use_says_so_and_exits_3(tmp_path: Any) -> None:
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
+    taken, port = _port_in_use()
     try:
         out = subprocess.run(
             [sys.executable, "-m", "infercache", "serve", "--workers", "2", "--sql-url", "none",
-             "--port", str(taken.getsockname()[1])],
+             "--port", str(port)],
             capture_output=True, text=True, cwd=tmp_path, timeout=60,
         )  # fmt: skip
     finally:
@@ -375,20 +376,3 @@ def test_serve_with_two_workers_on_a_port_in_use_says_so_and_exits_3(tmp_path: A
     assert out.returncode == 3, out.stderr[-2000:]
     assert "address already in use" in out.stderr
     assert "Traceback" not in out.stderr
-
-
-@reuseport
-def test_bench_accept_times_a_burst_against_two_workers() -> None:
-    """benchmarks/bench_accept.py's measurement, small: every connection answered, both
-    workers (their own SO_REUSEPORT sockets) took part, the times are sorted."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accept.py"
-    spec = importlib.util.spec_from_file_location("bench_accept_under_test", path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    times, split = bench.measure("greedy x2", 20)
-    assert len(times) == 20 and times == sorted(times) and times[0] > 0
-    assert sum(split.values()) == 20 and len(split) == 2, split

@@ -298,6 +298,18 @@ def test_bench_server_reports_the_median_p99_at_70_percent_over_rounds() -> None
     assert table.splitlines()[2].endswith("| 81% |") and table.splitlines()[3].endswith("| - |")
 
 
+def test_bench_accept_times_a_burst_against_two_workers() -> None:
+    """benchmarks/bench_accept.py's measurement, small: every connection answered, both
+    workers (their own SO_REUSEPORT sockets) took part, the times are sorted."""
+    pytest.importorskip("uvloop")
+    bench = _benchmark("bench_accept")
+    if not bench.REUSEPORT_BALANCES:
+        pytest.skip("SO_REUSEPORT balances on Linux only")
+    times, split = bench.measure("greedy x2", 20)
+    assert len(times) == 20 and times == sorted(times) and times[0] > 0
+    assert sum(split.values()) == 20 and len(split) == 2, split
+
+
 def test_server_process_pause_resume_and_stop_while_paused(tmp_path: Path) -> None:
     # bench_server keeps every contender up and pauses all but the one under load
     argv = [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
