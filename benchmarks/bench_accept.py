@@ -35,16 +35,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_server, beside it
 
 import uvloop
 
+from bench_server import LOADGEN_CPU, SERVER_CPU  # the same cores as the server benchmark
 from infercache.server.accept import (
     REUSEPORT_BALANCES,
     new_event_loop,
     shared_port_socket,
 )
 
-CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 BUSY_S = 0.010
 
 
@@ -70,8 +71,8 @@ async def _serve(sock: socket.socket, ready: Any, seconds: float) -> None:
 
 
 def _worker(sock: socket.socket, greedy: bool, ready: Any, seconds: float) -> None:
-    if CPUS:
-        os.sched_setaffinity(0, CPUS[-1:])
+    if SERVER_CPU:
+        os.sched_setaffinity(0, SERVER_CPU)
     factory = new_event_loop if greedy else uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(_serve(sock, ready, seconds))
@@ -125,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or not 1 <= args.connections <= 1000:
         parser.error("--rounds must be >= 1 and --connections 1..1000")
-    if len(CPUS) >= 2:
-        os.sched_setaffinity(0, CPUS[:-1])
+    if LOADGEN_CPU:
+        os.sched_setaffinity(0, LOADGEN_CPU)
     names = ["uvloop", "greedy", "uvloop x2"]
     if REUSEPORT_BALANCES:
         names.append("greedy x2")
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print("greedy x2: SO_REUSEPORT does not balance on this platform: left out")
     last: dict[str, list[float]] = {n: [] for n in names}
     print(f"bench_accept: {args.connections} connections at once, loops busy "
-          f"{BUSY_S * 1000:g} ms per iteration, servers on cpu {CPUS[-1:] or 'any'}")  # fmt: skip
+          f"{BUSY_S * 1000:g} ms per iteration, servers on cpu {SERVER_CPU or 'any'}")  # fmt: skip
     for rnd in range(args.rounds):
         print(f"round {rnd + 1}")
         for name in names:
