@@ -98,6 +98,27 @@ async def test_cached_outputs_do_not_keep_the_batch_alive(mlp_runner: ModelRunne
         assert np.array_equal(stored, pred.output)
 
 
+async def test_a_cached_output_cannot_be_edited_by_a_caller(mlp_runner: ModelRunner) -> None:
+    """Every hit hands out the stored array: were it writable, one caller's in-place edit would
+    become every later caller's answer (found in review)."""
+
+    def per_item(batch: np.ndarray) -> list[np.ndarray]:  # writable arrays of its own
+        return [np.array([float(x.sum())]) for x in batch]
+
+    runner = ModelRunner(per_item, name="own", version="1", freeze_gc=False, warmup=False,
+                         input_spec=InputSpec(shape=(4,), dtype="float64"))  # fmt: skip
+    for r, x in ((mlp_runner, XS[0]), (runner, np.arange(4.0))):
+        async with Predictor(r, MultiLevelCache([MemoryCache()])) as p:
+            first = await p.predict(x)
+            hit = await p.predict(x)
+            assert hit.tier == "l1"
+            for out in (first.output, hit.output):
+                with pytest.raises(ValueError, match="read-only"):
+                    out[0] = 12345.0
+            again = await p.predict(x)
+            assert np.array_equal(again.output, first.output) and again.output[0] != 12345.0
+
+
 async def test_a_non_finite_output_is_answered_but_not_cached() -> None:
     calls = 0
 

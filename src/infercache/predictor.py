@@ -377,6 +377,10 @@ class Predictor:
                 # array alive (32x its size at the default batch), which MemoryCache(max_bytes)
                 # does not see. A copy of one output row costs well under a microsecond.
                 value = value.copy()
+            if value.flags.writeable:
+                # Every hit hands out this same array: one caller's in-place edit would become
+                # every later caller's answer. (A model's own outputs are read-only already.)
+                value.flags.writeable = False
         try:
             if self._writer is not None:
                 await self._writer.submit((key, value))
