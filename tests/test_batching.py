@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infercache.batching import DynamicBatcher
-from infercache.errors import DeadlineExceeded, InputError, ModelError, Overloaded
+from infercache.errors import Closed, DeadlineExceeded, InputError, ModelError, Overloaded
 
 
 class Gate:
@@ -468,7 +468,7 @@ async def test_close_drains_and_rejects_new_items() -> None:
     gate.release.set()
     await b.close()
     assert [f.result() for f in futs] == [("out", i) for i in range(5)]
-    with pytest.raises(Overloaded):
+    with pytest.raises(Closed, match="is closed"):
         await b.submit(9)
 
 
@@ -484,7 +484,7 @@ async def test_close_without_drain_fails_queued_items() -> None:
     gate.release.set()
     await closing
     assert first.result() == ("out", 0)
-    with pytest.raises(Overloaded):
+    with pytest.raises(Closed, match="closed before computing it"):
         queued.result()
 
 

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from infercache.errors import InputError, Overloaded  # noqa: E402
+from infercache.errors import Closed, InputError, Overloaded  # noqa: E402
 from infercache.models import InputSpec, ModelRunner  # noqa: E402
 from infercache.models.demo import build_mlp, demo_mlp  # noqa: E402
 from infercache.monitor import STAGES  # noqa: E402
@@ -341,6 +341,19 @@ async def test_overloaded_propagates() -> None:
     model.release.set()
     await asyncio.gather(running, queued)
     await p.close()
+
+
+async def test_a_closed_predictor_refuses_hits_and_misses(mlp_runner: ModelRunner) -> None:
+    """After close() its batchers are gone: a miss used to fail as Overloaded ("queue full", a
+    503 to retry) and a hit was still answered (found in review). Both say Closed now."""
+    p = Predictor(mlp_runner, MultiLevelCache([MemoryCache()]))
+    hit = await p.predict(XS[0])
+    await p.close()
+    for call in (p.predict(XS[0]), p.predict(XS[1]), p.predict_many([XS[0], XS[1]])):
+        with pytest.raises(Closed, match="'mlp' is closed"):
+            await call
+    assert p.lookup_raw(b"any bytes") is None
+    assert hit.tier is None
 
 
 async def test_key_for_matches_predictions(mlp_runner: ModelRunner) -> None:

@@ -60,6 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
 from infercache.errors import (
+    Closed,
     DeadlineExceeded,
     InfercacheError,
     ModelError,
@@ -298,7 +299,7 @@ class DynamicBatcher(Generic[T, R]):
         if self._workers:
             return
         if self._closed or self._closing:
-            raise Overloaded(f"{self.name} is closed", retry_after=1.0)
+            raise Closed(f"{self.name} is closed")
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._wakeup = asyncio.Event()
@@ -318,7 +319,7 @@ class DynamicBatcher(Generic[T, R]):
         await self.close()
 
     async def close(self, *, drain: bool = True) -> None:
-        """Stop accepting items; with ``drain`` finish what is queued, else fail it (Overloaded)."""
+        """Stop accepting items; with ``drain`` finish what is queued, else fail it (Closed)."""
         if self._closed:
             return
         self._closing = True
@@ -327,7 +328,7 @@ class DynamicBatcher(Generic[T, R]):
                 item = self._queue.popleft()
                 if item.state == _QUEUED and not item.future.done():
                     self._forget(item)
-                    item.future.set_exception(Overloaded(f"{self.name} closed", retry_after=1.0))
+                    item.future.set_exception(Closed(f"{self.name} closed before computing it"))
         if self._wakeup is not None:
             self._wakeup.set()
         self._resolve_fill_waiters()
@@ -352,8 +353,9 @@ class DynamicBatcher(Generic[T, R]):
 
         ``deadline`` is an absolute time on the batcher's ``timer`` clock (``batcher.timer() + s``);
         the batcher's own ``timeout`` also applies, and the earlier one wins. Raises
-        :class:`Overloaded` when the queue is full or the batcher closed, :class:`DeadlineExceeded`
-        when the deadline passes before dispatch, :class:`ModelError` when ``fn`` fails on it.
+        :class:`Overloaded` when the queue is full, :class:`Closed` once the batcher closes,
+        :class:`DeadlineExceeded` when the deadline passes before dispatch, :class:`ModelError`
+        when ``fn`` fails on it.
         """
         entry = self._enqueue(item, deadline)
         try:
@@ -393,7 +395,7 @@ class DynamicBatcher(Generic[T, R]):
         if not self._workers:
             self._ensure_started()
         elif self._closing:
-            raise Overloaded(f"{self.name} is closed", retry_after=1.0)
+            raise Closed(f"{self.name} is closed")
         if self._live >= self.max_queue:
             self._rejected += 1
             raise Overloaded(

@@ -49,7 +49,7 @@ import blake3
 import numpy as np
 
 from infercache.batching import DynamicBatcher
-from infercache.errors import InfercacheError
+from infercache.errors import Closed, InfercacheError
 from infercache.keys import fingerprint
 from infercache.monitor import LatencyMonitor, StageTimer
 from infercache.tiers.memory import MemoryCache
@@ -244,8 +244,12 @@ class Predictor:
     ) -> Prediction:
         """Predict one input. ``deadline`` is absolute, on ``self.batcher.timer``'s clock.
 
-        Raises InputError (bad input), Overloaded (queue full), DeadlineExceeded, ModelError.
+        Raises InputError (bad input), Overloaded (queue full), DeadlineExceeded, ModelError,
+        Closed (after :meth:`close`, hits included: its batchers are gone, and an answer from the
+        cache alone would hide that).
         """
+        if self._closed:
+            raise self._closed_error()
         st = StageTimer(self._timer)
         item = self.runner.validate(x)
         st.mark("decode")
@@ -257,6 +261,8 @@ class Predictor:
         """Predict a client's own batch: every input is validated before anything is queued
         (one bad input fails the call with an InputError naming its index); hits, duplicates and
         misses are then handled per item, and the misses share model batches."""
+        if self._closed:
+            raise self._closed_error()
         t0 = self._timer()
         items = []
         for i, x in enumerate(xs):
@@ -438,7 +444,7 @@ class Predictor:
         it records them with :meth:`remember_raw` after a successful prediction.
         """
         index = self._raw_index
-        if index is None:
+        if index is None or self._closed:  # closed: the full path says so
             return None
         st = StageTimer(self._timer)
         found = index.get(digest if digest is not None else self.raw_digest(raw))
@@ -495,6 +501,9 @@ class Predictor:
             if b is not None:
                 with contextlib.suppress(Exception):
                     await b.close()
+
+    def _closed_error(self) -> Closed:
+        return Closed(f"the predictor for model {self.runner.name!r} is closed")
 
     def stats(self) -> dict[str, Any]:
         """Counters (predictions, hits per tier, coalesced, model calls), batcher and latency
