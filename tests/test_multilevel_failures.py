@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from infercache.errors import TierError
@@ -436,6 +437,37 @@ async def test_a_value_no_tier_can_encode_does_not_stop_the_writes_behind_it(
                 raise AssertionError("no EncodeError")
             assert await tier.get("x") == 1 and await tier.get("y") is None
     finally:
+        await redis.close()
+        await sql.close()
+
+
+async def test_write_through_raises_for_a_value_no_tier_can_encode(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Write-through used to log the refusal as a tier failure, keep the value in L1 only and
+    return as if it were stored (found in review): this process then answered what every other
+    one misses. Now set() raises, naming the key, L1 drops it, and the rest of the batch lands;
+    nothing waits for a retry that could never succeed."""
+    from infercache.errors import EncodeError
+
+    ns = f"encthru{next(_ns)}"
+    l1 = MemoryCache()
+    redis = RedisCache(redis_url, namespace=ns, socket_timeout=5.0)
+    sql = SQLCache(f"sqlite:///{tmp_path}/l3.db", namespace=ns, purge_interval=None)
+    cache = MultiLevelCache([l1, redis, sql], close_tiers=False)
+    try:
+        with pytest.raises(EncodeError, match="cannot be encoded") as info:
+            await cache.set_many({"good": 1, "bad": object()})
+        assert info.value.keys == ("bad",)
+        assert l1.get("bad") is None and await cache.get("bad") is None
+        assert await cache.get("good") == 1
+        for tier in (redis, sql):
+            assert await tier.get_many(["good", "bad"]) == {"good": 1}
+        health = cache.health()
+        assert health["write_behind"]["retrying"] == 0
+        assert all(t["errors"] == 0 for t in health["tiers"].values())  # not an outage
+    finally:
+        await cache.close()
         await redis.close()
         await sql.close()
 

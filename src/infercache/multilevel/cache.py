@@ -18,7 +18,7 @@ import signal
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from infercache.errors import Closed, ConfigError, Overloaded
+from infercache.errors import Closed, ConfigError, EncodeError, Overloaded
 from infercache.multilevel.invalidation import EventBus, Generations
 from infercache.multilevel.lookup import Lookup
 from infercache.multilevel.refresh import Background, RefreshAhead
@@ -465,7 +465,13 @@ class MultiLevelCache:
         await self.set_many({key: value}, ttl)
 
     async def set_many(self, mapping: Mapping[str, Any], ttl: float | None = None) -> None:
-        """Store every pair per the write policy; one round trip per slower tier."""
+        """Store every pair per the write policy; one round trip per slower tier.
+
+        Raises EncodeError (``keys`` names them) when a slower tier's codec refuses values that
+        were to be written now (write-through, or write-behind writing through); the rest is
+        stored, the refused ones are nowhere. Written behind, a refused value stays in L1 only
+        and is counted (``health()["write_behind"]["unencodable"]``): the call had returned.
+        """
         t = validate_ttl(ttl) if ttl is not None else self.default_ttl
         items = {k: v for k, v in mapping.items() if v is not None}
         if not items:
@@ -489,10 +495,17 @@ class MultiLevelCache:
                             if k not in self._wb.pending:
                                 self._l1.delete(k)
                     raise
+                except EncodeError as exc:  # written through (queue full, or closed)
+                    self._unwrite_l1(exc, items)
+                    raise
         else:
             if self._l1 is not None:
                 self._l1_set_many(items, t)
-            await self._write_remote({k: (v, t) for k, v in items.items()})
+            try:
+                await self._write_remote({k: (v, t) for k, v in items.items()})
+            except EncodeError as exc:
+                self._unwrite_l1(exc, items)
+                raise
         if self.broadcast_sets:
             await self._events.publish({"t": "del", "k": list(items)})
 
@@ -659,10 +672,33 @@ class MultiLevelCache:
     async def _write_remote(self, items: Mapping[str, tuple[Any, float | None]]) -> None:
         """One batched write per slower tier, concurrently; a failing tier is skipped.
 
-        ``None`` as a TTL means "that tier's default".
+        ``None`` as a TTL means "that tier's default". A value some tier's codec refuses is no
+        outage to skip but the caller's to know: the EncodeError is raised once every tier has
+        written what it could (it names the refused keys).
         """
-        if self._remote:
-            await each_remote(self._remote, "write", lambda s: write_now(s, items))
+        if not self._remote:
+            return
+        refused: list[EncodeError] = []
+
+        async def one(slot: Slot) -> None:
+            try:
+                await write_now(slot, items)
+            except EncodeError as exc:
+                refused.append(exc)
+
+        await each_remote(self._remote, "write", one)
+        if refused:
+            keys = tuple(dict.fromkeys(k for exc in refused for k in exc.keys))
+            err = EncodeError(str(refused[0]))
+            err.keys = keys if all(exc.keys for exc in refused) else tuple(items)
+            raise err from refused[0]
+
+    def _unwrite_l1(self, exc: EncodeError, items: Mapping[str, Any]) -> None:
+        """Drop from L1 what the slower tiers refused to encode: set() raises, and L1 alone
+        holding the value would answer this process what every other one misses."""
+        if self._l1 is not None:
+            for k in exc.keys or tuple(items):
+                self._l1.delete(k)
 
     async def _write_around(self, items: Mapping[str, Any], ttl: float | None) -> None:
         """Write the slowest tier that works; drop faster copies (here and, by event, elsewhere).

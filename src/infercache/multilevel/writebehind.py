@@ -40,6 +40,9 @@ async def write_now(slot: Slot, items: Items) -> None:
         return
     try:
         await set_items(slot.tier, per)
+    except EncodeError:
+        slot.retry.discard(per)  # the others landed; a value the codec refused never will
+        raise
     except Exception:
         slot.retry.replace(per, time.monotonic())
         raise
