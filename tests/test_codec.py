@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -19,7 +20,7 @@ SECRET = b"0123456789abcdef-test-secret"
 plain = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.integers()  # beyond 64 bits too: the big-int extension
     | st.floats(allow_nan=False)
     | st.text(max_size=30)
     | st.binary(max_size=30),
@@ -91,7 +92,22 @@ def test_decoded_arrays_are_read_only() -> None:
         out[0] = 1.0
 
 
-@pytest.mark.parametrize("value", [{1, 2}, object(), np.array(["x"]), np.array([object()]), 2**70])
+@pytest.mark.parametrize(
+    "value",
+    [2**64, 2**64 - 1, -(2**63) - 1, -(2**63), 2**70, -(3**300), [1, 2**100, {"k": -(2**65)}]],
+)
+def test_ints_of_any_size_round_trip(value: object) -> None:
+    """msgpack holds -2**63 .. 2**64-1; the rest used to fail with "cannot encode a value of
+    type builtins.int; supported: ... int ..." (found in review)."""
+    assert decode(encode(value)) == value
+
+
+def test_a_malformed_big_int_is_a_decode_error() -> None:
+    with pytest.raises(DecodeError, match="malformed integer"):
+        decode(b"\x01" + msgpack.packb(msgpack.ExtType(3, b"")))
+
+
+@pytest.mark.parametrize("value", [{1, 2}, object(), np.array(["x"]), np.array([object()])])
 def test_unsupported_values_raise_encode_error(value: object) -> None:
     with pytest.raises(EncodeError):
         encode(value)

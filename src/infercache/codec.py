@@ -4,9 +4,9 @@ The user's tutorial stores values with ``pickle`` and unpickles whatever Redis r
 can write to Redis can then run code in every server. This codec is msgpack with numpy arrays as an
 extension type, so decoding can only ever build plain data:
 
-* None, bool, int, float, str, bytes, lists (tuples come back as lists), dicts, numpy arrays of
-  every bool/integer/float/complex dtype (dtype, shape and bytes exact, float16 and bool included)
-  and numpy scalars;
+* None, bool, int (any size: beyond 64 bits as an extension type), float, str, bytes, lists
+  (tuples come back as lists), dicts, numpy arrays of every bool/integer/float/complex dtype
+  (dtype, shape and bytes exact, float16 and bool included) and numpy scalars;
 * every payload starts with a format byte; anything truncated, corrupted or foreign raises
   ``DecodeError`` and nothing else;
 * pickle only when the codec is built with ``allow_pickle=True`` and a secret: pickled payloads
@@ -37,6 +37,7 @@ _FORMAT_MSGPACK = 0x01
 _FORMAT_PICKLE = 0x02
 _EXT_ARRAY = 1
 _EXT_SCALAR = 2
+_EXT_BIGINT = 3  # an int msgpack cannot hold (beyond 64 bits): little-endian two's complement
 _ARRAY_KINDS = frozenset("biufc")
 _DTYPE_STR = re.compile(r"[<>|][biufc][0-9]{1,2}")
 _MAC_SIZE = 32
@@ -87,6 +88,10 @@ def _default(obj: Any) -> Any:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
         return _pack_array(obj.detach().cpu().numpy())
+    if isinstance(obj, int) and not isinstance(obj, bool):  # msgpack refused it: beyond 64 bits
+        return msgpack.ExtType(
+            _EXT_BIGINT, obj.to_bytes(obj.bit_length() // 8 + 1, "little", signed=True)
+        )
     t = type(obj)
     raise EncodeError(
         f"cannot encode a value of type {t.__module__}.{t.__qualname__}; supported: None, bool, "
@@ -131,6 +136,10 @@ def _ext_hook(code: int, data: bytes) -> Any:
         if arr.shape != ():
             raise DecodeError("malformed scalar payload")
         return arr[()]
+    if code == _EXT_BIGINT:
+        if not data:
+            raise DecodeError("malformed integer payload")
+        return int.from_bytes(data, "little", signed=True)
     raise DecodeError(f"unknown extension type {code}")
 
 
@@ -173,7 +182,7 @@ class Codec:
                 raise
             return self._sign_pickle(value)
         except (TypeError, ValueError, OverflowError) as exc:
-            # msgpack: ints beyond 64 bits, dicts with unhashable/unsupported keys, nesting limits.
+            # msgpack: dicts with unhashable/unsupported keys, nesting limits.
             if not self._allow_pickle:
                 raise EncodeError(f"cannot encode value: {exc}") from exc
             return self._sign_pickle(value)

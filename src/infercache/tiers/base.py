@@ -153,9 +153,9 @@ def encode_values(
 ) -> tuple[list[tuple[str, bytes, float | None]], EncodeError | None]:
     """``(key, encoded value, ttl)`` for each pair (None values skipped: None means a miss), and
     the EncodeError the tier raises *after* writing those: a value the codec cannot hold is left
-    out instead of failing the whole batch. One model output of an odd type (a datetime, an int
-    beyond 64 bits) used to fail every write-behind batch queued behind it, so the SQLite L3
-    stored nothing more for the life of the process."""
+    out instead of failing the whole batch. One model output of an odd type (a datetime, say)
+    used to fail every write-behind batch queued behind it, so the SQLite L3 stored nothing
+    more for the life of the process."""
     rows: list[tuple[str, bytes, float | None]] = []
     bad: list[str] = []
     first: EncodeError | None = None
