@@ -300,6 +300,12 @@ async def test_non_str_keys_are_refused_before_anything_is_written(make: Factory
     await c.set("later", 3)
     await c.flush()
     assert await c.tiers[2].get("later") == 3 and not c._wb  # the flush was not held up
+    # and reads: get(123) answered a silent miss, the tiers below logging a failure each
+    with pytest.raises(TypeError, match="keys must be str, got int: 123"):
+        await c.get(123)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="keys must be str, got bytes"):
+        await c.get_many(["later", b"raw"])  # type: ignore[list-item]
+    assert await c.get("later") == 3
 
 
 async def test_a_closed_cache_says_so_instead_of_losing_writes(make: Factory) -> None:

@@ -173,6 +173,28 @@ async def test_namespace_validation(redis_url: str) -> None:
         RedisCache(redis_url, namespace="a:b")
     with pytest.raises(ConfigError):
         RedisCache(redis_url, namespace="")
+    with pytest.raises(ConfigError, match=r"RedisCache url: .*redis://") as info:
+        RedisCache("http://user:secret@localhost/0")  # was redis-py's ValueError
+    assert "secret" not in str(info.value)
+
+
+async def test_keys_that_are_not_str_are_refused_by_name(cache: RedisCache) -> None:
+    calls = (cache.set(1, "x"), cache.get(1), cache.get_many(["a", b"b"]))  # type: ignore[arg-type]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"RedisCache keys must be str, got (int|bytes)"):
+            await call
+
+
+async def test_a_closed_tier_refuses_reads_and_writes(redis_url: str, raw: aioredis.Redis) -> None:
+    """After close() a RedisCache went on reading and writing through a new connection, where
+    SQLCache says it is closed (found in review)."""
+    c = RedisCache(redis_url, namespace="closed", socket_timeout=PATIENT)
+    await c.set("k", 1)
+    await c.close()
+    for call in (c.set("after", 5), c.get("k"), c.get_many(["k"]), c.delete("k")):
+        with pytest.raises(TierError, match="closed"):
+            await call
+    assert await raw.get("closed:after") is None
 
 
 async def test_stats_have_counters_latency_and_server_info(cache: RedisCache) -> None:

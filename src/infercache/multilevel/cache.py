@@ -372,6 +372,7 @@ class MultiLevelCache:
             value = l1.get(key, MISSING)
             if value is not MISSING:
                 return value
+        _str_keys((key,))  # after L1: a hit costs nothing more
         if not self._started:
             await self.start()
         pending = self._wb.value(key)
@@ -399,6 +400,7 @@ class MultiLevelCache:
             missing = uniq
         if not missing:
             return out
+        _str_keys(missing)
         if not self._started:
             await self.start()
         if self._wb:
@@ -476,9 +478,7 @@ class MultiLevelCache:
         items = {k: v for k, v in mapping.items() if v is not None}
         if not items:
             return
-        for k in items:  # refused now, not by a write-behind flush that then retries it forever
-            if not isinstance(k, str):
-                raise TypeError(f"cache keys must be str, got {type(k).__name__}: {k!r:.60}")
+        _str_keys(items)  # refused now, not by a write-behind flush that retries it forever
         if not self._started:
             await self.start()
         if self.write == "around":
@@ -822,6 +822,14 @@ class MultiLevelCache:
         if self._l1 is not None:
             self._l1.clear()
         await self._announce(await self._generations.load())
+
+
+def _str_keys(keys: Iterable[Any]) -> None:
+    """Refuse a key that is no str before it reaches a tier: there it would be a tier failure,
+    logged and skipped, and a lookup would answer a silent miss."""
+    for k in keys:
+        if not isinstance(k, str):
+            raise TypeError(f"cache keys must be str, got {type(k).__name__}: {k!r:.60}")
 
 
 def _not_one_key(keys: Iterable[str]) -> None:

@@ -202,10 +202,13 @@ class RedisCache:
             "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         }
         self._client: Any
-        if self.cluster:
-            self._client = AsyncRedisCluster.from_url(url, **common)
-        else:
-            self._client = aioredis.Redis.from_url(url, **common)
+        try:
+            if self.cluster:
+                self._client = AsyncRedisCluster.from_url(url, **common)
+            else:
+                self._client = aioredis.Redis.from_url(url, **common)
+        except ValueError as exc:  # redis-py's word for a URL it cannot use
+            raise ConfigError(f"RedisCache url: {exc}") from None  # the URL may hold a password
         self._m = TierMetrics()
         #: A subscriber pings Redis after this many seconds without traffic, and reconnects
         #: (then resyncs) when it has heard nothing for ``subscriber_timeout`` seconds: over a
@@ -220,7 +223,12 @@ class RedisCache:
     # ----------------------------------------------------------------- plumbing
 
     def _k(self, key: str) -> str:
-        return self._prefix + key
+        try:
+            return self._prefix + key
+        except TypeError:
+            raise TypeError(
+                f"RedisCache keys must be str, got {type(key).__name__}: {key!r:.60}"
+            ) from None
 
     async def _once(self, key: str, *args: Any) -> Any:
         """Send a non-idempotent command at most once.
@@ -241,6 +249,9 @@ class RedisCache:
         """Run one Redis call through the breaker, timing it and mapping errors to TierError
         (a RedisError is the server answering with an error: not an outage). At most
         ``max_connections`` run at once; the others wait here for a connection."""
+        if self._closed:
+            coro.close()
+            raise TierError(f"redis {op}: the Redis tier is closed")
         if self._slots.locked():
             try:
                 await asyncio.wait_for(self._slots.acquire(), self.pool_timeout)
