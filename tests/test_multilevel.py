@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -604,6 +605,23 @@ async def test_generations_are_shared(make: Factory) -> None:
     late = await make()  # a new process loads generations at start
     assert late.generation("model") == 2
     assert late.generation("other") == 0
+    # combined with a deletion, the generation was returned and the count lost (found in review)
+    with pytest.raises(ConfigError, match="on its own"):
+        await a.invalidate("k", namespace="model")
+    assert a.generation("model") == 2  # refused before anything changed
+
+
+async def test_what_is_no_cache_tier_is_refused_at_construction() -> None:
+    """A dict, a str or None used to be taken as a tier: every write then logged a tier failure
+    and a Predictor(runner, {}) never cached anything (found in review)."""
+    for tiers, lacking in (
+        (["y"], "tiers[0] is no cache tier"),
+        ([None], "got NoneType, which lacks get(), set(), delete()"),
+        ([MemoryCache(), {}], "tiers[1] is no cache tier"),
+        ([MemoryCache(), {}], "got dict, which lacks set(), delete()"),
+    ):
+        with pytest.raises(TypeError, match=re.escape(lacking)):
+            MultiLevelCache(tiers)
 
 
 async def test_delete_and_invalidate_reach_other_l1s(make: Factory) -> None:

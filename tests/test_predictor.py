@@ -356,6 +356,17 @@ async def test_a_closed_predictor_refuses_hits_and_misses(mlp_runner: ModelRunne
     assert hit.tier is None
 
 
+def test_what_is_no_runner_or_cache_is_refused_at_construction(mlp_runner: ModelRunner) -> None:
+    """Predictor("x") failed only at the first predict, Predictor(runner, {}) answered and never
+    cached (every write a logged failure) (found in review)."""
+    for runner in (None, "m"):
+        with pytest.raises(TypeError, match=r"runner must be a ModelRunner .* lacks name, version"):
+            Predictor(runner)
+    for cache in ("x", {}):
+        with pytest.raises(TypeError, match="no cache tier"):
+            Predictor(mlp_runner, cache)
+
+
 async def test_key_for_matches_predictions(mlp_runner: ModelRunner) -> None:
     cache = MultiLevelCache([MemoryCache()])
     async with Predictor(mlp_runner, cache) as p:

@@ -131,6 +131,14 @@ class Predictor:
         timer: Callable[[], float] = time.perf_counter,
         raw_index_size: int = 10_000,
     ) -> None:
+        lacks = [a for a in ("name", "version", "validate") if not hasattr(runner, a)]
+        if batcher is None and not callable(getattr(runner, "run_validated", None)):
+            lacks.append("run_validated")
+        if lacks:
+            raise TypeError(
+                f"runner must be a ModelRunner (or have name, version, validate() and "
+                f"run_validated()): got {type(runner).__name__}, which lacks {', '.join(lacks)}"
+            )
         self.runner = runner
         if cache is not None and not hasattr(cache, "get_many_with_tier"):
             from infercache.multilevel import MultiLevelCache

@@ -110,6 +110,16 @@ class MultiLevelCache:
     ) -> None:
         if not tiers:
             raise ConfigError("tiers must hold at least one cache")
+        for i, tier in enumerate(tiers):
+            # (a dict has get(): it was taken, and every write was a logged tier failure)
+            lacks = [
+                f"{m}()" for m in ("get", "set", "delete") if not callable(getattr(tier, m, None))
+            ]
+            if lacks:
+                raise TypeError(
+                    f"tiers[{i}] is no cache tier (a MemoryCache, RedisCache, SQLCache or one with "
+                    f"their methods): got {type(tier).__name__}, which lacks {', '.join(lacks)}"
+                )
         if write not in ("through", "behind", "around"):
             raise ConfigError(f"write must be 'through', 'behind' or 'around', got {write!r}")
         if refresh_ahead is not None and not 0.0 < refresh_ahead < 1.0:
@@ -545,11 +555,17 @@ class MultiLevelCache:
         ``namespace``: bump its generation (returns the new one): keys built with the old
         generation become unreachable at once, without a scan; they age out by TTL.
         ``all``: clear every tier's namespace (returns entries removed).
+        ``namespace`` goes alone: a generation and a count of entries added up mean nothing.
         """
+        targets = ([key] if key is not None else []) + list(keys or [])
+        if namespace is not None and (targets or all):
+            raise ConfigError(
+                "invalidate(namespace=) returns the new generation: call it on its own, not "
+                "with key=, keys= or all=True"
+            )
         if not self._started:
             await self.start()
         n = 0
-        targets = ([key] if key is not None else []) + list(keys or [])
         if targets:
             n += await self.delete_many(targets)
         if namespace is not None:
