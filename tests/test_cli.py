@@ -59,6 +59,9 @@ def test_serve_check_prints_validated_settings(capsys: pytest.CaptureFixture[str
         (["--model", "bad"], "models"),
         (["--redis-url", "localhost:6379"], "redis_url"),
         (["--stream", "a=mlp@key"], "streams"),  # needs --redis-url
+        (["--max-queue", "2"], "max_inputs"),  # 256 inputs could never be queued
+        (["--host", "no such host"], "host"),  # uvicorn said so after warm-up, naming nothing
+        (["--host", "999.1.1.1"], "host"),
     ],
 )
 def test_invalid_settings_stop_serve(
@@ -148,9 +151,43 @@ def test_invalid_env_setting_stops_serve_subprocess(tmp_path: Path) -> None:
 
 
 def test_unloadable_model_stops_serve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "--model", "m=no_such_module_xyz:make"]) == 2
-    assert "no_such_module_xyz" in capsys.readouterr().err
-    assert main(["serve", "--model", f"{tmp_path / 'missing.onnx'}"]) == 2
+    for check in ([], ["--check"]):  # --check passed what the start refused (found in review)
+        assert main(["serve", *check, "--model", "m=no_such_module_xyz:make"]) == 2
+        assert "no_such_module_xyz" in capsys.readouterr().err
+        assert main(["serve", *check, "--model", f"{tmp_path / 'missing.onnx'}"]) == 2
+        assert "missing.onnx' does not exist" in capsys.readouterr().err
+
+
+def test_the_console_script_finds_a_factory_in_the_working_directory(tmp_path: Path) -> None:
+    """`infercache serve --model mymodels:encoder` from the folder holding mymodels.py: the
+    console script's sys.path starts at its bin/ directory, so it said "no module named"
+    (found in review), where `python -m infercache` found it."""
+    _write_factories(tmp_path)
+    script = Path(sys.executable).with_name("infercache")
+    env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [str(script), "serve", "--check", "--model", "ic_cli_models:module"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["models"] == ["ic_cli_models:module"]
+
+
+def test_a_stream_naming_no_served_model_stops_serve_with_one_line(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """It was a ModelNotFound traceback from inside the lifespan, and exit 3."""
+    out = subprocess.run(
+        [sys.executable, "-m", "infercache", "serve", "--port", str(free_port()),
+         "--sql-url", "none", "--redis-url", redis_url, "--stream", "scores=nope@events"],
+        capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert (
+        "setting 'streams': 'scores=nope@events' names model 'nope', which is not served "
+        "(served: mlp)"
+    ) in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_a_factory_that_is_not_there_is_named_once() -> None:

@@ -249,3 +249,23 @@ def test_a_file_shared_with_other_tools(tmp_path: Path) -> None:
     # a pyproject.toml without our table: named as such, not a list of "unknown settings" only
     with pytest.raises(ConfigError, match=r"no \[infercache\] or \[tool.infercache\] table"):
         load_settings(env={}, config_file=_toml(tmp_path, '[project]\nname = "svc"\n'))
+
+
+def test_unknown_infercache_variables_are_named_with_the_setting_they_resemble() -> None:
+    """They are ignored (tools around the server share the prefix), so a typo went unnoticed
+    where the same typo in a config file stops the start (found in review)."""
+    from infercache.config import unknown_env
+
+    env = {
+        "INFERCACHE_MAX_BATCHSIZE": "64",
+        "INFERCACHE_BOGUS": "1",
+        "INFERCACHE_PORT": "8001",  # a setting
+        "INFERCACHE_CONFIG": "x.toml",  # a tool's
+        "INFERCACHE_TORCH_INDEX": "https://example.invalid",  # scripts/bootstrap's
+        "OTHER_MAX_BATCHSIZE": "1",
+    }
+    assert unknown_env(env) == [
+        "ignoring INFERCACHE_BOGUS: no such setting",
+        "ignoring INFERCACHE_MAX_BATCHSIZE: no such setting; did you mean "
+        "INFERCACHE_MAX_BATCH_SIZE?",
+    ]

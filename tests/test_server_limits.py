@@ -4,6 +4,7 @@ and connections slow to send their headers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import textwrap
 from collections.abc import AsyncIterator, Iterator
@@ -40,6 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = ServerProcess.infercache(
         "--model", "slow=slowmodel:make",
         "--max-queue", "2",
+        "--max-inputs", "2",  # no more than the queue holds (a start-up check)
         "--max-batch-size", "1",
         "--api-token", TOKEN,
         "--sql-url", "none",
@@ -102,6 +104,38 @@ async def test_admin_is_disabled_without_a_token(http: httpx.AsyncClient) -> Non
 async def test_small_body_limit(http: httpx.AsyncClient) -> None:
     r = await http.post("/v1/models/slow/predict", json={"input": [0.5] * 2000})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_health_answers_head_too(server: ServerProcess) -> None:
+    """Load balancers' health checks may use HEAD: it was 405 (found in review)."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        for path in ("/healthz", "/readyz"):
+            r = await client.head(path)
+            assert r.status_code == 200 and r.content == b"", path
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /v1/models/slow/predict HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"POST /v1/models/slow/predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost x\r\n\r\n",
+    ],
+)
+def test_a_request_http_cannot_parse_gets_a_json_error(server: ServerProcess, head: bytes) -> None:
+    """uvicorn answered these "400 text/plain Invalid HTTP request received." (found in review);
+    every error is JSON with a code."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    status, _, rest = raw.partition(b"\r\n")
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert status == b"HTTP/1.1 400 Bad Request"
+    assert b"content-type: application/json" in headers.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_request" and error["message"].startswith("malformed HTTP request")
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> bool:

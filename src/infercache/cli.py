@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from infercache import __version__
-from infercache.config import FIELDS, Settings, load_settings
+from infercache.config import FIELDS, Settings, load_settings, unknown_env
 from infercache.errors import ConfigError, InfercacheError
 
 # setting name -> (flag, help); the type and default come from config.Settings.
@@ -163,15 +163,23 @@ def _serve_settings(args: argparse.Namespace) -> Settings:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = _serve_settings(args)
+    for line in unknown_env():
+        print(f"infercache: {line}", file=sys.stderr)
+    # `--model mymodels:encoder` names a module in the current directory, as uvicorn's
+    # `--app-dir .` does; a console script's sys.path starts at its own bin/ directory
+    # (`python -m infercache` has the working directory already). Workers inherit sys.path.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    from infercache.server.service import preflight
+
+    preflight(settings)  # --check too: a model or address a real start refuses must fail here
     if args.check:
         import json
 
         print(json.dumps(settings.redacted(), indent=2))
         return 0
     from infercache.server.app import run
-    from infercache.server.service import preflight
 
-    preflight(settings)
     return run(settings)
 
 

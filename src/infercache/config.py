@@ -370,6 +370,12 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"setting {name!r}: a token must not begin or end with whitespace")
         if token is not None and len(token) < 8:
             raise ConfigError(f"setting {name!r}: a token must be at least 8 characters")
+    if s.max_inputs > s.max_queue:
+        raise ConfigError(
+            f"setting 'max_inputs': must not exceed 'max_queue' ({s.max_inputs} > {s.max_queue}): "
+            "a request with more inputs than the queue holds could never be served, and would be "
+            "told to retry for ever"
+        )
     if s.streams and not s.redis_url:
         raise ConfigError("setting 'streams': stream processing needs 'redis_url'")
     if not s.stream_group:
@@ -535,6 +541,38 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     return out
 
 
+#: ``INFERCACHE_*`` variables that are no setting but belong to tools around the server
+_TOOL_ENV = frozenset(
+    {
+        CONFIG_ENV,
+        SERVE_SETTINGS_ENV,
+        "INFERCACHE_STARTUP_FAILURE_FILE",  # server.app: a worker's failed start, for its parent
+        "INFERCACHE_TORCH_INDEX",  # scripts/bootstrap
+        "INFERCACHE_TORCH_VERSION",
+    }
+)
+
+
+def unknown_env(env: Mapping[str, str] | None = None) -> list[str]:
+    """A warning per ``INFERCACHE_*`` variable that is no setting, with the setting it is
+    closest to: unknown variables are ignored (see :func:`settings_from_env`), so a typo such as
+    ``INFERCACHE_MAX_BATCHSIZE`` went unnoticed, where the same typo in a file stops the start."""
+    import difflib
+
+    env = os.environ if env is None else env
+    names = sorted(name.upper() for name in FIELDS)
+    lines = []
+    for key in sorted(env):
+        if key.startswith(ENV_PREFIX) and key not in _TOOL_ENV:
+            name = key[len(ENV_PREFIX) :]
+            if name in names:
+                continue
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+            hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+            lines.append(f"ignoring {key}: no such setting{hint}")
+    return lines
+
+
 def settings_from_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Raw values from a TOML file; unknown keys are an error (a typo must not pass silently).
 
@@ -650,4 +688,5 @@ __all__ = [
     "settings_from_env",
     "settings_from_file",
     "topic_error",
+    "unknown_env",
 ]

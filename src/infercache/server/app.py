@@ -121,6 +121,11 @@ def create_app(
                 service = await build_service(settings, runners)
             else:
                 service = service_from_predictors(given, settings, cache=cache, monitor=monitor)
+            try:
+                service.stream_plan()  # a stream naming no served model stops the start here
+            except ConfigError:
+                await service.close()
+                raise
         except ConfigError as exc:
             _startup_failed(app, f"{_CONFIG_FAILURE}{exc}", replace=True)
             raise

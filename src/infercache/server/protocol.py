@@ -20,9 +20,10 @@ import functools
 import weakref
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from infercache.config import serve_settings_from_env
+from infercache.server.errors import error_body
 
 __all__ = ["HeaderDeadlineProtocol", "deadlines"]
 
@@ -65,6 +66,24 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._headers_since = self.loop.time()  # a later request on a kept-alive connection
+
+    def send_400_response(self, msg: str) -> None:
+        """A request httptools cannot parse (``Content-Length: -1``, a URL over its limit):
+        uvicorn answers it in plain text, and every error of ours is JSON with a code."""
+        body = error_body("bad_request", f"malformed HTTP request: {msg}")
+        content = [STATUS_LINE[400]]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content.extend(
+            [
+                b"content-type: application/json\r\n",
+                b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+                b"connection: close\r\n\r\n",
+                body,
+            ]
+        )
+        self.transport.write(b"".join(content))
+        self.transport.close()
 
     def on_headers_complete(self) -> None:
         self._headers_since = None

@@ -234,12 +234,14 @@ async def get_model(name: str, request: Request) -> Response:
 
 
 @router.get("/healthz", summary="Liveness", tags=["health"])
+@router.head("/healthz", include_in_schema=False)  # load balancers' health checks use HEAD too
 async def healthz() -> Response:
     """200 while the process serves requests (liveness: restart only when this fails)."""
     return _json({"status": "ok"})
 
 
 @router.get("/readyz", summary="Readiness", tags=["health"])
+@router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> Response:
     """200 once warm-up finished and every required cache tier answers; 503 otherwise."""
     service = _service(request)

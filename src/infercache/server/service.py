@@ -477,13 +477,26 @@ class Service:
             "websocket": self.hub.stats(),
         }
 
-    def start_streams(self) -> None:
-        """Start one StreamProcessor per ``streams`` setting (Redis Stream -> model -> topic)."""
+    def stream_plan(self) -> list[tuple[str, ModelEntry, str]]:
+        """(topic, model entry, stream key) per ``streams`` setting; a ConfigError naming the
+        setting for a model this server does not serve (the start-up fails on it, exit 2)."""
         from infercache.config import parse_stream_spec
 
+        plan = []
         for spec in self.settings.streams:
             topic, model, key = parse_stream_spec(spec)
-            entry = self.entry(model)
+            try:
+                plan.append((topic, self.entry(model), key))
+            except ModelNotFound:
+                raise ConfigError(
+                    f"setting 'streams': {spec!r} names model {model!r}, which is not served "
+                    f"(served: {', '.join(sorted(self.models))})"
+                ) from None
+        return plan
+
+    def start_streams(self) -> None:
+        """Start one StreamProcessor per ``streams`` setting (Redis Stream -> model -> topic)."""
+        for topic, entry, key in self.stream_plan():
             task = asyncio.create_task(
                 self._run_stream(topic, entry, key), name=f"infercache-stream-{topic}"
             )
@@ -657,6 +670,7 @@ def preflight(settings: Settings) -> None:
     exist and ``module:factory`` modules must be importable (found, not imported)."""
     import importlib.util
 
+    _check_host(settings.host, settings.port)
     if settings.redis_url:
         _check_redis_answers_us(settings.redis_url)
     if settings.sql_url and settings.sql_url.startswith("sqlite:"):
@@ -679,6 +693,27 @@ def preflight(settings: Settings) -> None:
             raise ConfigError(f"setting 'models': cannot import {module!r}: {exc}") from None
         if found is None:
             raise ConfigError(f"setting 'models': no module named {module!r} (in {spec!r})")
+
+
+def _check_host(host: str, port: int) -> None:
+    """Stop at start on a host that is no address and resolves to none: uvicorn found out only
+    after the models had loaded and warmed up, and exited 3 with "Name or service not known",
+    naming no setting."""
+    import ipaddress
+    import socket
+
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.args[-1] if isinstance(exc, OSError) and exc.args else exc
+        raise ConfigError(
+            f"setting 'host': {host!r} is no IP address and does not resolve to one ({reason})"
+        ) from None
 
 
 def _check_redis_answers_us(url: str) -> None:
