@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -149,6 +150,8 @@ def test_invalid_arguments() -> None:
         ({"fn": 3}, TypeError, "fn"),
         ({"extract": None}, TypeError, "extract"),
         ({"publish": "hub"}, TypeError, "publish"),
+        ({"stop_timeout": 0}, ValueError, "stop_timeout"),
+        ({"stop_timeout": None}, TypeError, "stop_timeout"),
     ],
 )
 def test_bad_arguments_fail_at_construction_naming_the_argument(
@@ -346,3 +349,161 @@ async def test_redis_stream_idle_claim_takes_dead_consumers_entries_not_its_own_
     assert source.claimed == 1  # the dead consumer's entry, and nothing of c1's own
     assert (await client.xpending(stream, "g"))["pending"] == 0
     await client.aclose()
+
+
+# ------------------------------------------------------------------- stopping the reader
+
+
+def _readers_alive() -> list[asyncio.Task[Any]]:
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if t.get_name() == "infercache-stream-reader" and not t.done()
+    ]
+
+
+async def _within(seconds: float, coro: Any) -> float:
+    """Run ``coro`` in a task and fail (instead of hanging the suite) unless it ends in time;
+    returns how long it took. Not ``asyncio.timeout``: the bug swallowed its cancellation too."""
+    task = asyncio.ensure_future(coro)
+    start = time.monotonic()
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if task not in done:
+        task.cancel()
+        pytest.fail(f"did not return within {seconds} s (hung)")
+    task.result()
+    return time.monotonic() - start
+
+
+async def _five_entries(client: Any, stream: str) -> list[str]:
+    return [(await client.xadd(stream, {"data": json.dumps(i)})).decode() for i in range(5)]
+
+
+async def _pending_ids(client: Any, stream: str, group: str) -> set[str]:
+    rows = await client.xpending_range(stream, group, min="-", max="+", count=100)
+    return {r["message_id"].decode() for r in rows}
+
+
+async def test_redis_stream_run_max_windows_returns_and_unprocessed_entries_stay_pending(
+    redis_url: str,
+) -> None:
+    """The user-acceptance repro: run(max_windows=1) right after a window never returned.
+    Stopping cancelled the reader while redis-py sent its next XREADGROUP through Python 3.11's
+    asyncio.wait_for, which lost the cancellation; the reader read on and ``await reader``
+    waited forever."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    ids = await _five_entries(client, "ev7")
+    # a URL: the source's own client, with redis-py's default socket_timeout (wait_for sends)
+    source = RedisStreamSource(redis_url, "ev7", "g", "me")
+    got: list[Any] = []
+    proc = StreamProcessor(window="count", size=2)
+    try:
+        for _ in range(2):  # the race was hit every time; twice makes a regression certain
+            got.clear()
+            await _within(10, proc.run(source, got.append, max_windows=1))
+            assert len(got) == 1 and len(got[0].ids) == 2
+            assert not _readers_alive()
+            # at-least-once: what no window handled was read but not acknowledged
+            assert set(ids) - set(got[0].ids) <= await _pending_ids(client, "ev7", "g")
+        assert source.acked == 0
+    finally:
+        await source.close()
+        await client.aclose()
+
+
+async def test_redis_stream_process_aclose_after_the_first_window_returns(redis_url: str) -> None:
+    """The second repro: ``gen.__anext__()`` then ``gen.aclose()`` hung the same way."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    ids = await _five_entries(client, "ev7")
+    source = RedisStreamSource(redis_url, "ev7", "g", "me")
+    proc = StreamProcessor(window="count", size=2)
+    try:
+        for _ in range(3):
+            gen = proc.process(source)
+            first = await gen.__anext__()
+            await _within(10, gen.aclose())
+            assert not _readers_alive()
+            assert set(ids) - set(first.ids) <= await _pending_ids(client, "ev7", "g")
+        # a restarted consumer re-reads its own pending entries: nothing was lost
+        again = RedisStreamSource(client, "ev7", "g", "me", block_ms=50, stop_when_empty=True)
+        results = [r async for r in StreamProcessor(size=10, idle_timeout=None).process(again)]
+        assert sorted(i for r in results for i in r.ids) == sorted(ids)
+        assert await _pending_ids(client, "ev7", "g") == set()
+    finally:
+        await source.close()
+        await client.aclose()
+
+
+async def test_redis_stream_source_ends_after_a_cancellation_lost_below_it(
+    redis_url: str,
+) -> None:
+    """A cancellation swallowed under the source (here by the consumer, as Python 3.11's
+    wait_for does inside redis-py) still ends the iteration before its next Redis command:
+    before, the source issued XREADGROUP ... BLOCK forever in a task that stayed 'cancelling'."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    stream = "infercache:test:lostcancel"
+    await client.xadd(stream, {"data": json.dumps(1)})
+    source = RedisStreamSource(client, stream, "g", "c1", block_ms=50)
+    got: list[Any] = []
+    reading = asyncio.Event()
+
+    async def consume() -> None:
+        async for item in source:
+            got.append(item.value)
+            reading.set()
+            # lost on the way, without uncancel(): the task is still 'cancelling'
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(30)
+
+    task = asyncio.create_task(consume())
+    try:
+        await asyncio.wait_for(reading.wait(), 5)
+        assert got == [1]
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert task in done, "the source kept reading after its task was cancelled"
+        assert task.cancelled()
+        assert await source.pending() == 1  # delivered, never acknowledged: still pending
+    finally:
+        task.cancel()
+        await client.aclose()
+
+
+async def test_stopping_gives_up_on_a_reader_that_ignores_cancellation_and_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The wait for the reader is bounded: a source that refuses to stop cannot hang the
+    consumer's exit; the processor says it left the reader behind."""
+    release = asyncio.Event()
+
+    async def stubborn() -> AsyncIterator[int]:
+        yield 1
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                assert task is not None
+                task.uncancel()  # suppressed on purpose, and said so
+
+    proc = StreamProcessor(size=1, idle_timeout=None, stop_timeout=0.3)
+    gen = proc.process(stubborn())
+    assert (await gen.__anext__()).outputs == [1]
+    try:
+        with caplog.at_level("WARNING", logger="infercache.streaming"):
+            took = await _within(5, gen.aclose())
+        assert 0.3 <= took < 2
+        assert "did not stop within 0.3 s" in caplog.text
+    finally:
+        release.set()  # the abandoned reader ends with its source
+    for _ in range(100):
+        if not _readers_alive():
+            break
+        await asyncio.sleep(0.01)
+    assert not _readers_alive()

@@ -9,15 +9,26 @@ timeout, and produced mock results. This one keeps the ideas and makes them depe
   items). Any window still open is flushed after ``idle_timeout`` seconds without input (the user's
   behaviour) and when the source ends.
 - **Predictions.** Each window's items go through a :class:`~infercache.predictor.Predictor`
-  concurrently, so repeated items are cache hits and misses reach the model in batches; each
-  window yields one :class:`WindowResult` with per-item outputs and a summary (count, cache hits,
-  errors, latency, mean output). An item that fails (bad input) is reported in the result; it does
-  not sink the window. With ``fn=`` instead of a Predictor, a call that raises is reported for
-  every item of its window, and the stream goes on with the next one.
+  concurrently, so items cached by earlier windows or requests are cache hits and misses reach
+  the model in batches; each window yields one :class:`WindowResult` with per-item outputs and a
+  summary (count, cache hits, errors, latency, mean output). How an input repeated within a
+  window is counted depends on timing: a repeat that arrives while the first is still computing
+  joins that computation (the Predictor's coalescing) and is *not* counted in ``cached``; one
+  that arrives after the result was cached is a cache hit and is. So ``summary["cached"]``
+  counts cache hits, not repeats. An item that fails (bad input) is reported in the result; it
+  does not sink the window. With ``fn=`` instead of a Predictor, a call that raises is reported
+  for every item of its window, and the stream goes on with the next one.
 - **Backpressure.** A reader task fills a bounded queue (``max_buffer``); results are produced only
   as fast as the consumer of :meth:`StreamProcessor.process` (or the ``sink`` of
   :meth:`StreamProcessor.run`) takes them. A slow sink therefore stops the reader -- and, for a
   Redis Stream, stops ``XREADGROUP`` -- instead of growing memory.
+- **Stopping.** Closing :meth:`StreamProcessor.process` (``break`` out of it, ``aclose()``,
+  ``run(max_windows=...)``) cancels the reader task and waits for it at most ``stop_timeout``
+  seconds, repeating the cancellation meanwhile: a cancellation can be lost below the reader
+  (on Python 3.11 ``asyncio.wait_for`` drops one that arrives as its inner call completes, and
+  redis-py sends commands through it), and the reader would then read on forever. Both the
+  reader and :class:`RedisStreamSource` also notice a lost cancellation themselves (the task's
+  ``cancelling()`` count, which only an explicit ``uncancel()`` clears) before their next read.
 - **Redis Streams, at-least-once.** :class:`RedisStreamSource` reads with ``XREADGROUP`` in a
   consumer group and acknowledges (``XACK``) entries only after the window that used them was
   handed on and the consumer asked for the next one. A consumer that crashes leaves its entries
@@ -33,9 +44,9 @@ timeout, and produced mock results. This one keeps the ideas and makes them depe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import itertools
+import logging
 import math
 import numbers
 import time
@@ -61,7 +72,30 @@ __all__ = [
     "default_extract",
 ]
 
+log = logging.getLogger("infercache.streaming")
+
 _END = object()
+
+#: While stopping the reader, the cancellation is repeated this often: long enough for a reader's
+#: own cleanup after a delivered cancellation (redis-py closing its connection) to finish
+#: uninterrupted, short enough that a lost one costs a fraction of a second.
+_RECANCEL_EVERY_S = 0.5
+
+
+def _raise_if_cancel_requested() -> None:
+    """Raise CancelledError if the current task was asked to cancel and is still running.
+
+    A cancellation normally arrives as CancelledError at an ``await``. Code below that ``await``
+    can lose it: Python 3.11's ``asyncio.wait_for`` returns the inner result when the outer task
+    is cancelled just as the inner call completes (fixed in 3.12, where it is built on
+    ``asyncio.timeout``), and redis-py sends every command through ``wait_for`` when the client
+    has a ``socket_timeout`` (5 s by default). The task's ``cancelling()`` count still records
+    the request (only ``uncancel()``, which code that suppresses a cancellation on purpose must
+    call, clears it), so a loop that checks it before its next round ends as it was asked to.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
 
 
 @dataclass(slots=True)
@@ -165,6 +199,8 @@ class StreamProcessor:
         max_buffer: items read ahead of processing (the backpressure bound).
         publish: called with each result's dict (sync or async), e.g. a WebSocket hub.
         timer: monotonic clock for window deadlines.
+        stop_timeout: seconds that closing :meth:`process` waits for its reader task to end
+            before it gives up on it with a warning (see :meth:`_stop_reader`).
     """
 
     def __init__(
@@ -182,6 +218,7 @@ class StreamProcessor:
         max_buffer: int = 1024,
         publish: Callable[[dict[str, Any]], Any] | None = None,
         timer: Callable[[], float] = time.monotonic,
+        stop_timeout: float = 5.0,
     ) -> None:
         self._validate(
             predictor=predictor,
@@ -196,6 +233,7 @@ class StreamProcessor:
             max_buffer=max_buffer,
             publish=publish,
             timer=timer,
+            stop_timeout=stop_timeout,
         )
         self.predictor = predictor
         self.fn = fn
@@ -209,6 +247,7 @@ class StreamProcessor:
         self.max_buffer = int(max_buffer)
         self.publish = publish
         self.timer = timer
+        self.stop_timeout = float(stop_timeout)
         self._seq = itertools.count()
         self.windows = 0
         self.items = 0
@@ -228,6 +267,7 @@ class StreamProcessor:
         max_buffer: Any,
         publish: Any,
         timer: Any,
+        stop_timeout: Any,
     ) -> None:
         """Reject bad arguments here, naming them: otherwise a wrong type fails windows later
         (inside the reader or at the first comparison) and an argument that does not apply to
@@ -251,6 +291,7 @@ class StreamProcessor:
         if idle_timeout is not None:
             _check_seconds("idle_timeout", idle_timeout, none_hint=True)
         _check_int("max_buffer", max_buffer)
+        _check_seconds("stop_timeout", stop_timeout)
         if predictor is not None and fn is not None:
             raise ValueError("give a predictor or fn, not both (fn would be ignored)")
         if predictor is not None and not callable(getattr(predictor, "predict", None)):
@@ -348,9 +389,7 @@ class StreamProcessor:
                         yield await self._emit(list(buffer), "slide")
                     await _ack(ack, evicted)
         finally:
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
+            await self._stop_reader(reader)
 
     async def run(
         self,
@@ -380,6 +419,37 @@ class StreamProcessor:
 
     # -- internals -----------------------------------------------------------------------------
 
+    async def _stop_reader(self, reader: asyncio.Task[None]) -> None:
+        """Cancel the reader task and wait for it to end, at most ``stop_timeout`` seconds.
+
+        A bare ``reader.cancel(); await reader`` waited forever when the cancellation was lost
+        below the reader (see :func:`_raise_if_cancel_requested`): the reader went on reading and
+        nothing cancelled it again. So the cancellation is repeated every ``_RECANCEL_EVERY_S``
+        while waiting, and a reader that still has not ended after ``stop_timeout`` is left
+        behind with a warning rather than block the consumer's exit. Either way nothing is lost:
+        entries the reader delivered and no window acknowledged stay pending in the consumer
+        group, re-read by this consumer when it restarts or claimed by another.
+
+        Waiting with :func:`asyncio.wait` neither raises the reader's outcome nor swallows a
+        cancellation of the consumer itself (``suppress(BaseException)`` around ``await reader``
+        did both), so cancelling a consumer that is stopping still cancels it.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stop_timeout
+        while not reader.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                log.warning(
+                    "stream reader did not stop within %.3g s of being cancelled; left behind "
+                    "(entries it read and nobody acknowledged stay pending)",
+                    self.stop_timeout,
+                )
+                return
+            reader.cancel()
+            await asyncio.wait((reader,), timeout=min(remaining, _RECANCEL_EVERY_S))
+        if not reader.cancelled():
+            reader.exception()  # retrieved: a failure was already queued for the consumer
+
     def _next_timeout(self, window_deadline: float | None) -> float | None:
         timeouts = []
         if self.idle_timeout is not None:
@@ -392,6 +462,7 @@ class StreamProcessor:
         """Reader task: fills the bounded queue, blocking when it is full (backpressure)."""
         try:
             async for raw in source:
+                _raise_if_cancel_requested()  # a cancellation the source lost: stop here
                 item = raw if isinstance(raw, StreamItem) else StreamItem(raw)
                 await queue.put(item)
         except asyncio.CancelledError:
@@ -604,6 +675,7 @@ class RedisStreamSource:
     async def _own_pending(self) -> AsyncIterator[StreamItem]:
         last = "0"
         while True:
+            _raise_if_cancel_requested()
             resp = await self.redis.xreadgroup(
                 self.group, self.consumer, {self.stream: last}, count=self.count
             )
@@ -617,6 +689,7 @@ class RedisStreamSource:
     async def _claim(self) -> AsyncIterator[StreamItem]:
         cursor: Any = "0-0"
         while True:
+            _raise_if_cancel_requested()
             resp = await self.redis.xautoclaim(
                 self.stream,
                 self.group,
@@ -649,6 +722,10 @@ class RedisStreamSource:
             yield item
         last_claim = time.monotonic()
         while True:
+            # Every round starts with a Redis command that redis-py may send through Python
+            # 3.11's wait_for, which can lose a cancellation; without this check a cancelled
+            # consumer went on issuing XREADGROUP ... BLOCK forever (see the function).
+            _raise_if_cancel_requested()
             resp = await self.redis.xreadgroup(
                 self.group,
                 self.consumer,
