@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from infercache.bench.process import ServerProcess, free_port
 from infercache.client import ClientTimeout, InfercacheClient, ServerError, ServerUnreachable
-from infercache.errors import InfercacheError
+from infercache.errors import EncodeError, InfercacheError
 
 ADMIN = "client-admin-token"
 
@@ -65,6 +66,48 @@ async def test_errors_carry_codes(server: ServerProcess) -> None:
         assert err.value.code == "unauthorized"
         with pytest.raises(ValueError):
             await client.predict("mlp", [1.0], transport="carrier-pigeon")
+
+
+async def test_an_oversized_request_is_payload_too_large_on_both_transports(
+    server: ServerProcess,
+) -> None:
+    """Over the WebSocket the server's payload_too_large error carried no id, so the caller waited
+    for its timeout (30 s by default); now it gets the ServerError HTTP gives, at once."""
+    big = [0.5] * 300_000  # 1.2 MB of JSON, over max_body_bytes (1 MiB)
+    async with InfercacheClient(server.url, timeout=10) as client:
+        with pytest.raises(ServerError) as err:
+            await client.predict("mlp", big)
+        assert (err.value.code, err.value.status) == ("payload_too_large", 413)
+        started = time.monotonic()
+        with pytest.raises(ServerError) as err:
+            await client.predict("mlp", big, transport="ws")
+        assert (err.value.code, err.value.status) == ("payload_too_large", None)
+        assert time.monotonic() - started < 5  # answered, not timed out
+        assert (await client.predict("mlp", vec(3), transport="ws"))["type"] == "prediction"
+
+
+async def test_an_input_that_is_not_json_is_one_clear_error_on_both_transports(
+    server: ServerProcess,
+) -> None:
+    """Over the WebSocket an input orjson cannot encode was reported as ServerUnreachable ('the
+    WebSocket is closed'), over HTTP as a bare TypeError; both now raise EncodeError naming the
+    type, before anything is sent, and the connection stays usable."""
+
+    class Point:
+        pass
+
+    async with InfercacheClient(server.url, timeout=10) as client:
+        for transport in ("http", "ws"):
+            with pytest.raises(EncodeError, match=r"type 'object' as JSON") as err:
+                await client.predict("mlp", object(), transport=transport)
+            assert isinstance(err.value, TypeError) and isinstance(err.value, InfercacheError)
+            with pytest.raises(EncodeError, match=r"test_client\..*Point'"):
+                await client.predict("mlp", [Point()], transport=transport)
+            with pytest.raises(EncodeError, match="Dict key must be str"):
+                await client.predict("mlp", {1: 2}, transport=transport)
+        ws = await client.ws()
+        assert not ws._pending  # nothing left waiting for an answer that cannot come
+        assert (await client.predict("mlp", vec(4), transport="ws"))["type"] == "prediction"
 
 
 async def test_admin_calls_and_subscription(server: ServerProcess) -> None:

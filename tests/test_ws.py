@@ -125,6 +125,8 @@ BAD: list[tuple[str | bytes, str]] = [
     ("[1, 2]", "invalid_message"),
     ('{"type": "dance", "id": 7}', "unknown_type"),
     ('{"id": 8}', "unknown_type"),
+    ('{"type": null, "id": 20}', "unknown_type"),
+    ('{"type": ["ping"], "id": 21}', "unknown_type"),  # unhashable: once a TypeError
     ('{"type": "predict", "id": 9, "input": [1]}', "invalid_message"),
     ('{"type": "predict", "id": 10, "model": "mlp"}', "invalid_message"),
     ('{"type": "predict", "id": 11, "model": "nope", "input": [1]}', "model_not_found"),
@@ -162,6 +164,10 @@ async def test_bad_messages_get_errors_and_the_connection_stays_open(
             assert err["id"] == (sent["id"] if valid else None)
             if not valid:
                 assert "below 2**53" in err["message"]
+        if code == "unknown_type":  # says what is wrong, and what is expected
+            missing = isinstance(sent, dict) and sent.get("type") is None
+            assert ("no 'type'" in err["message"]) == missing, err
+            assert "expected 'predict', 'ping'" in err["message"], err
     await ws.send(json.dumps({"type": "ping", "id": "still-open"}))
     assert (await recv(ws))["type"] == "pong"
 
@@ -280,6 +286,20 @@ class ClosedByServer(ConnectionError):
         self.code = code
 
 
+def frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """One masked client frame (text by default) of any length."""
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x80 | opcode, 0x80 | n])
+    elif n < 1 << 16:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
+    mask = os.urandom(4)
+    key = np.resize(np.frombuffer(mask, dtype=np.uint8), n)
+    return head + mask + (np.frombuffer(payload, dtype=np.uint8) ^ key).tobytes()
+
+
 class RawWS:
     """A minimal blocking WebSocket client that reads only when told to: a truly slow consumer
     (library clients keep reading into their own buffers). Tiny receive buffer on purpose."""
@@ -304,11 +324,7 @@ class RawWS:
         assert head.startswith(b"HTTP/1.1 101"), head
 
     def send(self, obj: Any) -> None:
-        payload = json.dumps(obj).encode()
-        assert len(payload) < 126
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+        self.sock.sendall(frame(json.dumps(obj).encode()))
 
     def _read(self, n: int) -> bytes:
         while len(self.buf) < n:
@@ -493,6 +509,143 @@ async def test_disconnect_policy_sends_1008_to_a_consumer_that_reads_within_the_
         assert await _metric(server.url, "infercache_ws_slow_disconnects_total") == before + 1
     finally:
         slow.close()
+
+
+async def _ws_stats(url: str) -> dict[str, Any]:
+    """The admin stats' ``websocket`` part (one worker: every connection of the server)."""
+    async with httpx.AsyncClient(base_url=url) as http:
+        r = await http.get("/v1/cache/stats", headers={"Authorization": f"Bearer {ADMIN}"})
+    r.raise_for_status()
+    stats: dict[str, Any] = r.json()["websocket"]
+    return stats
+
+
+async def _wait_connections(url: str, want: int, within: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    stats = await _ws_stats(url)
+    while stats["connections"] != want and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        stats = await _ws_stats(url)
+    return stats
+
+
+def _rss_mb(pid: int) -> float | None:
+    """Resident memory of a process in MiB (Linux), None where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _flood(raw: RawWS, frames: bytes, *, within: float) -> bool:
+    """Send ``frames`` over and over, reading nothing, until the kernel takes nothing more for a
+    second (the server stopped reading and the buffers between are full), or ``within`` seconds
+    pass; whether it stopped."""
+    raw.sock.settimeout(0.1)
+    view = memoryview(frames)
+    sent = 0
+    deadline = time.monotonic() + within
+    progress = time.monotonic()
+    while time.monotonic() < deadline:
+        try:
+            sent += raw.sock.send(view[sent % len(frames) :])
+            progress = time.monotonic()
+        except TimeoutError:
+            if time.monotonic() - progress > 1.0:
+                return True
+    return False
+
+
+async def test_a_client_that_sends_but_never_reads_is_held_to_ws_max_inflight(
+    server: ServerProcess,
+) -> None:
+    """A client that sent pings and predictions without reading grew the server's memory without
+    limit (3 GB in 20 s): a prediction gave back its in-flight place when it finished, not when its
+    answer was written, and pongs and errors had no limit at all. Now every answer holds a place
+    until it is written, the reader stops reading when ws_max_inflight are owed, and TCP flow
+    control stops the client; the server keeps serving everyone else, and the connection's end
+    frees it."""
+    limit = 200  # the fixture's --ws-max-inflight
+    assert (await _wait_connections(server.url, 0))["connections"] == 0
+    assert server.proc is not None
+    rss_before = _rss_mb(server.proc.pid)
+    x = vector()
+    pings = b"".join(frame(json.dumps({"type": "ping", "id": i}).encode()) for i in range(500))
+    predict = json.dumps({"type": "predict", "id": "p", "model": "mlp", "input": x}).encode()
+    raw = await asyncio.to_thread(RawWS, server.port)  # 8 KiB receive buffer, never read
+    try:
+        frames = pings + frame(predict) + frame(b"{bad")
+        stopped = await asyncio.to_thread(_flood, raw, frames, within=15.0)
+        rss_after = _rss_mb(server.proc.pid)
+        async with connect(server.url.replace("http", "ws") + "/v1/ws") as other:
+            started = time.monotonic()
+            await other.send(json.dumps({"type": "predict", "id": 1, "model": "mlp", "input": x}))
+            answer = await recv(other)
+            assert answer["type"] == "prediction" and answer["cached"] is True, answer
+            assert time.monotonic() - started < 2.0
+            stats = await _ws_stats(server.url)
+        if rss_before is not None and rss_after is not None:  # unbounded: hundreds of MB here
+            assert rss_after - rss_before < 100, (rss_before, rss_after)
+        assert stopped  # the server stopped reading: TCP flow control holds the client back
+        assert stats["connections"] == 2
+        # the reader stopped with every place taken: answers owed are bounded, and so are bytes
+        assert stats["unanswered_max"] == limit, stats
+        assert stats["queued_bytes_max"] <= limit * 1024, stats
+    finally:
+        raw.close()
+    # the handler, blocked waiting for a place, ends when the client goes away
+    stats = await _wait_connections(server.url, 0)
+    assert stats["connections"] == 0 and stats["unanswered"] == 0, stats
+
+
+async def test_an_oversized_frame_gets_its_id_and_is_counted_in_bytes(
+    server: ServerProcess, ws: ClientConnection
+) -> None:
+    """A frame over max_body_bytes (1 MiB here) is refused without being parsed; its id was lost,
+    so a client could not match the error to its request. Now the id is read from the frame's
+    start when it is the first field. The limit counts bytes (it counted characters: 600,000 "é"
+    are 1.2 MB), for text and binary frames alike."""
+    pad = "x" * (1 << 20)
+    cases: list[tuple[str | bytes, Any]] = [
+        (json.dumps({"id": "big-1", "type": "ping", "pad": pad}), "big-1"),
+        (json.dumps({"id": 42, "type": "ping", "pad": pad}).encode(), 42),  # a binary frame
+        ('  {  "id" : -7 , "type": "ping", "pad": "' + pad + '"}', -7),
+        (json.dumps({"id": 'a"b\\é', "type": "ping", "pad": pad}), 'a"b\\é'),
+        (json.dumps({"id": "é" * 256, "type": "ping", "pad": pad}), "é" * 256),
+        (json.dumps({"id": 7, "type": "ping", "pad": "é" * 600_000}, ensure_ascii=False), 7),
+        (json.dumps({"type": "ping", "pad": pad, "id": 5}), None),  # not first: not looked for
+        (json.dumps({"id": 2**60, "type": "ping", "pad": pad}), None),  # not a valid id
+        (json.dumps({"id": "x" * 300, "type": "ping", "pad": pad}), None),
+        (json.dumps({"id": [1], "type": "ping", "pad": pad}), None),
+    ]
+    for raw, want in cases:
+        await ws.send(raw)
+        err = await recv(ws)
+        assert err["type"] == "error" and err["code"] == "payload_too_large", err
+        assert err["id"] == want and err["message"] == "message over 1048576 B", (want, err)
+    # just under the limit in bytes, with multi-byte characters: not refused
+    under = json.dumps({"id": 8, "type": "ping", "pad": "é" * 500_000}, ensure_ascii=False)
+    assert len(under.encode()) < 1 << 20
+    await ws.send(under)
+    assert await recv(ws) == {"type": "pong", "id": 8}
+
+    # beyond uvicorn's ws_max_size (16 MiB) the protocol closes the connection with 1009
+    async with connect(server.url.replace("http", "ws") + "/v1/ws") as conn:
+        await conn.send(json.dumps({"id": 1, "type": "ping", "pad": "x" * (17 << 20)}))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.recv(), 10)
+        await asyncio.wait_for(conn.wait_closed(), 10)
+        assert conn.close_code == 1009
+
+
+async def test_binary_frames_are_read_as_json_and_answered_in_text(ws: ClientConnection) -> None:
+    await ws.send(json.dumps({"type": "ping", "id": "bin"}).encode())
+    answer = await asyncio.wait_for(ws.recv(), 10)
+    assert isinstance(answer, str) and json.loads(answer) == {"type": "pong", "id": "bin"}
 
 
 async def test_stream_results_reach_subscribers(redis_url: str, tmp_path_factory: Any) -> None:

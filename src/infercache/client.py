@@ -14,7 +14,9 @@ errors come back as :class:`ServerError` carrying the stable ``code``, whatever 
 server that cannot be reached, or a connection lost mid-request, is :class:`ServerUnreachable`; no
 answer within the client's ``timeout`` is :class:`ClientTimeout`. All three are
 :class:`~infercache.errors.InfercacheError`, so one ``except`` covers whatever the client raises on
-purpose (the transports' own exceptions, httpx's or websockets', never escape).
+purpose (the transports' own exceptions, httpx's or websockets', never escape). An input that
+cannot be sent as JSON raises :class:`~infercache.errors.EncodeError` (a ``TypeError`` too) naming
+its type, before anything is sent, whatever the transport.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 import orjson
 
-from infercache.errors import ConfigError, InfercacheError
+from infercache.errors import ConfigError, EncodeError, InfercacheError
 
 
 class ServerError(InfercacheError):
@@ -77,14 +79,31 @@ def _seconds(value: str | None) -> float | None:
         return None
 
 
+_JSON_TYPES = "JSON types (dict, list, str, int, float, bool, None) and numpy arrays or scalars"
+
+
 def _dumps(obj: Any) -> bytes:
+    """``obj`` as JSON, or :class:`EncodeError` naming what cannot be sent, for both transports
+    alike (HTTP raised orjson's bare TypeError, the WebSocket a misleading ServerUnreachable)."""
+
     def default(o: Any) -> Any:
         tolist = getattr(o, "tolist", None)
         if callable(tolist):
             return tolist()
-        raise TypeError(f"cannot encode {type(o).__name__}")
+        kind = type(o)
+        name = (
+            kind.__qualname__
+            if kind.__module__ == "builtins"
+            else f"{kind.__module__}.{kind.__qualname__}"
+        )
+        raise EncodeError(f"cannot send a value of type {name!r} as JSON; supported: {_JSON_TYPES}")
 
-    return orjson.dumps(obj, default=default, option=orjson.OPT_SERIALIZE_NUMPY)
+    try:
+        return orjson.dumps(obj, default=default, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError as exc:  # orjson.JSONEncodeError; our EncodeError is its __cause__
+        if isinstance(exc.__cause__, EncodeError):
+            raise exc.__cause__ from None
+        raise EncodeError(f"cannot send the request as JSON: {exc}") from None
 
 
 class WSConnection:
@@ -128,14 +147,20 @@ class WSConnection:
             self._pending.clear()
 
     async def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Send ``message`` with a fresh id and return the answer with that id (raw dict)."""
+        """Send ``message`` with a fresh id and return the answer with that id (raw dict).
+
+        The id goes first: the server reads it from the start of a frame too large to parse, so
+        that its ``payload_too_large`` answer reaches this request. Encoded before anything is
+        sent, so that an input that is not JSON raises :class:`EncodeError`, not a send failure.
+        """
         msg_id = next(self._ids)
-        message = {**message, "id": msg_id}
+        body = {"id": msg_id, **{k: v for k, v in message.items() if k != "id"}}
+        text = _dumps(body).decode()
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = fut
         try:
             try:
-                await self._ws.send(_dumps(message).decode())
+                await self._ws.send(text)
             except Exception as exc:  # websockets' ConnectionClosed: the reader saw it too
                 raise ServerUnreachable(f"the WebSocket is closed: {exc}") from exc
             try:

@@ -1,6 +1,6 @@
 """WebSocket endpoint ``/v1/ws`` and the broadcast hub for stream results.
 
-Protocol (JSON text frames, one object per frame):
+Protocol (one JSON object per frame; a binary frame's payload is read as UTF-8 JSON as well):
 
 - ``{"type": "predict", "id": ..., "model": "mlp", "input": [...]}`` ->
   ``{"type": "prediction", "id": ..., "model": ..., "model_version": ..., "output": ...,
@@ -18,8 +18,14 @@ Why it is built this way:
 
 - Each predict message becomes its own task, so many requests are in flight per connection and each
   answer goes out as soon as it is ready, carrying its id (the user's server awaited one prediction
-  at a time per connection). ``ws_max_inflight`` bounds the tasks: when it is reached the reader
-  stops reading, and TCP flow control pushes back on the client instead of memory growing.
+  at a time per connection).
+- ``ws_max_inflight`` bounds the requests a connection has unanswered: read, and their answer
+  (prediction, pong, error, ...) not yet handed to the socket. The reader waits for a place
+  (:meth:`Outbox.room`) before it reads a frame and the writer gives it back once the answer is
+  written, so when they are all taken the reader stops reading and TCP flow control pushes back on
+  the client. Releasing a place when the prediction finished, or queueing pongs and errors without
+  a place, let a client that sends but never reads grow the server's memory without limit
+  (gigabytes of queued pongs in seconds).
 - One writer task per connection owns the socket; everything else only appends to its outbox, so
   no two coroutines ever interleave frames and a slow socket never blocks a publisher.
 - Broadcasts go to a bounded per-connection queue (``ws_send_queue``). When a subscriber cannot
@@ -39,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -60,9 +67,14 @@ _SLOW_CLOSE_CODE = 1008
 # take it) before the connection is aborted instead.
 _CLOSE_GRACE_S = 1.0
 _KNOWN_TYPES = frozenset({"predict", "prediction", "ping", "subscribe", "unsubscribe"})
+_TYPES_TEXT = "'predict', 'ping', 'subscribe' or 'unsubscribe'"
 # the same fields HTTP accepts (less "inputs", which has no WebSocket form), plus the envelope's
 _PREDICT_FIELDS = frozenset({"type", "id", "model", "model_id", "input", "use_cache"})
 _MAX_TOPICS_PER_CONNECTION = 64
+# An oversized frame is not parsed; its id is read from its start when it is the first field (as
+# the Python client sends it). 2 KiB covers the longest id (256 characters, escaped).
+_ID_PREFIX = 2048
+_LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*(-?[0-9]{1,20}|"(?:[^"\\]|\\.)*")\s*[,}]')
 
 
 def _server_transport(websocket: WebSocket) -> Any | None:
@@ -92,8 +104,9 @@ def dumps(obj: Any) -> bytes:
 
 
 class Outbox:
-    """The send side of one connection: replies (bounded by the in-flight limit) and events
-    (bounded by ``maxsize``, with the slow-consumer policy)."""
+    """The send side of one connection: replies (at most ``max_unanswered`` requests read and not
+    yet answered on the socket, see :meth:`room`) and events (bounded by ``maxsize``, with the
+    slow-consumer policy)."""
 
     def __init__(
         self,
@@ -102,6 +115,7 @@ class Outbox:
         maxsize: int,
         policy: str,
         service: Service,
+        max_unanswered: int,
         transport: Any | None = None,
     ) -> None:
         self._ws = websocket
@@ -111,6 +125,9 @@ class Outbox:
         self._maxsize = maxsize
         self._policy = policy
         self._service = service
+        self._max_unanswered = max_unanswered
+        self.unanswered = 0  # frames read whose answer is not written yet
+        self._room = asyncio.Event()
         self._wake = asyncio.Event()
         self._dropped = 0
         self._writer: asyncio.Task[None] | None = None
@@ -127,12 +144,45 @@ class Outbox:
         """Start the writer task."""
         self._writer = asyncio.create_task(self.run(), name="infercache-ws-writer")
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of replies and events waiting for the writer (for the admin stats)."""
+        return sum(map(len, self._replies)) + sum(map(len, self._events))
+
+    async def room(self) -> None:
+        """Wait until fewer than ``max_unanswered`` answers are owed, or the connection closed.
+
+        The reader waits here before it reads each frame, and every frame read is owed exactly one
+        :meth:`reply` (counted by :meth:`owe`), whose place the writer gives back once the answer
+        is on the socket. So the answers waiting for a client that does not read are bounded, and
+        such a client is slowed by TCP flow control (the reader stops reading) instead of being
+        buffered for.
+        """
+        while self.unanswered >= self._max_unanswered and not self.closed:
+            self._room.clear()
+            await self._room.wait()
+
+    def owe(self) -> None:
+        """Count a frame just read as owed an answer (only the reader calls this, after
+        :meth:`room`, so the bound holds without a lock)."""
+        self.unanswered += 1
+
+    def _answered(self) -> None:
+        self.unanswered -= 1
+        self._room.set()
+
     def reply(self, message: dict[str, Any]) -> None:
-        """Queue an answer to this client's own request."""
+        """Queue the answer owed to a frame (its place is given back once it is written)."""
         if self.closed:
+            self._answered()
             return
         self._replies.append(dumps(message))
         self._wake.set()
+
+    def _mark_closed(self) -> None:
+        """Nothing more will be sent: wake a reader waiting in :meth:`room`."""
+        self.closed = True
+        self._room.set()
 
     def offer(self, data: bytes) -> bool:
         """Queue a broadcast event without ever waiting; False if it was refused."""
@@ -155,8 +205,9 @@ class Outbox:
         Not left to the writer: a consumer that overflows is one whose writer is blocked in a send
         (the socket buffers are full), and it would never look at a flag.
         """
-        self.closed = True
+        self._mark_closed()
         self._events.clear()
+        self.unanswered -= len(self._replies)
         self._replies.clear()
         self._service.metrics.ws_disconnected.inc()
         self._closer = asyncio.get_running_loop().create_task(
@@ -194,7 +245,7 @@ class Outbox:
 
     async def shutdown(self) -> None:
         """Stop the writer and wait for a slow-consumer close in progress (bounded by the grace)."""
-        self.closed = True
+        self._mark_closed()
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.wait([self._writer])
@@ -211,17 +262,20 @@ class Outbox:
                 self._wake.clear()
                 while self._replies or self._events:
                     if self._replies:
-                        data = self._replies.popleft()
-                    else:
-                        if self._dropped:
-                            n, self._dropped = self._dropped, 0
-                            await ws.send_text(f'{{"type":"dropped","count":{n}}}')
-                        data = self._events.popleft()
+                        await ws.send_text(self._replies[0].decode())
+                        # popped once written: a reply counts against the bound until then
+                        self._replies.popleft()
+                        self._answered()
+                        continue
+                    if self._dropped:
+                        n, self._dropped = self._dropped, 0
+                        await ws.send_text(f'{{"type":"dropped","count":{n}}}')
+                    data = self._events.popleft()
                     await ws.send_text(data.decode())
         except (WebSocketDisconnect, RuntimeError, OSError):
-            self.closed = True
+            self._mark_closed()
         except asyncio.CancelledError:
-            self.closed = True
+            self._mark_closed()
             raise
 
 
@@ -230,7 +284,17 @@ class Hub:
 
     def __init__(self) -> None:
         self._topics: dict[str, set[Outbox]] = {}
+        self._connections: set[Outbox] = set()
         self.published = 0
+
+    def attach(self, outbox: Outbox) -> None:
+        """Count a connection in :meth:`stats` (until :meth:`detach`)."""
+        self._connections.add(outbox)
+
+    def detach(self, outbox: Outbox) -> None:
+        """Forget a closed connection: its subscriptions and its place in the stats."""
+        self.unsubscribe_all(outbox)
+        self._connections.discard(outbox)
 
     def subscribe(self, topic: str, outbox: Outbox) -> None:
         self._topics.setdefault(topic, set()).add(outbox)
@@ -273,10 +337,20 @@ class Hub:
         return sum(1 for outbox in list(subs) if outbox.offer(frame))
 
     def stats(self) -> dict[str, Any]:
-        """Subscribers per topic name: for the admin stats only (see :meth:`counts`)."""
+        """Subscribers per topic name: for the admin stats only (see :meth:`counts`). Also what
+        this worker's connections hold: requests unanswered (running, or answered and not yet
+        written) and bytes queued for their writers, the largest per connection and in all."""
+        conns = self._connections
+        unanswered = [c.unanswered for c in conns]
+        queued = [c.queued_bytes for c in conns]
         return {
             "topics": {t: len(s) for t, s in self._topics.items()},
             "published": self.published,
+            "connections": len(conns),
+            "unanswered": sum(unanswered),
+            "unanswered_max": max(unanswered, default=0),
+            "queued_bytes": sum(queued),
+            "queued_bytes_max": max(queued, default=0),
         }
 
 
@@ -293,6 +367,36 @@ def _valid_id(value: Any) -> bool:
         or (isinstance(value, str) and len(value) <= 256)
         or (isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53)
     )
+
+
+def _too_large(raw: str | bytes, limit: int) -> bool:
+    """Whether the frame is over ``limit`` bytes, as HTTP counts ``max_body_bytes``.
+
+    A text frame arrives decoded; its UTF-8 length (1 to 4 bytes a character) is computed only
+    when its length in characters cannot decide.
+    """
+    if isinstance(raw, bytes) or len(raw) > limit:
+        return len(raw) > limit
+    return len(raw) * 4 > limit and len(raw.encode("utf-8", "surrogatepass")) > limit
+
+
+def _leading_id(raw: str | bytes) -> Any:
+    """The id of a frame too large to parse, when it is the frame's first field; else None.
+
+    Bounded work: only the first :data:`_ID_PREFIX` characters are looked at, so the client can
+    still match the ``payload_too_large`` error to its request.
+    """
+    head = raw[:_ID_PREFIX]
+    found = _LEADING_ID.match(
+        head.encode("utf-8", "surrogatepass") if isinstance(head, str) else head
+    )
+    if found is None:
+        return None
+    try:
+        value = orjson.loads(found.group(1))
+    except orjson.JSONDecodeError:
+        return None
+    return value if _valid_id(value) else None
 
 
 def _fast_message(service: Service, raw: str | bytes) -> dict[str, Any] | None:
@@ -348,18 +452,20 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         maxsize=settings.ws_send_queue,
         policy=settings.ws_slow_consumer,
         service=service,
+        max_unanswered=settings.ws_max_inflight,
         transport=_server_transport(websocket),
     )
+    service.hub.attach(outbox)
     outbox.start()
-    slots = asyncio.Semaphore(settings.ws_max_inflight)
     tasks: set[asyncio.Task[None]] = set()
 
-    def _done(task: asyncio.Task[None]) -> None:
-        tasks.discard(task)
-        slots.release()
-
     try:
-        while not outbox.closed:
+        while True:
+            # backpressure: no frame is read while ws_max_inflight answers are owed (running, or
+            # queued for a client that does not read); each frame read gets exactly one reply
+            await outbox.room()
+            if outbox.closed:
+                break
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 break
@@ -368,10 +474,15 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                 raw = message.get("bytes")
             if raw is None:
                 continue
-            if len(raw) > settings.max_body_bytes:
+            outbox.owe()
+            if _too_large(raw, settings.max_body_bytes):
                 metrics.ws_messages.labels("invalid").inc()
                 outbox.reply(
-                    _error(None, "payload_too_large", f"message over {settings.max_body_bytes} B")
+                    _error(
+                        _leading_id(raw),
+                        "payload_too_large",
+                        f"message over {settings.max_body_bytes} B",
+                    )
                 )
                 continue
             data = _fast_message(service, raw)
@@ -391,7 +502,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                 outbox.reply(_error(None, "invalid_message", _ID_RULE))
                 continue
             kind = data.get("type")
-            metrics.ws_messages.labels(kind if kind in _KNOWN_TYPES else "other").inc()
+            known = isinstance(kind, str) and kind in _KNOWN_TYPES
+            metrics.ws_messages.labels(kind if known else "other").inc()
             if kind in ("predict", "prediction"):
                 model = data.get("model", data.get("model_id"))
                 if not _PREDICT_FIELDS.issuperset(data):  # as HTTP: a misspelt field is an error
@@ -409,12 +521,12 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                 if not isinstance(use_cache, bool):
                     outbox.reply(_error(msg_id, "invalid_message", "'use_cache' must be a boolean"))
                     continue
-                await slots.acquire()  # backpressure: stop reading while the connection is full
+                # its place (see Outbox.room) is given back once its answer is written
                 task = asyncio.create_task(
                     _predict_task(service, outbox, msg_id, model, data["input"], use_cache)
                 )
                 tasks.add(task)
-                task.add_done_callback(_done)
+                task.add_done_callback(tasks.discard)
             elif kind == "ping":
                 outbox.reply({"type": "pong", "id": msg_id})
             elif kind in ("subscribe", "unsubscribe"):
@@ -444,14 +556,13 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                     service.hub.unsubscribe(topic, outbox)
                 outbox.reply({"type": f"{kind}d", "id": msg_id, "topic": topic})
             else:
-                outbox.reply(
-                    _error(msg_id, "unknown_type", f"unknown message type {str(kind)[:40]!r}")
-                )
+                got = "no 'type'" if kind is None else f"unknown message type {str(kind)[:40]!r}"
+                outbox.reply(_error(msg_id, "unknown_type", f"{got}; expected {_TYPES_TEXT}"))
     except WebSocketDisconnect:
         pass
     finally:
         metrics.ws_closed()
-        service.hub.unsubscribe_all(outbox)
+        service.hub.detach(outbox)
         for task in list(tasks):
             task.cancel()
         await outbox.shutdown()
