@@ -66,7 +66,7 @@ _SERVE_FLAGS: dict[str, tuple[str, str]] = {
         "(default: admin disabled)",
     ),
     "api_token": ("--api-token", "bearer token required for predictions (default: none)"),
-    "ws_max_inflight": ("--ws-max-inflight", "concurrent predictions per WebSocket"),
+    "ws_max_inflight": ("--ws-max-inflight", "messages read, not yet answered, per WebSocket"),
     "ws_send_queue": ("--ws-send-queue", "messages buffered per WebSocket subscriber"),
     "ws_slow_consumer": ("--ws-slow-consumer", "drop_oldest or disconnect"),
     "torch_threads": ("--torch-threads", "torch intra-op threads per worker (default 1)"),
