@@ -681,6 +681,16 @@ async def test_stream_results_reach_subscribers(redis_url: str, tmp_path_factory
                     break
                 await asyncio.sleep(0.05)
             assert pending["pending"] == 0
+            # an entry without the "data" field: the error names the field (it said "expected
+            # float32 array of shape (784,), got dict", found in review)
+            await client.xadd("infercache:test:digits", {"payload": "[1, 2]"})
+            third = (await recv(conn, wait=20))["data"]
+            assert third["summary"]["count"] == 1 and third["summary"]["errors"] == 1
+            assert third["errors"]["0"] == (
+                "extract failed: InputError: expected the entry's 'data' field to hold the input "
+                "as JSON (an array, or an object with 'input'); got an object with the fields "
+                "'payload'"
+            )
             await client.aclose()
 
 

@@ -510,6 +510,14 @@ class Service:
         from infercache.streaming import RedisStreamSource, StreamProcessor, default_extract
 
         def extract(value: Any) -> Any:
+            if isinstance(value, dict) and "input" not in value:
+                # an entry without a "data" field arrives as its fields: "expected float32
+                # array ..., got dict" did not say which field was missing
+                names = ", ".join(repr(str(k)[:40]) for k in list(value)[:8])
+                raise InputError(
+                    "expected the entry's 'data' field to hold the input as JSON (an array, or "
+                    f"an object with 'input'); got an object with the fields {names or 'none'}"
+                )
             # the same conversion as HTTP inputs, so stream items and requests share cache keys
             return entry.coerce(default_extract(value))
 
