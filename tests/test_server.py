@@ -454,6 +454,14 @@ async def test_dashboard_and_docs(http: httpx.AsyncClient) -> None:
     schema = (await http.get("/openapi.json")).json()
     assert "/v1/models/{name}/predict" in schema["paths"]
     assert (await http.get("/")).json()["models"] == ["mlp", "sum", "odd"]
+    # FastAPI's own routes are labelled by their path, not "unmatched" (found in review); an
+    # unknown URL still is, so that no client can add a label per URL it makes up
+    await http.get("/no/such/page")
+    text = (await http.get("/metrics")).text
+    for route in ("/docs", "/openapi.json"):
+        assert f'infercache_http_requests_total{{route="{route}",status="200"}}' in text
+    assert 'infercache_http_requests_total{route="unmatched",status="404"}' in text
+    assert "/no/such/page" not in text
 
 
 async def test_a_tier_that_does_not_answer_is_named_at_start(tmp_path: Path) -> None:

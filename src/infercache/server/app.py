@@ -75,6 +75,10 @@ class _MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             path = scope.get("infercache.route") or getattr(scope.get("route"), "path", None)
+            if path is None and scope.get("endpoint") is not None and not scope.get("path_params"):
+                # a Starlette route (FastAPI's /docs, /openapi.json) notes no "route"; matched
+                # and without parameters, its path is its template: no label per URL
+                path = scope.get("path")
             path = path or "unmatched"
             app = scope.get("app")
             service = getattr(getattr(app, "state", None), "service", None)
