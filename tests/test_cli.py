@@ -190,6 +190,23 @@ def test_a_stream_naming_no_served_model_stops_serve_with_one_line(
     assert "Traceback" not in out.stderr
 
 
+def test_serve_check_loads_the_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It only found them: a factory missing from its module, or a declared spec a factory's
+    own ModelRunner cannot take, passed --check and stopped the real start (found in review)."""
+    _write_factories(tmp_path)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        for spec, said in (
+            ("ic_cli_models:no_such_factory", "has no attribute 'no_such_factory'"),
+            ("m=json:loads;shape=16", "cannot load"),
+        ):
+            assert main(["serve", "--check", "--model", spec]) == 2, spec
+            assert said in capsys.readouterr().err
+        assert main(["serve", "--check", "--model", "ic_cli_models:module"]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
 def test_a_factory_that_is_not_there_is_named_once() -> None:
     from infercache.server.service import load_model
 

@@ -220,9 +220,24 @@ def test_model_spec_declares_the_input_spec() -> None:
         ("m.pt;dtype=float33", "not a numpy dtype"),
         ("m.pt;min=low", "min 'low'"),
         ("m:f;dtype=str;shape=2", "takes no shape"),  # was shown, never applied
+        ("m:f;dtype=str;max=3", "a text input .* takes none"),  # was shown, never applied
     ]:
         with pytest.raises(ConfigError, match=match):
             load_settings({"models": [bad]}, env={})
+
+
+def test_the_server_gives_the_runner_only_the_fields_a_model_spec_declares() -> None:
+    """What is left out comes from the model (see test_models): a whole declared spec dropped
+    the graph's shape and dtype, and a text model's max_length (found in review)."""
+    from infercache.config import model_input_fields
+
+    assert model_input_fields("ids=emb.onnx;min=0;max=99") == {"min": 0.0, "max": 99.0}
+    assert model_input_fields("net=/m/net.pt;shape=3x224x224;dtype=uint8") == {
+        "shape": (3, 224, 224),
+        "dtype": "uint8",
+    }
+    assert model_input_fields("m:f;shape=()") == {"shape": ()}
+    assert model_input_fields("net=/m/net.pt") is None
 
 
 def test_a_file_shared_with_other_tools(tmp_path: Path) -> None:

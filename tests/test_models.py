@@ -37,8 +37,9 @@ def runner() -> ModelRunner:
     return demo_mlp(freeze_gc=False)
 
 
-def export_onnx(model: Any, path: Path) -> None:
-    """The MLP as an ONNX graph built with onnx.helper (no exporter dependencies)."""
+def export_onnx(model: Any, path: Path, batch: int | str = "n") -> None:
+    """The MLP as an ONNX graph built with onnx.helper (no exporter dependencies); ``batch`` an
+    int for a graph exported without a dynamic batch axis."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -56,8 +57,8 @@ def export_onnx(model: Any, path: Path) -> None:
     graph = helper.make_graph(
         nodes,
         "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 784])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 784])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])],
         inits,
     )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -249,6 +250,94 @@ def test_onnx_file(tmp_path: Path, mlp: Any) -> None:
     declared = ModelRunner.load(str(path), input_spec=InputSpec(shape=(784,), dtype="float32"),
                                 freeze_gc=False)  # fmt: skip
     assert declared.input_spec == InputSpec(shape=(784,), dtype="float32")
+
+
+@pytest.mark.parametrize("fixed", [1, 3])
+def test_an_onnx_graph_with_a_fixed_batch_is_served_in_runs_of_that_size(
+    tmp_path: Path, mlp: Any, fixed: int
+) -> None:
+    """torch.onnx.export without dynamic_axes fixes the batch axis (``[1, 784]``): the runner's
+    own warm-up batch of 2 was refused by the session, so the model could not load at all
+    (found in review). It now runs such a graph on runs of that many items."""
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / f"fixed{fixed}.onnx"
+    export_onnx(mlp, path, batch=fixed)
+    r = ModelRunner.load(str(path), freeze_gc=False)
+    assert r.input_spec == InputSpec(shape=(784,), dtype="float32")
+    assert r.describe()["fixed_batch"] == fixed
+    for n in (1, 2, 3, 7, 8):  # shorter, equal and longer than the fixed batch
+        np.testing.assert_allclose(
+            r.predict_batch(XS[:n]), reference(mlp, XS[:n]), rtol=1e-4, atol=1e-5
+        )
+
+
+def test_declared_spec_fields_replace_only_those_of_the_inferred_spec(
+    tmp_path: Path, mlp: Any
+) -> None:
+    """A declared spec used to replace the whole inferred one: ``;min=0;max=99`` on a graph
+    taking int64[6] lost its shape (and, with the float32 default, its dtype), so a wrong
+    length reached the model and came back a 500 (found in review)."""
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "mlp.onnx"
+    export_onnx(mlp, path)
+    r = ModelRunner.load(str(path), input_spec={"min": -1.0, "max": 1.0}, freeze_gc=False)
+    assert r.input_spec == InputSpec(shape=(784,), dtype="float32", min=-1.0, max=1.0)
+    with pytest.raises(InputError, match=r"shape \(784,\)"):
+        r.predict_single(np.zeros(10, np.float32))
+    with pytest.raises(InputError, match="above the maximum"):
+        r.predict_single(np.full(784, 2.0, np.float32))
+    with pytest.raises(ConfigError, match="not the ONNX graph's input dtype float32"):
+        ModelRunner.load(str(path), input_spec={"dtype": "int64"})
+    # a torch module: (in_features,) inferred, the declared dtype over it
+    t = ModelRunner(mlp, input_spec={"dtype": "float64"}, freeze_gc=False, warmup=False)
+    assert t.input_spec == InputSpec(shape=(784,), dtype="float64")
+    # a callable tells nothing: what is declared, over any shape of float32
+    c = ModelRunner(lambda b: b, version="1", input_spec={"max": 5.0}, freeze_gc=False)
+    assert c.input_spec == InputSpec(shape=None, dtype="float32", max=5.0)
+    # text over numbers: the shape and number limits do not carry over
+    assert ModelRunner(
+        lambda b: b, version="1", input_spec={"dtype": "str"}, freeze_gc=False, warmup=False
+    ).input_spec == InputSpec(shape=(), dtype="str")
+
+
+def test_runner_options_reach_what_they_describe(
+    tmp_path: Path, mlp: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: describe()["threads"] showed torch's process-wide count (the last
+    runner's); a factory returning an nn.Module got none of the server's options (threads, onnx,
+    jit), and "off" without a reason; MLP.ONNX was no model file."""
+    one = ModelRunner(mlp, threads=1, warmup=False, freeze_gc=False)
+    ModelRunner(mlp, threads=2, warmup=False, freeze_gc=False)
+    assert one.describe()["threads"] == 1
+    (tmp_path / "ic_runner_models.py").write_text(
+        "from infercache.models.demo import build_mlp\n"
+        "def module():\n    return build_mlp()\n"
+        "def callable_():\n    return lambda batch: batch\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    wrapped = ModelRunner.load(
+        "ic_runner_models:module", module_options={"threads": 2, "onnx": True}, freeze_gc=False
+    )
+    assert wrapped.describe()["threads"] == 2 and wrapped.describe()["onnx"] == "on"
+    plain = ModelRunner.load(  # not an nn.Module: the torch options do not apply
+        "ic_runner_models:callable_", module_options={"threads": 2, "onnx": True}, version="1",
+        freeze_gc=False,
+    )  # fmt: skip
+    assert plain.kind == "callable"
+    pytest.importorskip("onnxruntime")
+    upper = tmp_path / "MLP.ONNX"
+    export_onnx(mlp, upper)
+    assert ModelRunner.load(str(upper), freeze_gc=False).kind == "onnx"
+
+
+def test_a_device_torch_cannot_use_is_a_config_error(mlp: Any) -> None:
+    """Was torch's own AssertionError at the first forward, or its RuntimeError listing every
+    device type (found in review)."""
+    with pytest.raises(ConfigError, match="'bogus' is no torch device"):
+        ModelRunner(mlp, device="bogus", warmup=False, freeze_gc=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            ModelRunner(mlp, device="cuda", warmup=False, freeze_gc=False)
 
 
 def test_callable_runner_and_versions() -> None:

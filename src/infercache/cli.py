@@ -125,7 +125,9 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, (flag, text) in _BOOL_FLAGS.items():
         serve.add_argument(flag, dest=name, action="store_const", const=False, help=text)
     serve.add_argument(
-        "--check", action="store_true", help="validate the settings, print them and exit"
+        "--check",
+        action="store_true",
+        help="validate the settings, load the models, print the settings, exit",
     )
 
     bench = sub.add_parser("bench", help="load-test a running server (open or closed loop)")
@@ -170,12 +172,15 @@ def _serve(args: argparse.Namespace) -> int:
     # (`python -m infercache` has the working directory already). Workers inherit sys.path.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    from infercache.server.service import preflight
+    from infercache.server.service import load_models, preflight
 
     preflight(settings)  # --check too: a model or address a real start refuses must fail here
     if args.check:
         import json
 
+        # the models too: a factory that is not in its module, a declared spec the model
+        # refuses, a file ONNX Runtime cannot read, all passed a check that only found them
+        load_models(settings)
         print(json.dumps(settings.redacted(), indent=2))
         return 0
     from infercache.server.app import run

@@ -409,6 +409,9 @@ def _check_sqlite_dir(url: str) -> None:
     )
 
 
+#: model files ``--model`` takes (any case): ONNX, and TorchScript under its usual names
+MODEL_FILE_SUFFIXES = (".onnx", ".pt", ".pth", ".ts", ".jit")
+
 #: what may follow a model spec after ``;`` (InputSpec fields)
 _MODEL_OPTIONS = ("shape", "dtype", "min", "max")
 
@@ -435,11 +438,24 @@ def model_input_spec(spec: str) -> Any:
     joined by ``x`` (``*`` for any length, ``()`` for a scalar; left out: any shape), ``dtype``
     a numpy dtype or ``str`` (default float32), ``min``/``max`` inclusive value limits. Dimensions
     are joined by ``x``, not commas, because ``INFERCACHE_MODELS`` separates models by commas.
-    It replaces what the runner would infer, for a model that does not tell its input (a
-    TorchScript file that reshapes first, an ``nn.Module`` with its own ``forward``).
+    The server uses :func:`model_input_fields` instead: what is left out there comes from the
+    model.
     """
     _, _, options = _split_model_spec(spec)
     return _input_spec(spec, options) if options else None
+
+
+def model_input_fields(spec: str) -> dict[str, Any] | None:
+    """The :class:`~infercache.models.InputSpec` fields a model spec declares (checked as
+    :func:`model_input_spec` checks them), or None: given to the runner as overrides of what it
+    infers, so ``"ids=emb.onnx;min=0;max=99"`` keeps the graph's shape and int64 dtype (a whole
+    declared spec dropped them: the shape check was lost, and a wrong length became a 500 from
+    the model), and a text model keeps its ``max_length``."""
+    _, _, options = _split_model_spec(spec)
+    if not options:
+        return None
+    declared = _input_spec(spec, options)
+    return {key: getattr(declared, key) for key in options}
 
 
 def _split_model_spec(spec: str) -> tuple[str | None, str, dict[str, str]]:
@@ -470,7 +486,7 @@ def _split_model_spec(spec: str) -> tuple[str | None, str, dict[str, str]]:
     if not body:
         raise ConfigError(f"setting 'models': empty spec in {spec!r}")
     lower = body.lower()
-    if lower == "demo" or lower.endswith((".pt", ".pth", ".onnx", ".ts")):
+    if lower == "demo" or lower.endswith(MODEL_FILE_SUFFIXES):
         return name, body, options
     module, sep, attr = body.partition(":")
     if not sep or not module or not attr:
@@ -510,6 +526,11 @@ def _input_spec(spec: str, options: Mapping[str, str]) -> Any:
                 f"takes no shape, got shape={shape!r} in {spec!r}"
             )
     for key in ("min", "max"):
+        if key in options and options.get("dtype") in ("str", "text"):
+            raise ConfigError(
+                f"setting 'models': {key} limits numbers; a text input (dtype="
+                f"{options['dtype']}) takes none, got {key}={options[key]!r} in {spec!r}"
+            )
         if key in options:
             try:
                 kwargs[key] = _as_float("models", options[key])
@@ -677,10 +698,12 @@ def load_settings(
 __all__ = [
     "CONFIG_ENV",
     "ENV_PREFIX",
+    "MODEL_FILE_SUFFIXES",
     "SERVE_SETTINGS_ENV",
     "Settings",
     "build_settings",
     "load_settings",
+    "model_input_fields",
     "model_input_spec",
     "parse_model_spec",
     "parse_stream_spec",

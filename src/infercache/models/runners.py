@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import importlib
@@ -57,17 +58,18 @@ import inspect
 import io
 import os
 import re
+import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from infercache.errors import ConfigError, InputError, ModelError
+from infercache.errors import ConfigError, InputError, ModelError, one_line
 from infercache.models.spec import InputSpec
 
 __all__ = ["ModelRunner", "ensure_torch_threads", "freeze_gc"]
@@ -263,7 +265,15 @@ class _TorchBackend(_Backend):
         self.kind = kind
         self.threads = threads
         torch.set_num_threads(threads)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as exc:  # "bogus": torch's whole list of device types
+            raise ConfigError(
+                f"device {device!r} is no torch device ({one_line(str(exc))})"
+            ) from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            # torch said so only at the first forward, as an AssertionError
+            raise ConfigError(f"device {device!r}: this torch has no CUDA device to run on")
         module = module.eval()
         #: what the module as given tells of its input (before quantizing or compiling wraps it)
         self.input_spec = _torch_input_spec(module)
@@ -415,7 +425,7 @@ class _TorchBackend(_Backend):
             "quantized": self.quantized,
             "jit": self.jit,
             "onnx": self.onnx,
-            "threads": self._torch.get_num_threads(),
+            "threads": self.threads,  # torch.get_num_threads() is process-wide: the last runner's
         }
 
 
@@ -451,6 +461,11 @@ class _OnnxBackend(_Backend):
         self.output_name = self.session.get_outputs()[0].name
         self.digest = _file_digest(path)
         self.path = path
+        first = self.input_shape[0] if self.input_shape else None
+        #: the batch a graph exported without a dynamic batch axis takes (``[1, 3, 32, 32]``,
+        #: torch.onnx.export without dynamic_axes): any other count was refused by the session,
+        #: so the model could not even warm up
+        self.fixed_batch: int | None = first if isinstance(first, int) and first > 0 else None
 
     def inferred_spec(self) -> InputSpec | None:
         """The graph's first input: its dtype, and its shape past the batch axis (None when the
@@ -478,10 +493,25 @@ class _OnnxBackend(_Backend):
         return InputSpec(shape=dims, dtype=dtype)
 
     def forward(self, batch: Any) -> Any:
-        return self.session.run([self.output_name], {self.input_name: batch})[0]
+        n = self.fixed_batch
+        if n is None or len(batch) == n:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        # a fixed batch: runs of n items, the last one padded with copies of its last item,
+        # whose outputs are dropped (items of a batch are computed independently)
+        outs = []
+        for start in range(0, len(batch), n):
+            chunk = batch[start : start + n]
+            k = len(chunk)
+            if k < n:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], n - k, axis=0)])
+            outs.append(self.session.run([self.output_name], {self.input_name: chunk})[0][:k])
+        return np.concatenate(outs)
 
     def describe(self) -> dict[str, Any]:
-        return {"file": self.path.name}
+        out: dict[str, Any] = {"file": self.path.name}
+        if self.fixed_batch is not None:
+            out["fixed_batch"] = self.fixed_batch
+        return out
 
 
 class _CallableBackend(_Backend):
@@ -499,6 +529,19 @@ class _CallableBackend(_Backend):
 # -- the runner ----------------------------------------------------------------------------------
 
 
+def _override_spec(base: InputSpec | None, fields: Mapping[str, Any]) -> InputSpec:
+    """``base`` with ``fields`` replaced (see ModelRunner's ``input_spec``)."""
+    if base is None:
+        base = InputSpec(shape=None)
+    fields = dict(fields)
+    text = InputSpec(shape=(), dtype=fields["dtype"]).is_text if "dtype" in fields else None
+    if text is not None and text != base.is_text:  # what the other kind had does not apply
+        reset: dict[str, Any] = {"shape": () if text else None, "max_length": None}
+        reset.update({"min": None, "max": None} if text else {})
+        fields = {**reset, **fields}
+    return dataclasses.replace(base, **fields)
+
+
 class ModelRunner:
     """A model behind one small interface: validate, stack, forward, split.
 
@@ -513,7 +556,10 @@ class ModelRunner:
             see :func:`_torch_input_spec`: ``(in_features,)`` for a Linear-first Sequential,
             otherwise any shape of the weights' float dtype). A tensor model therefore always
             has a spec, and null, booleans, NaN and infinities never reach it; a callable
-            without one gets its inputs as they come.
+            without one gets its inputs as they come. A mapping of InputSpec fields instead
+            (``{"min": 0, "max": 99}``) replaces just those fields of the spec inferred so (of
+            any shape, float32, when nothing is inferred); a dtype that changes between text and
+            numbers without a shape resets the shape (``()`` for text, any for numbers).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
         threads: intra-op threads (torch, ONNX Runtime). 1 unless a core is free for each.
         warmup: run a few forwards at load (needs ``example_input`` or a fixed-shape spec).
@@ -534,7 +580,7 @@ class ModelRunner:
         *,
         name: str = "model",
         version: str | None = None,
-        input_spec: InputSpec | None = None,
+        input_spec: InputSpec | Mapping[str, Any] | None = None,
         device: str | None = None,
         threads: int = 1,
         warmup: bool = True,
@@ -555,22 +601,30 @@ class ModelRunner:
             model, device=device, threads=threads, compile=compile, quantize=quantize, kind=kind
         )
         self._backend = backend
-        if isinstance(backend, _OnnxBackend):
-            graph = backend.inferred_spec()
-            if input_spec is None:
-                input_spec = graph
-            elif graph is not None and np.dtype(graph.dtype) != np.dtype(input_spec.dtype):
-                # the session refuses any other dtype: every request would be a model_error
-                raise ConfigError(
-                    f"model {name!r}: the declared dtype {input_spec.dtype} is not the ONNX "
-                    f"graph's input dtype {graph.dtype}"
-                )
+        overrides: dict[str, Any] | None = None
+        if isinstance(input_spec, Mapping):
+            overrides, input_spec = dict(input_spec), None
+        graph = backend.inferred_spec() if isinstance(backend, _OnnxBackend) else None
+        if input_spec is None:
+            input_spec = graph
         if input_spec is None and example_input is not None and not isinstance(example_input, str):
             ex = np.asarray(example_input)
             if ex.dtype.kind in "biuf":
                 input_spec = InputSpec(shape=ex.shape, dtype=str(ex.dtype))
         if input_spec is None and isinstance(backend, _TorchBackend):
             input_spec = backend.input_spec
+        if overrides is not None:
+            input_spec = _override_spec(input_spec, overrides)
+        if (
+            graph is not None
+            and input_spec is not None
+            and (input_spec.is_text or np.dtype(graph.dtype) != np.dtype(input_spec.dtype))
+        ):
+            # the session refuses any other dtype: every request would be a model_error
+            raise ConfigError(
+                f"model {name!r}: the declared dtype {input_spec.dtype} is not the ONNX "
+                f"graph's input dtype {graph.dtype}"
+            )
         if input_spec is None and not isinstance(backend, _CallableBackend):
             # an ONNX input of a dtype numpy lacks: float32, as before, but checked
             input_spec = InputSpec(shape=None, dtype="float32")
@@ -652,11 +706,12 @@ class ModelRunner:
             path = Path(model)
             if not path.is_file():
                 raise ConfigError(f"model file not found: {path}")
-            if path.suffix == ".onnx":
+            suffix = path.suffix.lower()  # MODEL.ONNX is an ONNX file too
+            if suffix == ".onnx":
                 if compile or quantize:
                     raise ConfigError("compile/quantize apply to torch models, not ONNX")
                 return _OnnxBackend(path, device=device, threads=threads)
-            if path.suffix in (".pt", ".pth", ".ts", ".jit"):
+            if suffix in (".pt", ".pth", ".ts", ".jit"):
                 import torch
 
                 with warnings.catch_warnings():  # torch 2.9+ marks TorchScript deprecated
@@ -671,7 +726,10 @@ class ModelRunner:
                     digest=_file_digest(path),
                     kind="torchscript",
                 )
-            raise ConfigError(f"unknown model file type {path.suffix!r}: expected .pt or .onnx")
+            raise ConfigError(
+                f"unknown model file type {path.suffix!r}: expected .onnx, or .pt/.pth/.ts/.jit "
+                "(TorchScript)"
+            )
         try:
             import torch
         except ImportError:  # pragma: no cover - torch is an extra
@@ -690,15 +748,22 @@ class ModelRunner:
         )
 
     @classmethod
-    def load(cls, target: str, **kwargs: Any) -> ModelRunner:
+    def load(
+        cls, target: str, *, module_options: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> ModelRunner:
         """Load ``"package.module:factory"``, ``"model.pt"`` (TorchScript) or ``"model.onnx"``.
 
         A factory may return a ready ModelRunner (returned as is when no kwargs are given, else
         kwargs are passed to the factory), an ``nn.Module`` or a callable (wrapped with kwargs).
         A wrapped model is named after its factory (``mymodels:encoder`` serves ``encoder``)
         unless ``name`` is given: two factories must not both serve as ``"model"``.
+        ``module_options`` (``threads``, ``jit``, ``onnx``, ...) apply only when the factory
+        returns an ``nn.Module``: the server's own settings for the torch models it wraps.
         """
-        if target.endswith((".onnx", ".pt", ".pth", ".ts", ".jit")) or os.path.sep in target:
+        if (
+            target.lower().endswith((".onnx", ".pt", ".pth", ".ts", ".jit"))
+            or os.path.sep in target
+        ):
             return cls(target, **kwargs)
         module_name, sep, attr = target.partition(":")
         if not sep or not module_name or not attr:
@@ -716,6 +781,8 @@ class ModelRunner:
             takes_kwargs = False  # a factory without these parameters: they are for the runner
         name = kwargs.get("name") or attr
         if takes_kwargs:
+            if isinstance(kwargs.get("input_spec"), Mapping):  # a factory gets a whole spec
+                kwargs = {**kwargs, "input_spec": _override_spec(None, kwargs["input_spec"])}
             obj, kwargs = factory(**kwargs), {}
         else:
             obj = factory()
@@ -726,6 +793,10 @@ class ModelRunner:
                     f"({', '.join(sorted(kwargs))})"
                 )
             return obj
+        if module_options:
+            torch = sys.modules.get("torch")
+            if torch is not None and isinstance(obj, torch.nn.Module):
+                kwargs = {**module_options, **kwargs}
         return cls(obj, **{**kwargs, "name": name})
 
     # -- properties ------------------------------------------------------------------------------

@@ -23,7 +23,12 @@ from typing import Any, TypeVar
 import numpy as np
 import orjson
 
-from infercache.config import Settings, model_input_spec, parse_model_spec
+from infercache.config import (
+    MODEL_FILE_SUFFIXES,
+    Settings,
+    model_input_fields,
+    parse_model_spec,
+)
 from infercache.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -690,7 +695,7 @@ def preflight(settings: Settings) -> None:
         lower = body.lower()
         if lower == "demo":
             continue
-        if lower.endswith((".onnx", ".pt", ".pth", ".ts")):
+        if lower.endswith(MODEL_FILE_SUFFIXES):
             if not Path(body).is_file():
                 raise ConfigError(f"setting 'models': model file {body!r} does not exist")
             continue
@@ -835,21 +840,23 @@ def _check_postgres_answers_us(url: str) -> None:
 def load_model(spec: str, *, threads: int = 1, jit: bool = False, onnx: bool = False) -> Any:
     """A ModelRunner for one ``--model`` spec (see :func:`infercache.config.parse_model_spec`).
 
-    ``jit`` and ``onnx`` apply to the demo model and to TorchScript files; a ``module:factory``
-    builds its own runner with its own options.
+    ``threads``, ``jit`` and ``onnx`` apply to the demo model, to TorchScript files and to an
+    ``nn.Module`` a ``module:factory`` returns; a factory that builds its own runner keeps its own
+    options.
     """
     from infercache.models import ModelRunner
 
     name, body = parse_model_spec(spec)
     lower = body.lower()
-    declared = model_input_spec(spec)  # ";shape=...;dtype=..." after the spec, if any
-    options = {} if declared is None else {"input_spec": declared}
+    # ";shape=...;dtype=..." after the spec, if any: over what the model itself tells
+    declared = model_input_fields(spec)
+    options: dict[str, Any] = {} if declared is None else {"input_spec": declared}
     try:
         if lower == "demo":
             from infercache.models.demo import demo_mlp
 
             return demo_mlp(name=name or "mlp", threads=threads, jit=jit, onnx=onnx, **options)
-        if lower.endswith((".onnx", ".pt", ".pth", ".ts")):
+        if lower.endswith(MODEL_FILE_SUFFIXES):
             path = Path(body)
             if not path.is_file():
                 raise ConfigError(f"setting 'models': model file {body!r} does not exist")
@@ -862,7 +869,9 @@ def load_model(spec: str, *, threads: int = 1, jit: bool = False, onnx: bool = F
                 onnx=onnx and torch_file,
                 **options,
             )
-        runner = ModelRunner.load(body, **options)
+        # a factory's own ModelRunner keeps its options; a bare nn.Module gets the server's
+        module_options = {"threads": threads, "jit": jit, "onnx": onnx}
+        runner = ModelRunner.load(body, module_options=module_options, **options)
         if name:
             runner = _renamed(runner, name)
         return runner
