@@ -172,8 +172,10 @@ def _serve(args: argparse.Namespace) -> int:
     # (`python -m infercache` has the working directory already). Workers inherit sys.path.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    from infercache.server.logs import configure as configure_logging
     from infercache.server.service import load_models, preflight
 
+    configure_logging(settings.log_level)
     preflight(settings)  # --check too: a model or address a real start refuses must fail here
     if args.check:
         import json

@@ -30,6 +30,7 @@ from infercache.config import SERVE_SETTINGS_ENV, Settings, serve_settings_from_
 from infercache.errors import ConfigError, one_line
 from infercache.server.errors import ERROR_CODE_SCOPE_KEY, install_error_handlers
 from infercache.server.fastpath import InfercacheApp
+from infercache.server.logs import uvicorn_log_config
 from infercache.server.routes import router
 from infercache.server.service import (
     Service,
@@ -327,6 +328,7 @@ def _run_uvicorn(uvicorn: Any, settings: Settings, loop: str, http: Any) -> None
             loop=loop,
             http=http,
             log_level=settings.log_level,
+            log_config=uvicorn_log_config(settings.log_level),
             access_log=False,
             timeout_graceful_shutdown=5,
             # uvicorn types it int but only hands it to call_later: fractions work

@@ -169,11 +169,13 @@ def _tier_metrics(health: Mapping[str, Any]) -> Iterator[Any]:
     tiers: Mapping[str, Mapping[str, Any]] = health.get("tiers", {})
     up = GaugeMetricFamily(
         "infercache_tier_up",
-        "1 while a cache tier's circuit breaker lets calls through, 0 while it is open",
+        "1 while a cache tier's circuit breaker is closed (the tier answers), 0 while it is open "
+        "or half open (down, or one probe call testing whether it is back)",
         labels=["tier"],
     )
     for name, t in tiers.items():
-        up.add_metric([name], 0.0 if t["state"] == "open" else 1.0)
+        # half open is still down: it said 1 there, so an `== 0` alert flapped or never fired
+        up.add_metric([name], 1.0 if t["state"] == "closed" else 0.0)
     yield up
     for key, text in (
         ("hits", "lookups found in the tier"),
