@@ -545,3 +545,147 @@ async def test_a_generation_learned_by_event_survives_redis_and_a_restart(
             await a2.close()
     finally:
         await b3.close()
+
+
+def pg_and_redis(redis_url: str, pg_url: str, ns: str) -> MultiLevelCache:
+    """L1 + Redis + PostgreSQL, both quick to notice an outage and to come back."""
+    redis = RedisCache(
+        redis_url, namespace=ns, socket_timeout=0.5, connect_timeout=0.2, recovery_time=0.05
+    )
+    pg = SQLCache(pg_url, namespace=ns, timeout=0.5, failure_threshold=1, recovery_time=0.05)
+    return MultiLevelCache([MemoryCache(100), redis, pg])
+
+
+async def pg_generations(pg_url: str, ns: str) -> dict[str, int] | None:
+    """What PostgreSQL itself holds (None while it does not answer)."""
+    check = SQLCache(pg_url, namespace=ns, timeout=0.5, purge_interval=None)
+    try:
+        return await check.read_generations()
+    except TierError:
+        return None
+    finally:
+        await check.close()
+
+
+def key(gen: int) -> str:
+    return f"m:{gen}:x"  # (PostgreSQL text holds no NUL)
+
+
+async def test_a_bump_postgres_missed_is_stored_there_once_it_is_back(
+    fresh_redis: Any, postgres_server: Any
+) -> None:
+    """A user-acceptance review: with PostgreSQL down, invalidate(namespace=) reached Redis only
+    and PostgreSQL kept the old generation even once it was back; after Redis restarted empty a
+    fresh process loaded that old generation and served the retired entry from PostgreSQL. Now
+    the missed bump is owed to PostgreSQL and stored there as soon as it answers again."""
+    ns = f"owed{next(_ns)}"
+    a = pg_and_redis(fresh_redis.url, postgres_server.url, ns)
+    await a.start()
+    try:
+        g1 = await a.invalidate(namespace="m")
+        await a.set(key(g1), "retired")  # in Redis and PostgreSQL
+        postgres_server.stop()
+        try:
+            g2 = await a.invalidate(namespace="m")  # Redis only
+            assert g2 > g1
+        finally:
+            postgres_server.start()
+        # the process goes on running: PostgreSQL is repaired without another call
+        await wait_until(lambda: _eq(pg_generations(postgres_server.url, ns), {"m": g2}), limit=30)
+    finally:
+        await a.close()
+
+    fresh_redis.kill()
+    fresh_redis.start()  # empty, no persistence
+    b = pg_and_redis(fresh_redis.url, postgres_server.url, ns)
+    await b.start()
+    try:
+        assert b.generation("m") == g2
+        assert await b.get(key(b.generation("m"))) is None
+        # only the generation keeps the retired entry out: it still sits in PostgreSQL
+        assert await b.tiers[2].get(key(g1)) == "retired"
+    finally:
+        await b.close()
+
+
+async def test_a_bump_learned_by_event_is_stored_by_the_process_that_is_still_running(
+    fresh_redis: Any, postgres_server: Any
+) -> None:
+    """The process that bumped while PostgreSQL was down is gone before it comes back (its
+    close cannot store the bump either): another process, which learned the bump by event while
+    PostgreSQL was down, stores it there once PostgreSQL answers."""
+    ns = f"owedev{next(_ns)}"
+    a = pg_and_redis(fresh_redis.url, postgres_server.url, ns)
+    c = pg_and_redis(fresh_redis.url, postgres_server.url, ns)
+    await a.start()
+    await c.start()
+    try:
+        g1 = await a.invalidate(namespace="m")
+        await a.set(key(g1), "retired")
+        await wait_until(lambda: c.generation("m") == g1)
+        postgres_server.stop()
+        try:
+            g2 = await a.invalidate(namespace="m")
+            await wait_until(lambda: c.generation("m") == g2)
+            await a.close()  # PostgreSQL still down: a cannot store it
+            await asyncio.sleep(0.3)  # c tries (and fails) in the background meanwhile
+            assert await pg_generations(postgres_server.url, ns) is None
+        finally:
+            postgres_server.start()
+        await wait_until(lambda: _eq(pg_generations(postgres_server.url, ns), {"m": g2}), limit=30)
+    finally:
+        await a.close()
+        await c.close()
+
+    fresh_redis.kill()
+    fresh_redis.start()
+    b = pg_and_redis(fresh_redis.url, postgres_server.url, ns)
+    await b.start()
+    try:
+        assert b.generation("m") == g2
+        assert await b.get(key(b.generation("m"))) is None
+    finally:
+        await b.close()
+
+
+async def test_a_store_down_at_start_is_read_once_it_is_back(
+    fresh_redis: Any, postgres_server: Any
+) -> None:
+    """A process that started while PostgreSQL was down (and Redis had restarted empty) knew
+    generation 0 only; once PostgreSQL was back it served the entries of generation 0 that a
+    bump had retired, and Redis was never told. Now the store that missed the load is read when
+    it answers again: the process moves on to its generation and repairs Redis."""
+    ns = f"unread{next(_ns)}"
+    a = pg_and_redis(fresh_redis.url, postgres_server.url, ns)
+    try:
+        g0 = a.generation("m")
+        await a.set(key(g0), "retired")
+        g1 = await a.invalidate(namespace="m")
+    finally:
+        await a.close()
+    fresh_redis.kill()
+    fresh_redis.start()  # empty
+    postgres_server.stop()
+    b = pg_and_redis(fresh_redis.url, postgres_server.url, ns)
+    try:
+        try:
+            await b.start()
+            assert b.generation("m") == g0  # all it can know for now
+        finally:
+            postgres_server.start()
+        await wait_until(lambda: b.generation("m") == g1, limit=30)
+        assert await b.get(key(b.generation("m"))) is None
+        redis = RedisCache(fresh_redis.url, namespace=ns)
+        try:
+            await wait_until(lambda: _eq(redis.read_generations(), {"m": g1}))
+        finally:
+            await redis.close()
+    finally:
+        await b.close()
+
+
+async def _eq(got: Any, want: Any) -> bool:
+    try:
+        return bool(await got == want)
+    except TierError:
+        return False

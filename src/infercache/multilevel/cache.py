@@ -241,7 +241,7 @@ class MultiLevelCache:
         for candidate in [coordinator, *(slot.tier for slot in self._remote)]:
             if isinstance(candidate, GenerationStore) and all(candidate is not s for s in stores):
                 stores.append(candidate)
-        self._generations = Generations(stores)
+        self._generations = Generations(stores, announce=self._announce)
         self._event_log = events if coordinator is None else None
         self._events = EventBus(
             coordinator or events,
@@ -332,6 +332,7 @@ class MultiLevelCache:
         self._started = False  # so every lazy start() says it is closed
         await self._bg.cancel_all()
         await self._events.stop()
+        await self._generations.close()  # generations a store missed: one last try
         if self.close_tiers:
             for slot in self._remote:
                 with contextlib.suppress(Exception):
