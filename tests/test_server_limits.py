@@ -106,6 +106,23 @@ async def test_small_body_limit(http: httpx.AsyncClient) -> None:
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
+@pytest.mark.parametrize("transport", ["http", "ws"])
+def test_bench_takes_the_api_token(
+    server: ServerProcess, transport: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`infercache bench` against a server with --api-token got 401 on every request: it had
+    no way to send one (found in review)."""
+    from infercache.cli import main
+
+    # --dim 4: the body limit here is 4 KiB
+    argv = ["bench", "--url", server.url, "--model", "slow", "--transport", transport,
+            "--mode", "closed", "--concurrency", "1", "--duration", "0.3",
+            "--warmup", "0", "--dim", "4"]  # fmt: skip
+    assert main([*argv, "--token", TOKEN, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] > 0
+    assert main(argv) != 0  # without it: refused, and said so
+
+
 async def test_health_answers_head_too(server: ServerProcess) -> None:
     """Load balancers' health checks may use HEAD: it was 405 (found in review)."""
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:

@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import secrets
 import sys
 import time
@@ -207,15 +208,18 @@ def _check_loopback(url: str) -> tuple[str, int, str]:
 class HTTPTarget:
     """POSTs ``{"input": ...}`` bodies to one URL over a pool of keep-alive connections."""
 
-    def __init__(self, url: str, inputs: Inputs, *, max_connections: int = 256) -> None:
+    def __init__(
+        self, url: str, inputs: Inputs, *, max_connections: int = 256, token: str | None = None
+    ) -> None:
         self.host, self.port, self.path = _check_loopback(url)
         self.inputs = inputs
         self.max_connections = max_connections
         self._free: list[_HTTPConn] = []
         self._open = 0
         self._waiting: deque[asyncio.Future[_HTTPConn | None]] = deque()
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
         self._head = (
-            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{auth}"
             "Content-Type: application/json\r\nContent-Length: "
         ).encode()
 
@@ -292,9 +296,18 @@ class HTTPTarget:
 class WSTarget:
     """Sends predict messages over ``connections`` WebSockets, many in flight each, by id."""
 
-    def __init__(self, url: str, model: str, inputs: Inputs, *, connections: int = 4) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        inputs: Inputs,
+        *,
+        connections: int = 4,
+        token: str | None = None,
+    ) -> None:
         _check_loopback(url)
         self.url = url
+        self.token = token
         self.model = model
         self.inputs = inputs
         self.n = connections
@@ -309,7 +322,10 @@ class WSTarget:
         from websockets.asyncio.client import connect
 
         for _ in range(self.n):
-            ws = await connect(self.url, max_size=2**24, compression=None)
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+            ws = await connect(
+                self.url, max_size=2**24, compression=None, additional_headers=headers
+            )
             self._conns.append(ws)
             self._readers.append(asyncio.create_task(self._read(ws)))
 
@@ -390,6 +406,7 @@ async def run_load(
     ws_connections: int = 4,
     name: str = "",
     path: str | None = None,
+    token: str | None = None,
 ) -> RunResult:
     """One bounded load run against ``url`` (server base URL). Returns a :class:`RunResult`.
 
@@ -397,6 +414,7 @@ async def run_load(
     ``{"input": [...]}``. Requests started during ``warmup`` seconds are not recorded.
     ``max_requests`` bounds the requests recorded, not counting warm-up: a budget that warm-up
     could spend left a short run with nothing measured. Warm-up sends at most as many again.
+    ``token``: the server's ``--api-token``, sent as a bearer token (HTTP and WebSocket).
     """
     if mode not in ("open", "closed") or transport not in ("http", "ws"):
         raise ValueError("mode must be open/closed and transport http/ws")
@@ -418,11 +436,14 @@ async def run_load(
     ws: WSTarget | None = None
     if transport == "http":
         http = HTTPTarget(
-            base + (path or f"/v1/models/{model}/predict"), inputs, max_connections=connections
+            base + (path or f"/v1/models/{model}/predict"),
+            inputs,
+            max_connections=connections,
+            token=token,
         )
     else:
         ws_url = "ws" + base[len("http") :] + "/v1/ws"
-        ws = WSTarget(ws_url, model, inputs, connections=ws_connections)
+        ws = WSTarget(ws_url, model, inputs, connections=ws_connections, token=token)
         await ws.start()
 
     clock = time.perf_counter
@@ -612,6 +633,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="at most N requests recorded (warm-up not counted; it sends at most N more)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("INFERCACHE_API_TOKEN"),
+        help="the server's --api-token (default: $INFERCACHE_API_TOKEN)",
+    )
 
 
 def run_async(coro: Coroutine[Any, Any, RunResult]) -> RunResult:
@@ -716,6 +742,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                 warmup=args.warmup,
                 inputs=inputs,
                 max_requests=args.max_requests,
+                token=args.token,
             )
         )
     except (OSError, WebSocketException) as exc:  # the WebSockets open before the run
