@@ -25,7 +25,10 @@ listen on it (:func:`shared_port_socket`); each worker's loop, handed that socke
 of its own bound to the same address (SO_REUSEPORT), and the kernel spreads new connections over
 the workers' sockets by a hash of their addresses. Each worker then accepts greedily from its own
 queue. The cost, as with nginx's ``reuseport``: connections waiting in the queue of a worker that
-dies are reset, where a shared queue would have handed them to another worker.
+dies are reset, where a shared queue would have handed them to another worker. A worker that shuts
+down (SIGTERM) therefore accepts what waits in its queue before it closes its socket
+(:meth:`GreedyServer.close`), and tells each connection it hands over after that to shut down as
+uvicorn told the others.
 """
 
 from __future__ import annotations
@@ -265,11 +268,17 @@ class GreedyServer(asyncio.AbstractServer):
         await asyncio.shield(self._closed)
 
     def close(self) -> None:
-        """Stop accepting; connections already accepted stay open (as asyncio's close())."""
-        for sock in self._socks:
+        """Stop accepting; connections already accepted stay open (as asyncio's close()).
+
+        Connections whose handshake is done wait in the socket's queue: closing it resets them,
+        and their clients may have sent a request already. They are accepted first, and like
+        every connection handed over from now on (:meth:`_connect`) told to shut down.
+        """
+        socks, self._socks = self._socks, []
+        for sock in socks:
             self._loop.remove_reader(sock.fileno())
+            self._accept(sock)
             sock.close()
-        self._socks = []
         if not self._closed.done():
             self._closed.set_result(None)
 
@@ -309,7 +318,15 @@ class GreedyServer(asyncio.AbstractServer):
     async def _connect(self, conn: socket.socket) -> None:
         try:
             # uvloop's transport takes the socket over (it closes it with the connection)
-            await self._loop.connect_accepted_socket(self._factory, conn)
+            _transport, protocol = await self._loop.connect_accepted_socket(self._factory, conn)
         except OSError as exc:  # the client went away between accept() and here
             log.debug("accepted connection lost before it started: %s", exc)
             conn.close()
+            return
+        if not self._socks and callable(shutdown := getattr(protocol, "shutdown", None)):
+            # The server closed while this connection was on its way to its protocol: uvicorn's
+            # shutdown, which closes the server and then tells each open connection to finish,
+            # did not see it. Untold, it went on being served keep-alive for all of
+            # timeout_graceful_shutdown (a worker took 6 s to stop, answering a client
+            # thousands of requests meanwhile), then the worker exited under its last request.
+            shutdown()
