@@ -498,7 +498,7 @@ async def test_stopping_gives_up_on_a_reader_that_ignores_cancellation_and_logs(
     try:
         with caplog.at_level("WARNING", logger="infercache.streaming"):
             took = await _within(5, gen.aclose())
-        assert 0.3 <= took < 2
+        assert took >= 0.3  # it waited stop_timeout; _within bounds the rest (no timing test)
         assert "did not stop within 0.3 s" in caplog.text
     finally:
         release.set()  # the abandoned reader ends with its source

@@ -586,7 +586,9 @@ async def test_a_client_that_sends_but_never_reads_is_held_to_ws_max_inflight(
             await other.send(json.dumps({"type": "predict", "id": 1, "model": "mlp", "input": x}))
             answer = await recv(other)
             assert answer["type"] == "prediction" and answer["cached"] is True, answer
-            assert time.monotonic() - started < 2.0
+            # served while the flooding client is held, not after it: a bound, not a timing
+            # (generous for a loaded CI machine)
+            assert time.monotonic() - started < 10.0
             stats = await _ws_stats(server.url)
         if rss_before is not None and rss_after is not None:  # unbounded: hundreds of MB here
             assert rss_after - rss_before < 100, (rss_before, rss_after)
