@@ -167,11 +167,12 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _serve_settings(args)
     for line in unknown_env():
         print(f"infercache: {line}", file=sys.stderr)
-    # `--model mymodels:encoder` names a module in the current directory, as uvicorn's
-    # `--app-dir .` does; a console script's sys.path starts at its own bin/ directory
-    # (`python -m infercache` has the working directory already). Workers inherit sys.path.
+    # `--model mymodels:encoder` names a module in the current directory (as uvicorn's
+    # `--app-dir .`); a console script's sys.path starts at its own bin/ directory (`python -m
+    # infercache` has the working directory already). Appended, not first: a stray fastapi.py
+    # here must not replace the installed one. Workers inherit sys.path.
     if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())
     from infercache.server.logs import configure as configure_logging
     from infercache.server.service import load_models, preflight
 
