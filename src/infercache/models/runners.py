@@ -529,6 +529,11 @@ class _CallableBackend(_Backend):
 # -- the runner ----------------------------------------------------------------------------------
 
 
+#: TorchScript files, by their usual names (config.MODEL_FILE_SUFFIXES lists them too, with
+#: .onnx: config is above models and keeps numpy out of its imports, so it cannot import these)
+_TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit")
+
+
 def _override_spec(base: InputSpec | None, fields: Mapping[str, Any]) -> InputSpec:
     """``base`` with ``fields`` replaced (see ModelRunner's ``input_spec``)."""
     if base is None:
@@ -711,7 +716,7 @@ class ModelRunner:
                 if compile or quantize:
                     raise ConfigError("compile/quantize apply to torch models, not ONNX")
                 return _OnnxBackend(path, device=device, threads=threads)
-            if suffix in (".pt", ".pth", ".ts", ".jit"):
+            if suffix in _TORCHSCRIPT_SUFFIXES:
                 import torch
 
                 with warnings.catch_warnings():  # torch 2.9+ marks TorchScript deprecated
@@ -760,10 +765,7 @@ class ModelRunner:
         ``module_options`` (``threads``, ``jit``, ``onnx``, ...) apply only when the factory
         returns an ``nn.Module``: the server's own settings for the torch models it wraps.
         """
-        if (
-            target.lower().endswith((".onnx", ".pt", ".pth", ".ts", ".jit"))
-            or os.path.sep in target
-        ):
+        if target.lower().endswith((".onnx", *_TORCHSCRIPT_SUFFIXES)) or os.path.sep in target:
             return cls(target, **kwargs)
         module_name, sep, attr = target.partition(":")
         if not sep or not module_name or not attr:

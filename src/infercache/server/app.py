@@ -127,7 +127,7 @@ def create_app(
             else:
                 service = service_from_predictors(given, settings, cache=cache, monitor=monitor)
             try:
-                service.stream_plan()  # a stream naming no served model stops the start here
+                streams = service.stream_plan()  # one naming no served model stops the start
             except ConfigError:
                 await service.close()
                 raise
@@ -140,7 +140,7 @@ def create_app(
             raise
         app.state.service = service
         await service.start_relay()
-        service.start_streams()
+        service.start_streams(streams)
         warm = asyncio.create_task(service.warm_up(), name="infercache-warmup")
         if banner:
             _print_banner(service)

@@ -499,9 +499,10 @@ class Service:
                 ) from None
         return plan
 
-    def start_streams(self) -> None:
-        """Start one StreamProcessor per ``streams`` setting (Redis Stream -> model -> topic)."""
-        for topic, entry, key in self.stream_plan():
+    def start_streams(self, plan: Sequence[tuple[str, ModelEntry, str]]) -> None:
+        """Start one StreamProcessor per entry of :meth:`stream_plan` (Redis Stream -> model ->
+        topic)."""
+        for topic, entry, key in plan:
             task = asyncio.create_task(
                 self._run_stream(topic, entry, key), name=f"infercache-stream-{topic}"
             )
