@@ -64,6 +64,8 @@ from typing import Any
 
 import numpy as np
 
+from infercache.aio import raise_if_cancel_requested, stop_task
+
 __all__ = [
     "RedisStreamSource",
     "StreamItem",
@@ -75,27 +77,6 @@ __all__ = [
 log = logging.getLogger("infercache.streaming")
 
 _END = object()
-
-#: While stopping the reader, the cancellation is repeated this often: long enough for a reader's
-#: own cleanup after a delivered cancellation (redis-py closing its connection) to finish
-#: uninterrupted, short enough that a lost one costs a fraction of a second.
-_RECANCEL_EVERY_S = 0.5
-
-
-def _raise_if_cancel_requested() -> None:
-    """Raise CancelledError if the current task was asked to cancel and is still running.
-
-    A cancellation normally arrives as CancelledError at an ``await``. Code below that ``await``
-    can lose it: Python 3.11's ``asyncio.wait_for`` returns the inner result when the outer task
-    is cancelled just as the inner call completes (fixed in 3.12, where it is built on
-    ``asyncio.timeout``), and redis-py sends every command through ``wait_for`` when the client
-    has a ``socket_timeout`` (5 s by default). The task's ``cancelling()`` count still records
-    the request (only ``uncancel()``, which code that suppresses a cancellation on purpose must
-    call, clears it), so a loop that checks it before its next round ends as it was asked to.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError()
 
 
 @dataclass(slots=True)
@@ -423,32 +404,24 @@ class StreamProcessor:
         """Cancel the reader task and wait for it to end, at most ``stop_timeout`` seconds.
 
         A bare ``reader.cancel(); await reader`` waited forever when the cancellation was lost
-        below the reader (see :func:`_raise_if_cancel_requested`): the reader went on reading and
-        nothing cancelled it again. So the cancellation is repeated every ``_RECANCEL_EVERY_S``
-        while waiting, and a reader that still has not ended after ``stop_timeout`` is left
-        behind with a warning rather than block the consumer's exit. Either way nothing is lost:
-        entries the reader delivered and no window acknowledged stay pending in the consumer
-        group, re-read by this consumer when it restarts or claimed by another.
+        below the reader (see :mod:`infercache.aio`): the reader went on reading and
+        nothing cancelled it again. So :func:`~infercache.aio.stop_task` repeats the
+        cancellation while waiting, and a reader that still has not ended after ``stop_timeout``
+        is left behind with a warning rather than block the consumer's exit. Either way nothing
+        is lost: entries the reader delivered and no window acknowledged stay pending in the
+        consumer group, re-read by this consumer when it restarts or claimed by another.
 
-        Waiting with :func:`asyncio.wait` neither raises the reader's outcome nor swallows a
-        cancellation of the consumer itself (``suppress(BaseException)`` around ``await reader``
-        did both), so cancelling a consumer that is stopping still cancels it.
+        stop_task neither raises the reader's outcome (a failure was already queued for the
+        consumer) nor swallows a cancellation of the consumer itself (``suppress(BaseException)``
+        around ``await reader`` did both), so cancelling a consumer that is stopping still
+        cancels it.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.stop_timeout
-        while not reader.done():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                log.warning(
-                    "stream reader did not stop within %.3g s of being cancelled; left behind "
-                    "(entries it read and nobody acknowledged stay pending)",
-                    self.stop_timeout,
-                )
-                return
-            reader.cancel()
-            await asyncio.wait((reader,), timeout=min(remaining, _RECANCEL_EVERY_S))
-        if not reader.cancelled():
-            reader.exception()  # retrieved: a failure was already queued for the consumer
+        if not await stop_task(reader, give_up_after=self.stop_timeout):
+            log.warning(
+                "stream reader did not stop within %.3g s of being cancelled; left behind "
+                "(entries it read and nobody acknowledged stay pending)",
+                self.stop_timeout,
+            )
 
     def _next_timeout(self, window_deadline: float | None) -> float | None:
         timeouts = []
@@ -462,7 +435,7 @@ class StreamProcessor:
         """Reader task: fills the bounded queue, blocking when it is full (backpressure)."""
         try:
             async for raw in source:
-                _raise_if_cancel_requested()  # a cancellation the source lost: stop here
+                raise_if_cancel_requested()  # a cancellation the source lost: stop here
                 item = raw if isinstance(raw, StreamItem) else StreamItem(raw)
                 await queue.put(item)
         except asyncio.CancelledError:
@@ -675,7 +648,7 @@ class RedisStreamSource:
     async def _own_pending(self) -> AsyncIterator[StreamItem]:
         last = "0"
         while True:
-            _raise_if_cancel_requested()
+            raise_if_cancel_requested()
             resp = await self.redis.xreadgroup(
                 self.group, self.consumer, {self.stream: last}, count=self.count
             )
@@ -689,7 +662,7 @@ class RedisStreamSource:
     async def _claim(self) -> AsyncIterator[StreamItem]:
         cursor: Any = "0-0"
         while True:
-            _raise_if_cancel_requested()
+            raise_if_cancel_requested()
             resp = await self.redis.xautoclaim(
                 self.stream,
                 self.group,
@@ -725,7 +698,7 @@ class RedisStreamSource:
             # Every round starts with a Redis command that redis-py may send through Python
             # 3.11's wait_for, which can lose a cancellation; without this check a cancelled
             # consumer went on issuing XREADGROUP ... BLOCK forever (see the function).
-            _raise_if_cancel_requested()
+            raise_if_cancel_requested()
             resp = await self.redis.xreadgroup(
                 self.group,
                 self.consumer,

@@ -24,6 +24,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from infercache.aio import stop_task
 from infercache.tiers.base import Coordinator, GenerationStore
 
 __all__ = ["EventBus", "Generations"]
@@ -195,11 +196,7 @@ class Generations:
         Call it before the stores are closed."""
         self._closed = True
         task, self._repairer = self._repairer, None
-        if task is not None and not task.done() and not task.get_loop().is_closed():
-            task.cancel()
-            if task.get_loop() is asyncio.get_running_loop():
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await stop_task(task)
         if self.owed:
             with contextlib.suppress(Exception):
                 await self.repair()

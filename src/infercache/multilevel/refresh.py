@@ -7,11 +7,11 @@ background tasks are owned by :class:`Background`, which MultiLevelCache cancels
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from infercache.aio import stop_task
 from infercache.multilevel.singleflight import Loader, call_loader
 from infercache.tiers.base import validate_ttl
 
@@ -37,8 +37,7 @@ class Background:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await stop_task(task)
 
 
 class RefreshAhead:

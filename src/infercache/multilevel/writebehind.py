@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+from infercache.aio import stop_task
 from infercache.errors import EncodeError, Overloaded
 from infercache.multilevel.slots import Slot, each_remote, eff_ttl, log_tier_error, set_items
 from infercache.tiers.base import MISSING
@@ -234,9 +235,7 @@ class WriteBehind:
             # Python 3.11's wait_for swallows a cancellation that races with its inner wait.
             if self._wake is not None:
                 self._wake.set()
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._flusher
+            await stop_task(self._flusher)
             self._flusher = None
 
     def stats(self) -> dict[str, Any]:

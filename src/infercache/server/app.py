@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infercache import __version__
+from infercache.aio import stop_task
 from infercache.config import SERVE_SETTINGS_ENV, Settings, serve_settings_from_env
 from infercache.errors import ConfigError, one_line
 from infercache.server.errors import ERROR_CODE_SCOPE_KEY, install_error_handlers
@@ -147,9 +148,7 @@ def create_app(
         try:
             yield
         finally:
-            warm.cancel()
-            with contextlib.suppress(BaseException):
-                await warm
+            await stop_task(warm)
             await service.close()
 
     extra: dict[str, Any] = {}

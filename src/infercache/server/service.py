@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 import orjson
 
+from infercache.aio import stop_task
 from infercache.config import (
     MODEL_FILE_SUFFIXES,
     Settings,
@@ -610,8 +611,7 @@ class Service:
         for task in self.stream_tasks:
             task.cancel()
         for task in self.stream_tasks:
-            with contextlib.suppress(BaseException):
-                await task
+            await stop_task(task)
         for entry in self.models.values():
             # The Predictor drains its model batcher and flushes its pending cache writes; a
             # ready-made Predictor given a batcher of the caller's leaves that one to its owner.

@@ -19,7 +19,6 @@ library logs or does not (redis-py logs nothing).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import threading
@@ -27,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from infercache.aio import stop_task
 from infercache.errors import ConfigError, TierError, TierUnavailable
 
 __all__ = ["CircuitBreaker"]
@@ -203,12 +203,7 @@ class CircuitBreaker:
         """Stop the background probe (idempotent)."""
         self._closed = True
         prober, self._prober = self._prober, None
-        if prober is None or prober.done() or prober.get_loop().is_closed():
-            return  # a task of a closed loop can be neither cancelled nor awaited
-        prober.cancel()
-        if prober.get_loop() is asyncio.get_running_loop():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await prober
+        await stop_task(prober)
 
     async def run(
         self,

@@ -25,6 +25,8 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 
+from infercache.aio import stop_task
+
 __all__ = ["SQLiteEventLog"]
 
 log = logging.getLogger(__name__)
@@ -164,9 +166,7 @@ class SQLiteEventLog:
         self._tasks.append(task)
 
         async def stop() -> None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
             with contextlib.suppress(ValueError):
                 self._tasks.remove(task)
 
@@ -174,9 +174,7 @@ class SQLiteEventLog:
 
     async def close(self) -> None:
         for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
         self._tasks.clear()
         if self._conn is not None:
             conn, self._conn = self._conn, None

@@ -51,6 +51,7 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
+from infercache.aio import stop_task
 from infercache.codec import Codec
 from infercache.errors import ConfigError, TierError
 from infercache.tiers.base import (
@@ -479,7 +480,7 @@ class RedisCache:
             return
         self._closed = True  # the listeners check it too (see subscribe())
         for task in self._subscribers:
-            await _stop_listener(task)
+            await stop_task(task)  # a cancellation can be lost in get_message on 3.11
         self._subscribers.clear()
         with contextlib.suppress(Exception):
             await self._client.aclose()
@@ -651,18 +652,8 @@ class RedisCache:
         async def stop() -> None:
             nonlocal stopped
             stopped = True
-            await _stop_listener(task)
+            await stop_task(task)  # a cancellation can be lost in get_message on 3.11
             if task in self._subscribers:
                 self._subscribers.remove(task)
 
         return stop
-
-
-async def _stop_listener(task: asyncio.Task[None]) -> None:
-    """Cancel a subscriber task until it ends: a cancellation can be swallowed inside redis-py's
-    get_message on Python 3.11 (see RedisCache.subscribe), so one cancel() is not enough."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=1.5)
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task

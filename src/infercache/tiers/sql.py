@@ -53,6 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
+from infercache.aio import raise_if_cancel_requested, stop_task
 from infercache.codec import Codec
 from infercache.errors import ConfigError, TierError
 from infercache.tiers.base import (
@@ -1110,10 +1111,7 @@ class _KeyFilter:
 
     async def stop(self) -> None:
         self._epoch += 1
-        if self._loader is not None and not self._loader.done():
-            self._loader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._loader
+        await stop_task(self._loader)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -1343,8 +1341,9 @@ class SQLCache:
             self._filter.observe(others, joined)
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(self.WRITER_HEARTBEAT_S)
+            raise_if_cancel_requested()
             try:
                 await self._beat()
             except Exception:  # never let the heartbeat die silently
@@ -1352,8 +1351,9 @@ class SQLCache:
 
     async def _purge_loop(self) -> None:
         assert self.purge_interval is not None
-        while True:
+        while not self._closed:
             await asyncio.sleep(self.purge_interval)
+            raise_if_cancel_requested()
             try:
                 await self.purge_expired()
             except TierError as exc:
@@ -1570,11 +1570,10 @@ class SQLCache:
         self._closed = True
         if self._filter is not None:
             await self._filter.stop()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._heartbeat
-            self._heartbeat = None
+        # Cancelled again until it ends: a cancellation that lands as a bounded beat completes
+        # is lost in Python 3.11's wait_for, and the loop beat on while close() waited forever.
+        await stop_task(self._heartbeat)
+        self._heartbeat = None
         if self._announced and isinstance(self.backend, _SQLiteBackend):
             # behind our last writes on the writer thread: whoever sees the row gone and reloads
             # its key filter reads them all
@@ -1582,11 +1581,8 @@ class SQLCache:
                 await self.backend.leave(self._writer_id)
             except Exception as exc:  # it goes stale in WRITER_STALE_S anyway
                 log.debug("%s: writer row not withdrawn: %s", self.name, exc)
-        if self._purger is not None:
-            self._purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._purger
-            self._purger = None
+        await stop_task(self._purger)
+        self._purger = None
         await self.breaker.close()
         await self.backend.close()
 
