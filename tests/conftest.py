@@ -11,6 +11,7 @@ real-server tests would be a lie -- while a developer's machine skips with the r
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,6 +64,25 @@ def _running(make: Callable[[], S], stop: Callable[[S], None]) -> Iterator[S]:
         yield server
     finally:
         stop(server)
+
+
+@pytest.fixture(autouse=True)
+def _infercache_logging_restored() -> Iterator[None]:
+    """Put the ``infercache`` logger back as it was after each test.
+
+    A test that runs ``main(["serve", ...])`` in process configures it as the command does (its
+    own handler, no propagation): later tests' ``caplog`` then saw none of its records, and its
+    handler kept writing to that test's captured stderr, closed by then ("Logging error ...
+    I/O operation on closed file" in CI's output).
+    """
+    logger = logging.getLogger("infercache")
+    saved = (list(logger.handlers), logger.propagate, logger.level, logger.disabled)
+    yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    logger.handlers[:] = saved[0]
+    logger.propagate, logger.level, logger.disabled = saved[1], saved[2], saved[3]
 
 
 @pytest.fixture(scope="session")

@@ -169,7 +169,7 @@ async def test_load_wait_does_not_hold_a_batch_while_the_loop_is_idle() -> None:
         sizes.append(len(xs))
         return xs
 
-    async with DynamicBatcher(fn, offload=False, direct=False, load_wait_ms=40) as b:
+    async with DynamicBatcher(fn, offload=False, direct=False, load_wait_ms=100) as b:
 
         async def client(c: int) -> None:
             for i in range(20):
@@ -178,9 +178,9 @@ async def test_load_wait_does_not_hold_a_batch_while_the_loop_is_idle() -> None:
         started = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(client(c) for c in range(8))), 30)
         elapsed = time.perf_counter() - started
-    # 20 rounds held for the window would take 0.8 s at least; waits that end at an idle loop
-    # take a few milliseconds in all
-    assert elapsed < 0.4, elapsed
+    # 20 rounds held for the window would take 2 s at least; waits that end at an idle loop
+    # take a few milliseconds in all (the bound leaves a loaded CI machine room)
+    assert elapsed < 1.0, elapsed
     assert sum(sizes) == 160
     # open-loop arrivals spaced by idle time: nothing is held for them either
     sizes.clear()
