@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
+import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -357,14 +360,7 @@ async def test_a_lock_acquire_sent_twice_is_still_ours(redis_url: str, raw: aior
 
 
 async def test_breaker_fails_fast_and_recovers(fresh_redis: Any) -> None:
-    clock = [0.0]
-    c = RedisCache(
-        fresh_redis.url,
-        namespace="t",
-        failure_threshold=2,
-        recovery_time=5.0,
-        timer=lambda: clock[0],
-    )
+    c = RedisCache(fresh_redis.url, namespace="t", failure_threshold=2, recovery_time=0.2)
     try:
         await c.set("k", 1)
         fresh_redis.kill()
@@ -378,14 +374,49 @@ async def test_breaker_fails_fast_and_recovers(fresh_redis: Any) -> None:
         with pytest.raises(TierUnavailable):
             await c.set("k", 2)
         assert (await c.stats())["breaker"]["state"] == "open"
+        await wait_until(lambda: c.breaker.probes >= 2)  # PINGs in the background, refused
+        assert c.breaker.state == "open"
         fresh_redis.start()
-        with pytest.raises(TierUnavailable):  # still cooling down
-            await c.get("k")
-        clock[0] += 5.0  # cooldown over: the next call is the probe
+        # a background PING closes it: no request had to be the probe
+        await wait_until(lambda: c.breaker.state == "closed", limit=10)
         assert await c.get("k") is None  # data was lost with the process, the server is back
         await c.set("k", 3)
         assert await c.get("k") == 3
-        assert c.breaker.state == "closed"
+        assert c.breaker.opened_count == 1
+    finally:
+        await c.close()
+
+
+async def test_a_hung_redis_never_holds_a_request_as_the_probe(fresh_redis: Any) -> None:
+    """With Redis stopped (SIGSTOP: no answer, no RST, as behind a partition), the request let
+    through as the breaker's probe waited the whole socket timeout, one every recovery_time.
+    The probe is now a background PING: every request fails fast while the circuit is open."""
+    c = RedisCache(
+        fresh_redis.url, namespace="t", failure_threshold=1, recovery_time=0.1, socket_timeout=0.5
+    )
+    pid = fresh_redis.pid
+    try:
+        await c.set("k", 1)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TierError):
+                await c.get("k")  # waits its socket timeout, and opens the circuit
+            probes = c.breaker.probes
+            end = time.monotonic() + 1.5  # three socket timeouts' worth of probing
+            slowest = 0.0
+            while time.monotonic() < end:
+                started = time.perf_counter()
+                with pytest.raises(TierUnavailable):
+                    await c.get("k")
+                slowest = max(slowest, time.perf_counter() - started)
+                await asyncio.sleep(0.01)
+            assert c.breaker.probes > probes  # probed meanwhile, in the background
+            # a probe request waited 0.5 s; a GC pause in a loaded suite may take 0.1 s
+            assert slowest < 0.3, slowest
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await wait_until(lambda: c.breaker.state == "closed", limit=10)
+        assert await c.get("k") == 1
     finally:
         await c.close()
 

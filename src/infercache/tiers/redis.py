@@ -11,9 +11,12 @@ Why it looks the way it does:
 - Values go through :class:`infercache.codec.Codec` (msgpack, no pickle by default). Bytes that do
   not decode are treated as a miss and deleted: a cache must never execute what it reads back.
 - Short socket timeouts and a :class:`~infercache.tiers.breaker.CircuitBreaker`: while Redis is
-  down calls fail fast with TierUnavailable, MultiLevelCache skips the tier, and a probe brings it
-  back when Redis returns. A timed-out command is never re-sent: it may have run, and a counter
-  or generation must not advance twice (a connection error, where it cannot have, is retried once).
+  down calls fail fast with TierUnavailable, MultiLevelCache skips the tier, and a background
+  PING every ``recovery_time`` brings it back when Redis returns. No request is ever that probe:
+  while Redis hung (stopped, partitioned: no RST), the request let through as the probe waited the
+  whole socket timeout, one request every ``recovery_time``. A timed-out command is never
+  re-sent: it may have run, and a counter or generation must not advance twice (a connection
+  error, where it cannot have, is retried once).
 - It also implements the :class:`~infercache.tiers.base.Coordinator` protocol (short locks,
   pub/sub, shared counters) that MultiLevelCache uses for cross-process single-flight, invalidation
   events, and the :class:`~infercache.tiers.base.GenerationStore` protocol for namespace
@@ -181,6 +184,7 @@ class RedisCache:
             failure_threshold=failure_threshold,
             recovery_time=recovery_time,
             timer=timer,
+            probe=self._probe,
         )
         if max_connections < 1 or pool_timeout <= 0:
             raise ConfigError(
@@ -222,6 +226,11 @@ class RedisCache:
         self._get_with_pttl = None if self.cluster else self._client.register_script(_GET_WITH_PTTL)
 
     # ----------------------------------------------------------------- plumbing
+
+    async def _probe(self) -> None:
+        """The breaker's background check while the circuit is open: a PING, bounded by the
+        socket timeout (a cluster client pings every node: the tier is back when all answer)."""
+        await self._client.ping()
 
     def _k(self, key: str) -> str:
         try:
