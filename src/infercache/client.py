@@ -31,6 +31,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 import orjson
 
+from infercache.aio import stop_task
 from infercache.errors import ConfigError, EncodeError, InfercacheError
 
 
@@ -206,9 +207,7 @@ class WSConnection:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self._ws.close()
-        self._reader.cancel()
-        with contextlib.suppress(BaseException):
-            await self._reader
+        await stop_task(self._reader)
 
 
 class InfercacheClient:

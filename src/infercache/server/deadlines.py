@@ -16,9 +16,10 @@ other cancellation (the client went away, shutdown) stays a ``CancelledError``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
+
+from infercache.aio import stop_task
 
 __all__ = ["Deadlines"]
 
@@ -89,7 +90,4 @@ class Deadlines:
     async def close(self) -> None:
         """Stop the reaper (requests still in flight keep running, without deadlines)."""
         reaper, self._reaper = self._reaper, None
-        if reaper is not None:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
+        await stop_task(reaper)
