@@ -519,3 +519,22 @@ async def test_readiness_names_a_tier_that_answers_too_late(
         assert tiers == {"l1": "ok", "redis": "no answer within 0.2 s"}
     finally:
         await cache.close()
+
+
+async def test_a_cluster_node_behind_a_plain_url_is_named_as_such(redis_cluster: Any) -> None:
+    """Every call failed with a bare "MovedError: 9297 127.0.0.1:51043"."""
+    c = RedisCache(redis_cluster.url, namespace=f"plain{id(redis_cluster)}")
+    try:
+        errors = []
+        for i in range(16):  # keys over several slots: some are another node's
+            try:
+                await c.set(f"k{i}", i)
+            except TierError as exc:
+                errors.append(str(exc))
+        with pytest.raises(TierError, match=r"redis\+cluster://") as info:
+            await c.set_many({f"k{i}": i for i in range(16)})
+        assert "MovedError" in str(info.value)
+        assert errors and all("this Redis is a cluster node" in e for e in errors)
+        assert c.breaker.state == "closed"  # the server answered: not an outage
+    finally:
+        await c.close()

@@ -41,8 +41,10 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AskError,
     ClusterDownError,
     ClusterError,
+    MovedError,
     RedisClusterException,
     RedisError,
     SlotNotCoveredError,
@@ -279,6 +281,15 @@ class RedisCache:
                     f"redis {op}", coro, outage=_CONNECTION_ERRORS, answered=(RedisError,)
                 )
             )
+        except TierError as exc:
+            if not self.cluster and isinstance(exc.__cause__, MovedError | AskError):
+                # A cluster node behind a plain redis:// URL answers MOVED for the keys of other
+                # nodes' slots: every call failed with a bare "MovedError: 8779 127.0.0.1:7001".
+                raise TierError(
+                    f"{exc}; this Redis is a cluster node: use a redis+cluster:// URL "
+                    "(or RedisCache(cluster=True))"
+                ) from exc.__cause__
+            raise
         finally:
             self._slots.release()
 
