@@ -190,6 +190,18 @@ def test_a_stream_naming_no_served_model_stops_serve_with_one_line(
     assert "Traceback" not in out.stderr
 
 
+def test_serve_check_refuses_a_stream_naming_no_served_model(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--check said 0 where the real start exits 2 (found in review)."""
+    argv = ["serve", "--check", "--sql-url", "none", "--redis-url", redis_url]
+    assert main([*argv, "--stream", "scores=nope@events"]) == 2
+    err = capsys.readouterr().err
+    assert "names model 'nope', which is not served (served: mlp)" in err
+    assert "Traceback" not in err
+    assert main([*argv, "--stream", "scores=mlp@events"]) == 0
+
+
 def test_serve_check_loads_the_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """It only found them: a factory missing from its module, or a declared spec a factory's
     own ModelRunner cannot take, passed --check and stopped the real start (found in review)."""
@@ -282,6 +294,9 @@ def test_cache_commands_fail_clearly_without_a_traceback(
     assert "--input is not valid JSON" in capsys.readouterr().err
     assert main(["cache", "invalidate", "--url", closed, "--key", "k", "--input", "[1]"]) == 2
     assert "need --model" in capsys.readouterr().err
+    # it said "give --all, --model or --key" (found in review)
+    assert main(["cache", "invalidate", "--url", closed, "--version", "v1"]) == 2
+    assert "--input and --version need --model" in capsys.readouterr().err
     assert main([*argv, "--input", "NaN"]) == 2  # json.loads takes it; JSON does not
     assert "NaN is not a JSON value" in capsys.readouterr().err
     for url in ("http://[::1", "http://127.0.0.1:99999", "ftp://127.0.0.1"):

@@ -148,6 +148,9 @@ def test_bench_says_in_one_line_why_a_run_recorded_nothing(
          "no request was recorded: --rate 1/s over --duration 0.05 s expects 0.05 arrivals"),
         (("--url", server.url, "--model", "nope", "--duration", "0.2", "--rate", "50"),
          "no request succeeded: http_404 x"),
+        # inputs the model refuses: it said only "http_422 x105" (found in review)
+        (("--url", server.url, "--dim", "10", "--duration", "0.2", "--rate", "50"),
+         "the server refused the 10-number inputs: does --dim match model 'mlp'"),
         (("--url", f"http://127.0.0.1:{free_port()}", "--duration", "0.2", "--rate", "50"),
          "(is an infercache server listening at"),
         (("--url", f"http://127.0.0.1:{free_port()}", "--transport", "ws", "--duration", "0.2"),

@@ -120,7 +120,12 @@ def test_bench_takes_the_api_token(
             "--warmup", "0", "--dim", "4"]  # fmt: skip
     assert main([*argv, "--token", TOKEN, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] > 0
-    assert main(argv) != 0  # without it: refused, and said so
+    capsys.readouterr()
+    assert main(argv) != 0  # without it: refused, and said so, with what to do
+    err = capsys.readouterr().err
+    assert "(the server wants its --api-token: pass it as --token)" in err, err
+    assert main([*argv, "--token", "not-the-token"]) != 0
+    assert "(is --token the server's --api-token?)" in capsys.readouterr().err
 
 
 async def test_health_answers_head_too(server: ServerProcess) -> None:

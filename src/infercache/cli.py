@@ -174,7 +174,7 @@ def _serve(args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())
     from infercache.server.logs import configure as configure_logging
-    from infercache.server.service import load_models, preflight
+    from infercache.server.service import load_models, preflight, stream_models
 
     configure_logging(settings.log_level)
     preflight(settings)  # --check too: a model or address a real start refuses must fail here
@@ -183,7 +183,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         # the models too: a factory that is not in its module, a declared spec the model
         # refuses, a file ONNX Runtime cannot read, all passed a check that only found them
-        load_models(settings)
+        stream_models(settings, {runner.name for runner in load_models(settings)})
         print(json.dumps(settings.redacted(), indent=2))
         return 0
     from infercache.server.app import run
@@ -199,10 +199,10 @@ async def _cache_command(args: argparse.Namespace) -> int:
     payload_input = None
     if args.cache_command == "invalidate":  # check the arguments before connecting
         problem = None
-        if not (args.all or args.model or args.key):
-            problem = "give --all, --model or --key"
-        elif (args.input is not None or args.model_version is not None) and not args.model:
+        if (args.input is not None or args.model_version is not None) and not args.model:
             problem = "--input and --version need --model"
+        elif not (args.all or args.model or args.key):
+            problem = "give --all, --model or --key"
         elif args.input is not None:
 
             def no_constant(name: str) -> Any:  # NaN and Infinity are not JSON

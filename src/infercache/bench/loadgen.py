@@ -30,6 +30,7 @@ import itertools
 import json
 import math
 import os
+import re
 import secrets
 import sys
 import time
@@ -693,6 +694,13 @@ def check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _token_hint(token: str | None) -> str:
+    """What to do about a 401/403: every request refused said only "http_401 x913"."""
+    if token is None:
+        return " (the server wants its --api-token: pass it as --token)"
+    return " (is --token the server's --api-token?)"
+
+
 def why_nothing_recorded(result: RunResult, args: argparse.Namespace) -> str:
     """One line on why a run recorded no answer, for the CLI's exit 1 (a bare "0 req/s ok" left
     the user guessing)."""
@@ -703,6 +711,13 @@ def why_nothing_recorded(result: RunResult, args: argparse.Namespace) -> str:
             hint = f" (is an infercache server listening at {args.url}?)"
         elif "http_404" in result.errors or "ws_model_not_found" in result.errors:
             hint = f" (does the server serve --model {args.model}?)"
+        elif any(k in result.errors for k in ("http_401", "http_403", "ws_unauthorized")):
+            hint = _token_hint(args.token)
+        elif "http_422" in result.errors or "ws_invalid_input" in result.errors:
+            hint = (
+                f" (the server refused the {args.dim}-number inputs: does --dim match model "
+                f"{args.model!r}'s input? GET /v1/models/{args.model} shows it)"
+            )
         return f"no request succeeded: {errors}{hint}"
     if result.unfinished:
         return f"no answer came back: {result.unfinished} requests unfinished 30 s after the run"
@@ -746,7 +761,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             )
         )
     except (OSError, WebSocketException) as exc:  # the WebSockets open before the run
-        print(f"infercache bench: cannot connect to {args.url}: {exc}", file=sys.stderr)
+        hint = _token_hint(args.token) if re.search(r"\bHTTP 40[13]\b", str(exc)) else ""
+        print(f"infercache bench: cannot connect to {args.url}: {exc}{hint}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps({**result.to_dict(), "seed": seed}))

@@ -15,7 +15,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -486,19 +486,8 @@ class Service:
     def stream_plan(self) -> list[tuple[str, ModelEntry, str]]:
         """(topic, model entry, stream key) per ``streams`` setting; a ConfigError naming the
         setting for a model this server does not serve (the start-up fails on it, exit 2)."""
-        from infercache.config import parse_stream_spec
-
-        plan = []
-        for spec in self.settings.streams:
-            topic, model, key = parse_stream_spec(spec)
-            try:
-                plan.append((topic, self.entry(model), key))
-            except ModelNotFound:
-                raise ConfigError(
-                    f"setting 'streams': {spec!r} names model {model!r}, which is not served "
-                    f"(served: {', '.join(sorted(self.models))})"
-                ) from None
-        return plan
+        streams = stream_models(self.settings, self.models)
+        return [(topic, self.entry(model), key) for topic, model, key in streams]
 
     def start_streams(self, plan: Sequence[tuple[str, ModelEntry, str]]) -> None:
         """Start one StreamProcessor per entry of :meth:`stream_plan` (Redis Stream -> model ->
@@ -906,6 +895,24 @@ def _set_torch_threads(n: int) -> None:
         return
     with contextlib.suppress(Exception):  # torch may refuse once its pool started
         torch.set_num_threads(n)
+
+
+def stream_models(settings: Settings, served: Collection[str]) -> list[tuple[str, str, str]]:
+    """(topic, model name, stream key) per ``streams`` setting; a ConfigError naming the setting
+    for a model not in ``served``. ``serve --check`` runs it on the loaded models' names, so it
+    refuses what the real start-up refuses."""
+    from infercache.config import parse_stream_spec
+
+    out = []
+    for spec in settings.streams:
+        topic, model, key = parse_stream_spec(spec)
+        if model not in served:
+            raise ConfigError(
+                f"setting 'streams': {spec!r} names model {model!r}, which is not served "
+                f"(served: {', '.join(sorted(served))})"
+            )
+        out.append((topic, model, key))
+    return out
 
 
 def load_models(settings: Settings) -> list[Any]:
