@@ -38,6 +38,19 @@ def _swallows(times: int, ended: list[str]) -> asyncio.Task[None]:
     return asyncio.create_task(body())
 
 
+def _ignoring_cancels(release: asyncio.Event) -> asyncio.Task[None]:
+    """A loop that ignores every cancellation until ``release`` is set."""
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+
+    return asyncio.create_task(stubborn())
+
+
 async def test_stop_task_cancels_again_until_the_task_ends() -> None:
     ended: list[str] = []
     task = _swallows(2, ended)
@@ -86,14 +99,7 @@ async def test_python_311_wait_for_loses_a_cancellation_and_stop_task_still_stop
 async def test_stop_task_gives_up_after_its_limit() -> None:
     release = asyncio.Event()
 
-    async def stubborn() -> None:
-        while not release.is_set():
-            try:
-                await asyncio.sleep(0.01)
-            except asyncio.CancelledError:
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
-
-    task = asyncio.create_task(stubborn())
+    task = _ignoring_cancels(release)
     await asyncio.sleep(0)
     assert await stop_task(task, give_up_after=0.2, recancel_every=0.05) is False
     assert not task.done()
@@ -115,14 +121,7 @@ async def test_a_cancelled_caller_of_stop_task_is_cancelled() -> None:
     """Stopping a task inside a close that is itself cancelled does not hang on."""
     release = asyncio.Event()
 
-    async def stubborn() -> None:
-        while not release.is_set():
-            try:
-                await asyncio.sleep(0.01)
-            except asyncio.CancelledError:
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
-
-    task = asyncio.create_task(stubborn())
+    task = _ignoring_cancels(release)
     stopper = asyncio.create_task(stop_task(task, recancel_every=0.05))
     await asyncio.sleep(0.1)
     stopper.cancel()
