@@ -136,6 +136,75 @@ async def test_a_non_finite_output_is_answered_but_not_cached() -> None:
         assert p.stats()["not_cached_nonfinite"] == 2
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        NAN,
+        np.float64(INF),
+        np.float32(-INF),
+        [1.0, NAN],
+        (1.0, INF),
+        {"score": NAN},
+        {"scores": [1.0, {"deep": (2.0, np.float16(NAN))}]},
+        [1, "a", np.array([1.0, INF])],  # an array inside a list
+        {"probs": np.array([[0.5, NAN]], dtype=np.float32)},
+        [complex(1.0, INF)],
+        [np.complex64(complex(NAN, 0.0))],
+    ],
+    ids=repr,
+)
+async def test_non_finite_outputs_of_any_form_are_answered_but_not_cached(output: object) -> None:
+    """Not only arrays: a model returning floats, numpy scalars or containers of them (nested,
+    arrays inside included) can answer NaN too, and the answer must not outlive its cause."""
+    calls = 0
+
+    def model(batch: np.ndarray) -> list[object]:
+        nonlocal calls
+        calls += len(batch)
+        return [output for _ in batch]
+
+    runner = ModelRunner(model, name="n", version="1", freeze_gc=False, warmup=False,
+                         input_spec=InputSpec(shape=(2,), dtype="float64"))  # fmt: skip
+    async with Predictor(runner, MemoryCache()) as p:
+        first = await p.predict([1.0, 2.0])
+        again = await p.predict([1.0, 2.0])
+        assert first.output is output and not again.cached and again.tier is None
+        assert calls == 2 and p.stats()["not_cached_nonfinite"] == 2
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        1.5,
+        np.float32(2.0),
+        [1.0, -2.5e300, 0.0],
+        (1, True, None, "nan", b"inf", 10**400),  # ints, bools, None, strings: never NaN
+        {"label": "cat", "score": 0.9, "top": [("cat", 0.9), ("dog", 0.1)]},
+        [np.array([1.0, 2.0]), np.array(["x"]), np.int64(3)],
+        [],
+    ],
+    ids=repr,
+)
+async def test_finite_outputs_of_any_form_are_cached(output: object) -> None:
+    calls = 0
+
+    def model(batch: np.ndarray) -> list[object]:
+        nonlocal calls
+        calls += len(batch)
+        return [output for _ in batch]
+
+    runner = ModelRunner(model, name="f", version="1", freeze_gc=False, warmup=False,
+                         input_spec=InputSpec(shape=(2,), dtype="float64"))  # fmt: skip
+    async with Predictor(runner, MemoryCache()) as p:
+        await p.predict([1.0, 2.0])
+        again = await p.predict([1.0, 2.0])
+        assert again.cached and again.tier == "l1" and calls == 1
+        assert p.stats()["not_cached_nonfinite"] == 0
+
+
 async def test_coalescing_100_identical_requests_one_model_call() -> None:
     model = CountingModel()
     async with Predictor(counting_runner(model), MemoryCache()) as p:

@@ -38,11 +38,13 @@ Why each piece:
 from __future__ import annotations
 
 import asyncio
+import cmath
 import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from math import isfinite
 from typing import Any
 
 import blake3
@@ -91,6 +93,68 @@ class Prediction:
             "version": self.version,
             "timings": dict(self.timings),
         }
+
+
+def _nonfinite(value: Any) -> bool:
+    """Whether an output other than a plain ndarray holds NaN or inf anywhere.
+
+    Models that return Python floats, numpy scalars or lists/tuples/dicts of them (JSON-shaped
+    outputs: ``{"score": ...}``) can misbehave just as array models do, and a NaN cached once is
+    served until the entry expires. This runs on every computed output, so floats and flat
+    sequences of floats are checked here with exact-type tests and no further call; anything
+    else goes to :func:`_walk_nonfinite`. Ints, bools, strings, bytes and None are never NaN.
+    """
+    t = type(value)
+    if t is float:
+        return not isfinite(value)
+    if t is list or t is tuple:
+        for v in value:
+            if type(v) is float:
+                if not isfinite(v):
+                    return True
+            elif type(v) not in _NEVER_NONFINITE and _walk_nonfinite(v):
+                return True
+        return False
+    if t is dict:
+        for v in value.values():
+            if type(v) is float:
+                if not isfinite(v):
+                    return True
+            elif type(v) not in _NEVER_NONFINITE and _walk_nonfinite(v):
+                return True
+        return False
+    if t in _SCALAR_FLOATS:
+        return not isfinite(value)
+    if t in _NEVER_NONFINITE:
+        return False
+    return _walk_nonfinite(value)
+
+
+#: output types that cannot hold a NaN (exact types: a float subclass is still checked)
+_NEVER_NONFINITE = frozenset({int, bool, str, bytes, type(None)})
+#: numpy float scalars that math.isfinite checks exactly (np.float64 is a float subclass)
+_SCALAR_FLOATS = frozenset({np.float16, np.float32, np.float64})
+
+
+def _walk_nonfinite(value: Any, depth: int = 0) -> bool:
+    """:func:`_nonfinite` for nested containers, numpy scalars and arrays inside containers.
+    Past 100 levels it gives up (False): the codec refuses such a value anyway, and a
+    self-containing list must not raise RecursionError from the write path."""
+    if type(value) in _SCALAR_FLOATS or isinstance(value, float):
+        return not isfinite(value)  # math's check: np.isfinite on a numpy scalar costs ~1.4 µs
+    if depth > 100:
+        return False
+    if isinstance(value, np.generic):  # complex, longdouble (which a float may not hold)
+        return value.dtype.kind in "fc" and not np.isfinite(value)
+    if isinstance(value, np.ndarray):  # inside a container, or a subclass
+        return value.dtype.kind in "fc" and not np.isfinite(value).all()
+    if isinstance(value, complex):
+        return not cmath.isfinite(value)
+    if isinstance(value, Mapping):
+        value = value.values()
+    elif not isinstance(value, (list, tuple)):
+        return False  # an object the codec will judge; its contents are not ours to walk
+    return any(type(v) not in _NEVER_NONFINITE and _walk_nonfinite(v, depth + 1) for v in value)
 
 
 def _has_remote(cache: Any) -> bool:
@@ -380,10 +444,10 @@ class Predictor:
         return value, None
 
     async def _write(self, key: str, value: Any) -> None:
-        if type(value) is np.ndarray:
+        # NaN or inf from a finite input: the model misbehaved (the answer goes out as null).
+        # Caching it would serve it again long after the cause is fixed.
+        if type(value) is np.ndarray:  # the common output: checked here, with no call
             if value.dtype.kind in "fc" and not np.isfinite(value).all():
-                # NaN or inf from a finite input: the model misbehaved (the answer goes out as
-                # null). Caching it would serve it again long after the cause is fixed.
                 self._counts["not_cached_nonfinite"] += 1
                 return
             if value.base is not None:
@@ -395,6 +459,9 @@ class Predictor:
                 # Every hit hands out this same array: one caller's in-place edit would become
                 # every later caller's answer. (A model's own outputs are read-only already.)
                 value.flags.writeable = False
+        elif _nonfinite(value):
+            self._counts["not_cached_nonfinite"] += 1
+            return
         try:
             if self._writer is not None:
                 await self._writer.submit((key, value))
