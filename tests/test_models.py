@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -358,6 +364,230 @@ def test_callable_runner_and_versions() -> None:
     with pytest.warns(UserWarning):
         other = ModelRunner(triple, input_spec=spec, freeze_gc=False)
     assert unversioned.version != other.version
+
+
+class Scaler:
+    """A plain callable model whose weight lives in its state, not its code."""
+
+    def __init__(self, w: Any) -> None:
+        self.w = w
+
+    def __call__(self, batch: np.ndarray) -> list[float]:
+        return [float(np.sum(x * self.w)) for x in batch]
+
+
+class SlottedScaler:
+    __slots__ = ("__w", "bias")
+
+    def __init__(self, w: float, bias: float = 0.0) -> None:
+        self.__w = w
+        self.bias = bias
+
+    def __call__(self, batch: np.ndarray) -> list[float]:
+        return [float(np.sum(x)) * self.__w + self.bias for x in batch]
+
+
+class LockedScaler(Scaler):
+    """Thread-safe state: a lock the version cannot digest beside a weight it can."""
+
+    def __init__(self, w: float) -> None:
+        super().__init__(w)
+        self.lock = threading.Lock()
+
+
+def make_closure(w: Any) -> Any:
+    def model(batch: np.ndarray) -> list[float]:
+        return [float(np.sum(x * w)) for x in batch]
+
+    return model
+
+
+def make_with_default(w: float) -> Any:
+    def model(batch: np.ndarray, w: float = w, *, bias: float = 0.0) -> list[float]:
+        return [float(np.sum(x)) * w + bias for x in batch]
+
+    return model
+
+
+def linear(w: float) -> Any:
+    layer = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.fill_(w)
+        layer.bias.zero_()
+    return layer
+
+
+def unversioned(fn: Any) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "no version given": what we test
+        runner = ModelRunner(
+            fn, name="scaler", input_spec={"shape": (2,)}, freeze_gc=False, warmup=False
+        )
+    return runner.version
+
+
+@pytest.mark.parametrize(
+    ("make", "same", "other"),
+    [
+        (Scaler, 1.0, 2.0),
+        (make_closure, 1.0, 2.0),
+        (make_with_default, 1.0, 2.0),
+        (lambda w: Scaler(w).__call__, 1.0, 2.0),  # a bound method: its __self__
+        (lambda w: functools.partial(make_with_default(1.0), w=w), 1.0, 2.0),
+        (lambda w: SlottedScaler(1.0, bias=w), 1.0, 2.0),
+        (lambda w: SlottedScaler(w), 1.0, 2.0),  # a private (name-mangled) slot
+        (lambda w: make_closure({"layers": [np.full(3, w)], "tags": {"a", "b"}}), 1.0, 2.0),
+        (make_closure, np.ones((2, 3)), np.ones((3, 2))),  # weights by shape,
+        (make_closure, np.ones(3, np.float32), np.ones(3, np.float64)),  # dtype
+        (make_closure, np.arange(3.0), np.arange(3.0) + 1e-9),  # and bytes
+        (make_closure, torch.ones(3), torch.ones(3) * 2),
+        (lambda v: make_closure(linear(v)), 1.0, 2.0),
+        (lambda w: LockedScaler(w), 1.0, 2.0),
+    ],
+    ids=[
+        "instance",
+        "closure",
+        "default",
+        "bound-method",
+        "partial",
+        "slot",
+        "private-slot",
+        "nested",
+        "shape",
+        "dtype",
+        "bytes",
+        "tensor",
+        "torch-module",
+        "with-a-lock",
+    ],
+)
+def test_a_callables_version_follows_its_state(make: Any, same: Any, other: Any) -> None:
+    """Equal callables built twice share a version, and other weights get another one: a cache
+    kept across the change must not answer the new weights with the old ones' predictions."""
+    v = unversioned(make(same))
+    assert unversioned(make(same if not isinstance(same, np.ndarray) else same.copy())) == v
+    assert unversioned(make(other)) != v
+
+
+def test_a_changed_callable_is_not_served_the_old_answers() -> None:
+    """The user-acceptance case: a Predictor over a cache that outlives the model."""
+    from infercache.predictor import Predictor
+    from infercache.tiers.memory import MemoryCache
+
+    cache = MemoryCache()
+
+    async def predict(w: float) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            runner = ModelRunner(Scaler(w), name="scaler", input_spec={"shape": (2,)},
+                                 freeze_gc=False, warmup=False)  # fmt: skip
+        async with Predictor(runner, cache) as p:
+            return await p.predict([1.0, 2.0])
+
+    assert asyncio.run(predict(1.0)).output == 3.0
+    again = asyncio.run(predict(2.0))
+    assert again.output == 6.0 and not again.cached
+
+
+_SAME_IN_EVERY_PROCESS = """
+import functools, sys, warnings
+import numpy as np
+from infercache.models import ModelRunner
+warnings.simplefilter("ignore")
+
+class Model:
+    def __init__(self):
+        self.labels = {"cat", "dog", "emu"}  # a set of str: its order follows the hash seed
+        self.table = {"w": np.arange(4.0), "names": frozenset({"a", "b"}), "n": 10**5000}
+    def __call__(self, batch):
+        return [x in {"a", "b"} for x in batch]  # a comprehension, a frozenset constant
+
+def make(lut):
+    return lambda batch: [lut.get(str(x)) for x in batch]
+
+for fn in (Model(), make({"x": 1, "y": (2.5, None)}), functools.partial(make({}), batch=None)):
+    print(ModelRunner(fn, name="m", freeze_gc=False).version)
+"""
+
+
+def test_a_callables_version_is_the_same_in_every_process() -> None:
+    """No id(), hash() of a str or address-bearing repr in the digest: a restarted server must
+    find its persistent cache's entries (the code digest alone used to differ per process)."""
+    outs = []
+    for seed in ("1", "2", "3"):
+        run = subprocess.run(
+            [sys.executable, "-c", _SAME_IN_EVERY_PROCESS],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        outs.append(run.stdout.split())
+    assert len(outs[0]) == 3 and len(set(outs[0])) == 3
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_state_the_version_cannot_follow_warns_once_and_construction_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="infercache.models")
+    v1 = unversioned(LockedScaler(1.0))
+    warned = [r for r in caplog.records if r.name == "infercache.models"]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    message = warned[0].getMessage()
+    assert "LockedScaler.lock" in message and "version=" in message
+    # the lock is left out, the rest still counts
+    assert unversioned(LockedScaler(1.0)) == v1 != unversioned(LockedScaler(2.0))
+    caplog.clear()
+    with open(os.devnull, "rb") as f:  # an open file: likewise
+        unversioned(make_closure(f))
+    assert ["model.<closure>.w" in r.getMessage() for r in caplog.records] == [True]
+
+
+def test_state_too_deep_or_too_large_is_left_out_with_a_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from infercache.models import runners
+
+    caplog.set_level(logging.WARNING, logger="infercache.models")
+    deep: list[Any] = []
+    inner = deep
+    for _ in range(200):
+        inner.append([])
+        inner = inner[0]
+    unversioned(make_closure(deep))
+    assert ["nested too deep" in r.getMessage() for r in caplog.records] == [True]
+    caplog.clear()
+    monkeypatch.setattr(runners, "_STATE_MAX_BYTES", 1000)
+    big = Scaler(np.zeros(1000))
+    v = unversioned(big)
+    assert ["Scaler.w" in r.getMessage() and "too large" in r.getMessage()
+            for r in caplog.records] == [True]  # fmt: skip
+    big.w = np.ones(1000)  # not followed, as the warning said
+    assert unversioned(big) == v
+    caplog.clear()
+    cyclic: list[Any] = [1.0]
+    cyclic.append(cyclic)  # a cycle is state like any other: no warning
+    assert unversioned(make_closure(cyclic)) == unversioned(make_closure(cyclic))
+    assert not caplog.records
+
+
+def test_the_version_digest_imports_nothing() -> None:
+    """torch is optional: digesting a callable's state must not import it (or anything)."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # as if torch were not installed
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "import numpy as np\n"
+        "from infercache.models import ModelRunner\n"
+        "w = np.arange(3.0)\n"
+        "before = set(sys.modules)\n"
+        "r = ModelRunner(lambda b: [x @ w for x in b], name='m', freeze_gc=False)\n"
+        "print(sorted(set(sys.modules) - before), r.version)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)  # fmt: skip
+    assert run.stdout.startswith("[] ")
 
 
 def test_callable_without_spec_passes_items_through() -> None:

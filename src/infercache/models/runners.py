@@ -17,9 +17,13 @@ What it does beyond calling the model, and why:
   119 -> 11 ms. The cost: objects frozen now are never collected, which is what long-lived model
   state wants anyway; call :func:`freeze_gc` again after loading more models.
 - **A version that follows the weights.** Unless given, ``version`` is a digest of the weights
-  (torch: architecture + ``state_dict`` bytes; TorchScript / ONNX: the file's bytes; callables: the
-  code object, with a warning, since a callable's behaviour may depend on state we cannot see).
-  The Predictor puts the version in every cache key, so new weights never serve old predictions.
+  (torch: architecture + ``state_dict`` bytes; TorchScript / ONNX: the file's bytes; callables:
+  the code and the state the callable carries, by value and the same in every process: closure
+  cells, defaults, a bound method's ``__self__``, an instance's ``__dict__``/``__slots__``, see
+  :class:`_StateDigest`). The Predictor puts the version in every cache key, so new weights never
+  serve old predictions. A callable still gets a warning: weights it reads from globals or files
+  are not in the digest. State it carries but cannot be read (a lock, a file, a C object) is left
+  out with one logged warning naming it.
 - **TorchScript for small batches** (``jit=True``; ``infercache serve`` turns it on). A module
   that ``torch.jit.script`` accepts is frozen (weights folded in as constants, eval-only ops
   dropped) and kept only if it answers the warm-up examples exactly as the eager module does;
@@ -49,18 +53,22 @@ What it does beyond calling the model, and why:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import importlib
 import inspect
 import io
+import logging
 import os
 import re
 import sys
 import threading
 import time
+import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +81,8 @@ from infercache.errors import ConfigError, InputError, ModelError, one_line
 from infercache.models.spec import InputSpec
 
 __all__ = ["ModelRunner", "ensure_torch_threads", "freeze_gc"]
+
+log = logging.getLogger("infercache.models")
 
 _QUANTIZE_MODES = ("dynamic-int8",)
 _gc_lock = threading.Lock()
@@ -131,27 +141,308 @@ def _torch_digest(module: Any) -> str:
         if not isinstance(tensor, torch.Tensor):  # extra state, packed params
             h.update(repr(tensor).encode())
             continue
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        _feed_tensor(h, tensor)
     return h.hexdigest()
 
 
-def _callable_digest(fn: Callable[..., Any]) -> str:
-    h = _digest()
-    target = getattr(fn, "__func__", fn)
-    # the __call__ the instance's class resolves to (inherited ones too)
-    call = next(
-        (k.__dict__["__call__"] for k in type(fn).__mro__ if "__call__" in k.__dict__), None
-    )
-    code = getattr(target, "__code__", None) or getattr(call, "__code__", None)
-    h.update(getattr(target, "__qualname__", type(fn).__qualname__).encode())
-    if code is not None:
-        h.update(code.co_code)
-        h.update(repr(code.co_consts).encode())
-        h.update(repr(code.co_names).encode())
-    return h.hexdigest()
+def _feed_tensor(h: Any, tensor: Any) -> None:
+    import torch
+
+    t = tensor.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+#: what one callable's state may cost to digest; past it, that part is left out (with a warning)
+_STATE_MAX_DEPTH = 32
+_STATE_MAX_ITEMS = 100_000
+_STATE_MAX_BYTES = 256 << 20
+#: A class statement makes a heap type that is not immutable (Py_TPFLAGS_HEAPTYPE without
+#: Py_TPFLAGS_IMMUTABLETYPE), whose instances keep their state in __dict__ or __slots__. A C type
+#: (static, or a heap type from PyType_FromSpec: _thread.lock, re.Pattern) keeps it where we
+#: cannot read it.
+_HEAP_TYPE, _IMMUTABLE_TYPE = 1 << 9, 1 << 8
+#: C types whose instances keep all their state in a __dict__ we can read
+_PLAIN_C_TYPES = (object, types.SimpleNamespace)
+
+
+def _python_class(cls: type) -> bool:
+    return cls.__flags__ & (_HEAP_TYPE | _IMMUTABLE_TYPE) == _HEAP_TYPE
+
+
+_BUILTIN_CALLABLES = (
+    types.BuiltinFunctionType,
+    types.MethodWrapperType,
+    types.WrapperDescriptorType,
+    types.MethodDescriptorType,
+)
+
+
+class _Opaque(Exception):
+    """A value whose state the version cannot follow; the message says why."""
+
+
+def _type_name(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _StateDigest:
+    """A digest of a callable's code *and* the state it carries, the same in every process.
+
+    A plain callable's answers depend on more than its code: a closure's cells (``make(2.0)``),
+    defaults, a bound method's ``__self__``, a callable instance's ``__dict__``/``__slots__``.
+    Hashing the code alone gave ``Scaler(1.0)`` and ``Scaler(2.0)`` one version, so a persistent
+    cache served the old weights' answers to the new model. Values are fed tagged and
+    length-prefixed, by value (numbers, strings, numpy arrays by dtype, shape and bytes, torch
+    tensors and modules as :func:`_torch_digest` does), never by ``id()``, ``hash()`` or a
+    ``repr`` that may hold an address; sets are fed in the order of their elements' digests.
+    ``id()`` only detects cycles, which are fed as the position of the object they return to.
+
+    A part whose state cannot be read (a lock, a file, a C object, too deep, too large) is fed
+    as its type name alone and listed in :attr:`opaque`, so construction never fails on it and
+    the caller can say which attribute to cover with an explicit ``version=``.
+    """
+
+    def __init__(self) -> None:
+        #: "path (why)" of each part left out, for the one warning the runner logs
+        self.opaque: list[str] = []
+        self._items = 0
+        self._bytes = 0
+        self._stack: list[int] = []  # id()s of the containers being walked: cycles only
+
+    def digest(self, fn: Any) -> str:
+        h = _digest()
+        if isinstance(fn, (types.FunctionType, types.MethodType)):
+            self.feed(h, fn, fn.__qualname__, 0)
+            return str(h.hexdigest())
+        label = type(fn).__qualname__
+        if not _python_class(type(fn)):  # a builtin, a ufunc, a partial
+            self.feed(h, fn, label, 0)
+        else:  # a callable instance: its class's __call__ (inherited ones too), then its state
+            call = next(
+                (k.__dict__["__call__"] for k in type(fn).__mro__ if "__call__" in k.__dict__), None
+            )
+            self.feed(h, call, f"{label}.__call__", 0)
+            self.feed(h, fn, label, 0)
+        return str(h.hexdigest())
+
+    @staticmethod
+    def _put(h: Any, tag: bytes, payload: bytes = b"") -> None:
+        h.update(tag + len(payload).to_bytes(8, "little") + payload)
+
+    def _spend(self, items: int = 0, nbytes: int = 0) -> None:
+        self._items += items
+        self._bytes += nbytes
+        if self._items > _STATE_MAX_ITEMS or self._bytes > _STATE_MAX_BYTES:
+            self._items -= items
+            self._bytes -= nbytes
+            raise _Opaque("too large to digest")
+
+    def feed(self, h: Any, obj: Any, path: str, depth: int) -> None:
+        """Feed ``obj`` or, if its state cannot be read, its type name (and note ``path``)."""
+        if depth > _STATE_MAX_DEPTH:
+            self._left_out(h, obj, path, "nested too deep")
+            return
+        try:
+            self._feed(h, obj, path, depth)
+        except _Opaque as exc:
+            self._left_out(h, obj, path, str(exc))
+        except Exception as exc:  # a property or a torch call that fails: never the runner
+            self._left_out(h, obj, path, f"{type(exc).__name__} while reading it")
+
+    def _left_out(self, h: Any, obj: Any, path: str, why: str) -> None:
+        self._put(h, b"?", _type_name(obj).encode())
+        self.opaque.append(f"{path} ({_type_name(obj)}: {why})")
+
+    def _feed(self, h: Any, obj: Any, path: str, depth: int) -> None:
+        put = self._put
+        if obj is None or obj is Ellipsis or obj is NotImplemented:
+            put(h, b"c", repr(obj).encode())
+        elif isinstance(obj, bool):
+            put(h, b"b", b"1" if obj else b"0")
+        elif isinstance(obj, int):  # hex: str() of a huge int is refused past 4300 digits
+            put(h, b"i", hex(obj).encode())
+        elif isinstance(obj, float):
+            put(h, b"f", float(obj).hex().encode())
+        elif isinstance(obj, complex):
+            put(h, b"j", f"{obj.real.hex()},{obj.imag.hex()}".encode())
+        elif isinstance(obj, str):
+            self._spend(nbytes=len(obj))
+            put(h, b"s", obj.encode("utf-8", "surrogatepass"))
+        elif isinstance(obj, (bytes, bytearray)):
+            self._spend(nbytes=len(obj))
+            put(h, b"y", bytes(obj))
+        elif isinstance(obj, np.ndarray):
+            self._array(h, obj, path, depth)
+        elif isinstance(obj, np.generic):
+            put(h, b"g", repr(obj.dtype).encode() + obj.tobytes())
+        elif isinstance(obj, np.dtype):
+            put(h, b"d", f"{obj!r}{obj.str}".encode())
+        elif isinstance(obj, (range, slice)):
+            put(h, b"R", type(obj).__name__.encode())
+            self.feed(h, (obj.start, obj.stop, obj.step), path, depth + 1)
+        elif isinstance(obj, types.ModuleType):  # a module is code, not state: by name
+            put(h, b"M", obj.__name__.encode())
+        elif isinstance(obj, type):
+            put(h, b"T", _type_name(obj).encode())
+        elif isinstance(obj, types.CodeType):
+            self._code(h, obj, path, depth)
+        elif isinstance(obj, np.ufunc):
+            put(h, b"u", obj.__name__.encode())
+        elif isinstance(obj, _BUILTIN_CALLABLES):
+            put(h, b"B", f"{getattr(obj, '__module__', None)}.{obj.__qualname__}".encode())
+            owner = getattr(obj, "__self__", None)
+            if owner is not None and not isinstance(owner, types.ModuleType):
+                self.feed(h, owner, f"{path}.__self__", depth + 1)
+        elif isinstance(obj, logging.Logger):  # handlers, locks and the manager are not state
+            put(h, b"l", obj.name.encode())
+        elif isinstance(obj, re.Pattern):
+            put(h, b"r", f"{obj.flags}:".encode() + repr(obj.pattern).encode())
+        elif isinstance(obj, io.IOBase):
+            raise _Opaque("an open file or stream")
+        elif self._is_torch(obj, h):
+            pass
+        else:
+            self._container(h, obj, path, depth)
+
+    def _is_torch(self, obj: Any, h: Any) -> bool:
+        torch = sys.modules.get("torch")  # never imported here: a torch object means it was
+        if torch is None:
+            return False
+        if isinstance(obj, torch.Tensor):
+            self._spend(nbytes=obj.numel() * obj.element_size())
+            self._put(h, b"t")
+            _feed_tensor(h, obj)
+            return True
+        if isinstance(obj, torch.nn.Module):
+            self._put(h, b"m", _torch_digest(obj).encode())
+            return True
+        if isinstance(obj, (torch.dtype, torch.device)):
+            self._put(h, b"z", str(obj).encode())
+            return True
+        return False
+
+    def _array(self, h: Any, arr: np.ndarray, path: str, depth: int) -> None:
+        head = f"{arr.dtype!r}{arr.dtype.str}{arr.shape}".encode()
+        if arr.dtype.hasobject:  # pointers: the objects themselves
+            self._put(h, b"A", head)
+            self.feed(h, arr.tolist(), path, depth + 1)
+            return
+        self._spend(nbytes=arr.nbytes)
+        self._put(h, b"a", head)
+        h.update(np.ascontiguousarray(arr).data)
+
+    def _code(self, h: Any, code: types.CodeType, path: str, depth: int) -> None:
+        # co_consts by value, not repr: a comprehension's code object (every one, in 3.11)
+        # repr's with its address, and a frozenset constant in str-hash order
+        self._put(h, b"C", code.co_code)
+        self._put(h, b"n", "\0".join(code.co_names).encode())
+        self.feed(h, code.co_consts, f"{path}.<code>", depth + 1)
+
+    def _container(self, h: Any, obj: Any, path: str, depth: int) -> None:
+        key = id(obj)
+        if key in self._stack:  # a cycle (a recursive closure, a parent link): where it points
+            self._put(h, b"@", str(self._stack.index(key)).encode())
+            return
+        self._stack.append(key)
+        try:
+            self._walk(h, obj, path, depth + 1)
+        finally:
+            self._stack.pop()
+
+    def _walk(self, h: Any, obj: Any, path: str, depth: int) -> None:
+        put, feed = self._put, self.feed
+        if isinstance(obj, (list, tuple, collections.deque)):
+            self._spend(items=len(obj))
+            put(h, b"L", f"{_type_name(obj)}:{len(obj)}".encode())
+            for i, v in enumerate(obj):
+                feed(h, v, f"{path}[{i}]", depth)
+        elif isinstance(obj, Mapping):
+            self._spend(items=len(obj))
+            put(h, b"D", f"{_type_name(obj)}:{len(obj)}".encode())
+            for k, v in obj.items():
+                feed(h, k, f"{path}.<key>", depth)
+                feed(h, v, f"{path}[{k!r}]" if isinstance(k, (str, int)) else f"{path}[…]", depth)
+        elif isinstance(obj, (set, frozenset)):
+            self._spend(items=len(obj))
+            subs = []
+            for v in obj:
+                sub = _digest()
+                feed(sub, v, f"{path}.<item>", depth)
+                subs.append(sub.digest())
+            put(h, b"S", f"{_type_name(obj)}:".encode() + b"".join(sorted(subs)))
+        elif isinstance(obj, types.FunctionType):
+            put(h, b"F", f"{obj.__module__}.{obj.__qualname__}".encode())
+            code = obj.__code__
+            self._code(h, code, path, depth)
+            for name, cell in zip(code.co_freevars, obj.__closure__ or (), strict=True):
+                try:
+                    value = cell.cell_contents
+                except ValueError:  # not assigned yet
+                    put(h, b"e", name.encode())
+                    continue
+                put(h, b"k", name.encode())
+                feed(h, value, f"{path}.<closure>.{name}", depth)
+            feed(h, obj.__defaults__, f"{path}.<defaults>", depth)
+            feed(h, obj.__kwdefaults__, f"{path}.<kwdefaults>", depth)
+            if obj.__dict__:  # function attributes (functools.wraps' __wrapped__)
+                feed(h, obj.__dict__, path, depth)
+        elif isinstance(obj, types.MethodType):
+            put(h, b"W")
+            feed(h, obj.__func__, path, depth)
+            feed(h, obj.__self__, f"{path}.__self__", depth)
+        elif isinstance(obj, functools.partial):
+            put(h, b"P")
+            feed(h, obj.func, f"{path}.func", depth)
+            feed(h, obj.args, f"{path}.args", depth)
+            feed(h, obj.keywords, f"{path}.keywords", depth)
+        elif isinstance(obj, (staticmethod, classmethod)):
+            put(h, b"V", _type_name(obj).encode())
+            feed(h, obj.__func__, path, depth)
+        else:
+            self._instance(h, obj, path, depth)
+
+    def _instance(self, h: Any, obj: Any, path: str, depth: int) -> None:
+        cls = type(obj)
+        hidden = [k for k in cls.__mro__ if not _python_class(k) and k not in _PLAIN_C_TYPES]
+        if hidden:
+            why = "not in __dict__ or __slots__"
+            raise _Opaque(why if hidden[0] is cls else f"{why}: {_type_name(hidden[0])}'s")
+        state: list[tuple[str, Any]] = []
+        for k in cls.__mro__:
+            slots = k.__dict__.get("__slots__", ())
+            for name in (slots,) if isinstance(slots, str) else slots:
+                if name in ("__dict__", "__weakref__"):
+                    continue
+                if name.startswith("__") and not name.endswith("__"):
+                    name = f"_{k.__name__.lstrip('_')}{name}"
+                state.append((name, getattr(obj, name, _UNSET)))
+        attrs = getattr(obj, "__dict__", None)
+        if attrs:
+            items = list(attrs.items())
+            if all(isinstance(n, str) for n in attrs):  # the order they were set in may vary
+                items.sort(key=lambda item: item[0])
+            state.extend(items)
+        self._spend(items=len(state))
+        self._put(h, b"O", f"{_type_name(obj)}:{len(state)}".encode())
+        for name, value in state:
+            self._put(h, b"k", str(name).encode())
+            if value is _UNSET:
+                self._put(h, b"x")
+            else:
+                self.feed(h, value, f"{path}.{name}", depth)
+
+
+_UNSET = object()
+
+
+def _callable_digest(fn: Callable[..., Any]) -> tuple[str, list[str]]:
+    """The callable's version (code and state, see :class:`_StateDigest`) and the parts of its
+    state the version cannot follow."""
+    d = _StateDigest()
+    return d.digest(fn), d.opaque
 
 
 _MANGLE = re.compile(r"___torch_mangle_\d+\.")
@@ -638,13 +929,23 @@ class ModelRunner:
             if backend.digest is None:
                 warnings.warn(
                     f"ModelRunner {name!r}: no version given for a callable; using a digest of its "
-                    "code, which misses weights or state it reads from elsewhere. Pass version= "
-                    "so new weights mean new cache keys.",
+                    "code and the state it carries (closure, defaults, attributes), which misses "
+                    "weights it reads from elsewhere (globals, files). Pass version= so new "
+                    "weights mean new cache keys.",
                     stacklevel=2,
                 )
-                backend.digest = _callable_digest(
-                    backend.forward if not isinstance(backend, _CallableBackend) else backend.fn
-                )
+                fn = backend.fn if isinstance(backend, _CallableBackend) else backend.forward
+                backend.digest, opaque = _callable_digest(fn)
+                if opaque:
+                    # one line for all of them: the fix (version=) is the same
+                    more = f" and {len(opaque) - 5} more" if len(opaque) > 5 else ""
+                    log.warning(
+                        "ModelRunner %r: its version cannot follow the state in %s%s; pass "
+                        "version= explicitly so that a change there means new cache keys",
+                        name,
+                        ", ".join(opaque[:5]),
+                        more,
+                    )
             version = backend.digest
         self.version = version
         if jit or onnx:
