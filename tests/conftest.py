@@ -161,3 +161,12 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
 def postgres_url(postgres_server: PostgresServer) -> str:
     """``postgresql://postgres@127.0.0.1:PORT/postgres`` of the session server (trust auth)."""
     return postgres_server.url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An L3 URL, once per backend: an SQLite file of the test's own, then the session's
+    PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/l3.db"
+    return str(request.getfixturevalue("postgres_url"))

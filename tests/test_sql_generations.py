@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -59,13 +58,6 @@ PLAIN = ["mlp", "mlp:v2", "modèle", "😀", "\x01", "\x01he", "x" + _PG_ESCAPE,
 @pytest.fixture
 def ns() -> str:
     return f"gen{next(_seq)}-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/l3.db"
-    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

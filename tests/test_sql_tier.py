@@ -38,13 +38,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/l3.db"
-    return str(request.getfixturevalue("postgres_url"))
-
-
 @pytest.fixture
 def ns() -> str:
     return f"ns{next(_ns)}"
