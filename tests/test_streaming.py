@@ -400,14 +400,50 @@ async def test_redis_stream_run_max_windows_returns_and_unprocessed_entries_stay
     got: list[Any] = []
     proc = StreamProcessor(window="count", size=2)
     try:
-        for _ in range(2):  # the race was hit every time; twice makes a regression certain
+        for n in range(2):  # the race was hit every time; twice makes a regression certain
             got.clear()
             await _within(10, proc.run(source, got.append, max_windows=1))
-            assert len(got) == 1 and len(got[0].ids) == 2
             assert not _readers_alive()
+            # the window the sink handled is acknowledged (each run got the first one again);
             # at-least-once: what no window handled was read but not acknowledged
-            assert set(ids) - set(got[0].ids) <= await _pending_ids(client, "ev7", "g")
-        assert source.acked == 0
+            assert len(got) == 1 and got[0].ids == ids[2 * n : 2 * n + 2]
+            pending = await _pending_ids(client, "ev7", "g")
+            assert not pending & set(got[0].ids)
+            assert set(ids[2 * n + 2 :]) <= pending
+        assert source.acked == 4
+    finally:
+        await source.close()
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("window", "options", "handled"),
+    [
+        ("count", {"size": 2}, 2),
+        ("sliding", {"size": 3, "step": 1}, 3),  # the window's three entries
+    ],
+)
+async def test_run_max_windows_acknowledges_the_windows_its_sink_handled_and_no_more(
+    redis_url: str, window: str, options: dict[str, int], handled: int
+) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    stream = f"acked-{window}"
+    ids = [(await client.xadd(stream, {"data": json.dumps(i)})).decode() for i in range(8)]
+    source = RedisStreamSource(redis_url, stream, "g", "me")
+    got: list[Any] = []
+    try:
+        proc = StreamProcessor(window=window, **options)  # type: ignore[arg-type]
+        await _within(10, proc.run(source, got.append, max_windows=1))
+        assert len(got) == 1 and got[0].ids == ids[:handled]
+        pending = await _pending_ids(client, stream, "g")
+        assert not pending & set(ids[:handled])  # handled: acknowledged
+        assert source.acked == handled
+        # the next run starts after them: the pending ones first (read ahead, never handled)
+        got.clear()
+        await _within(10, proc.run(source, got.append, max_windows=1))
+        assert got[0].ids[0] == ids[handled]
     finally:
         await source.close()
         await client.aclose()

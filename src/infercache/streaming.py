@@ -31,7 +31,8 @@ timeout, and produced mock results. This one keeps the ideas and makes them depe
   ``cancelling()`` count, which only an explicit ``uncancel()`` clears) before their next read.
 - **Redis Streams, at-least-once.** :class:`RedisStreamSource` reads with ``XREADGROUP`` in a
   consumer group and acknowledges (``XACK``) entries only after the window that used them was
-  handed on and the consumer asked for the next one. A consumer that crashes leaves its entries
+  handed on and the consumer asked for the next one (or, for ``run(max_windows=N)``, once its sink
+  has handled the last one it was to handle). A consumer that crashes leaves its entries
   pending; on start and every ``claim_interval`` seconds each consumer first re-reads its own
   pending entries, then takes over other consumers' entries idle longer than
   ``claim_min_idle_ms`` with ``XAUTOCLAIM`` (never the entries it holds itself, in an open window
@@ -44,6 +45,7 @@ timeout, and produced mock results. This one keeps the ideas and makes them depe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
@@ -77,6 +79,9 @@ __all__ = [
 log = logging.getLogger("infercache.streaming")
 
 _END = object()
+#: sent into :meth:`StreamProcessor.process` by :meth:`~StreamProcessor.run` when it stops after
+#: a window its sink has handled: that window is acknowledged before the generator returns
+_HANDLED_STOP = object()
 
 
 @dataclass(slots=True)
@@ -288,7 +293,7 @@ class StreamProcessor:
 
     # -- the public loops ----------------------------------------------------------------------
 
-    async def process(self, source: AsyncIterable[Any]) -> AsyncGenerator[WindowResult, None]:
+    async def process(self, source: AsyncIterable[Any]) -> AsyncGenerator[WindowResult, object]:
         """Yield one result per window until ``source`` ends.
 
         Items of a window are acknowledged to the source (when it has ``ack``) once the consumer
@@ -336,8 +341,10 @@ class StreamProcessor:
                     buffer.clear()
                     since_emit = 0
                     window_deadline = None
-                    yield await self._emit(items, reason)
+                    sent = yield await self._emit(items, reason)
                     await _ack(ack, items)
+                    if sent is _HANDLED_STOP:
+                        return
                     continue
                 item: StreamItem = got
                 self.items += 1
@@ -346,8 +353,10 @@ class StreamProcessor:
                         items = list(buffer)
                         buffer.clear()
                         window_deadline = None
-                        yield await self._emit(items, "time")
+                        sent = yield await self._emit(items, "time")
                         await _ack(ack, items)
+                        if sent is _HANDLED_STOP:  # `item` is in no window: it stays pending
+                            return
                     if window_deadline is None:
                         assert self.duration is not None
                         window_deadline = self.timer() + self.duration
@@ -357,8 +366,10 @@ class StreamProcessor:
                     if len(buffer) >= self.size:
                         items = list(buffer)
                         buffer.clear()
-                        yield await self._emit(items, "full")
+                        sent = yield await self._emit(items, "full")
                         await _ack(ack, items)
+                        if sent is _HANDLED_STOP:
+                            return
                 else:  # sliding
                     evicted: list[StreamItem] = []
                     buffer.append(item)
@@ -367,7 +378,10 @@ class StreamProcessor:
                     since_emit += 1
                     if len(buffer) >= self.size and since_emit >= self.step:
                         since_emit = 0
-                        yield await self._emit(list(buffer), "slide")
+                        sent = yield await self._emit(list(buffer), "slide")
+                        if sent is _HANDLED_STOP:  # every item of the window was handled
+                            await _ack(ack, [*evicted, *buffer])
+                            return
                     await _ack(ack, evicted)
         finally:
             await self._stop_reader(reader)
@@ -382,18 +396,28 @@ class StreamProcessor:
         """Process ``source`` to its end (or ``max_windows``), awaiting ``sink`` per result.
 
         Returns the number of windows. A slow ``sink`` slows the reading (backpressure).
+        Stopping at ``max_windows`` acknowledges the last window once ``sink`` has handled it:
+        a job that runs ``run(max_windows=N)`` again and again got that window again every time
+        (breaking out of :meth:`process` leaves it pending, as the loop cannot tell whether it was
+        handled).
         """
         n = 0
         gen = self.process(source)
         try:
-            async for result in gen:
+            result = await gen.__anext__()
+            while True:
                 if sink is not None:
                     res = sink(result)
                     if inspect.isawaitable(res):
                         await res
                 n += 1
                 if max_windows is not None and n >= max_windows:
+                    with contextlib.suppress(StopAsyncIteration):
+                        await gen.asend(_HANDLED_STOP)
                     break
+                result = await gen.asend(None)
+        except StopAsyncIteration:
+            pass
         finally:
             await gen.aclose()
         return n
