@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import functools
 import gc
@@ -395,6 +396,14 @@ class LockedScaler(Scaler):
         self.lock = threading.Lock()
 
 
+def _double(batch: np.ndarray) -> list[float]:
+    return [float(np.sum(x)) * 2 for x in batch]
+
+
+def _negate(batch: np.ndarray) -> list[float]:
+    return [-float(np.sum(x)) for x in batch]
+
+
 def make_closure(w: Any) -> Any:
     def model(batch: np.ndarray) -> list[float]:
         return [float(np.sum(x * w)) for x in batch]
@@ -443,6 +452,11 @@ def unversioned(fn: Any) -> str:
         (make_closure, torch.ones(3), torch.ones(3) * 2),
         (lambda v: make_closure(linear(v)), 1.0, 2.0),
         (lambda w: LockedScaler(w), 1.0, 2.0),
+        # a C type that keeps its values out of any __dict__ (found in review: PyO3 and pybind11
+        # objects, such as tokenizers, were taken for empty Python objects, one version for all)
+        (lambda w: make_closure(array.array("d", [w])), 1.0, 2.0),
+        # C-type wrappers of different functions (lru_cache): one version for all, in review
+        (lambda f: functools.lru_cache(f), _double, _negate),
     ],
     ids=[
         "instance",
@@ -459,6 +473,8 @@ def unversioned(fn: Any) -> str:
         "tensor",
         "torch-module",
         "with-a-lock",
+        "c-type-state",
+        "lru-cache",
     ],
 )
 def test_a_callables_version_follows_its_state(make: Any, same: Any, other: Any) -> None:
@@ -467,6 +483,26 @@ def test_a_callables_version_follows_its_state(make: Any, same: Any, other: Any)
     v = unversioned(make(same))
     assert unversioned(make(same if not isinstance(same, np.ndarray) else same.copy())) == v
     assert unversioned(make(other)) != v
+
+
+def test_a_tokenizer_with_another_vocabulary_gets_another_version() -> None:
+    """A PyO3 object keeps its state in Rust: two tokenizers.Tokenizer with swapped vocabularies
+    encode "a b" as [1, 2] and [2, 1], and got one version (found in review). Its own pickling
+    state (the tokenizer's JSON) is what the version follows now."""
+    tokenizers = pytest.importorskip("tokenizers")
+
+    def tok(vocab: dict[str, int]) -> Any:
+        t = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+        t.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+        return t
+
+    def make(t: Any) -> Any:
+        return lambda batch: [t.encode(str(x)).ids for x in batch]
+
+    one, two = tok({"[UNK]": 0, "a": 1, "b": 2}), tok({"[UNK]": 0, "a": 2, "b": 1})
+    assert one.encode("a b").ids != two.encode("a b").ids
+    assert unversioned(make(one)) != unversioned(make(two))
+    assert unversioned(make(one)) == unversioned(make(tok({"[UNK]": 0, "a": 1, "b": 2})))
 
 
 def test_a_changed_callable_is_not_served_the_old_answers() -> None:
@@ -490,7 +526,7 @@ def test_a_changed_callable_is_not_served_the_old_answers() -> None:
 
 
 _SAME_IN_EVERY_PROCESS = """
-import functools, sys, warnings
+import functools, pathlib, sys, warnings
 import numpy as np
 from infercache.models import ModelRunner
 warnings.simplefilter("ignore")
@@ -499,6 +535,8 @@ class Model:
     def __init__(self):
         self.labels = {"cat", "dog", "emu"}  # a set of str: its order follows the hash seed
         self.table = {"w": np.arange(4.0), "names": frozenset({"a", "b"}), "n": 10**5000}
+        self.path = pathlib.Path("/models/m.bin")
+        hash(self.path)  # cached in a slot: the str hash of the seed (found in review)
     def __call__(self, batch):
         return [x in {"a", "b"} for x in batch]  # a comprehension, a frozenset constant
 

@@ -62,6 +62,7 @@ import hashlib
 import importlib
 import inspect
 import io
+import itertools
 import logging
 import os
 import re
@@ -158,19 +159,6 @@ def _feed_tensor(h: Any, tensor: Any) -> None:
 _STATE_MAX_DEPTH = 32
 _STATE_MAX_ITEMS = 100_000
 _STATE_MAX_BYTES = 256 << 20
-#: A class statement makes a heap type that is not immutable (Py_TPFLAGS_HEAPTYPE without
-#: Py_TPFLAGS_IMMUTABLETYPE), whose instances keep their state in __dict__ or __slots__. A C type
-#: (static, or a heap type from PyType_FromSpec: _thread.lock, re.Pattern) keeps it where we
-#: cannot read it.
-_HEAP_TYPE, _IMMUTABLE_TYPE = 1 << 9, 1 << 8
-#: C types whose instances keep all their state in a __dict__ we can read
-_PLAIN_C_TYPES = (object, types.SimpleNamespace)
-
-
-def _python_class(cls: type) -> bool:
-    return cls.__flags__ & (_HEAP_TYPE | _IMMUTABLE_TYPE) == _HEAP_TYPE
-
-
 _BUILTIN_CALLABLES = (
     types.BuiltinFunctionType,
     types.MethodWrapperType,
@@ -199,8 +187,12 @@ class _StateDigest:
     tensors and modules as :func:`_torch_digest` does), never by ``id()``, ``hash()`` or a
     ``repr`` that may hold an address; sets are fed in the order of their elements' digests.
     ``id()`` only detects cycles, which are fed as the position of the object they return to.
+    Other objects are fed as pickle reduces them (see :meth:`_instance`). A dict keeps its
+    insertion order, which may matter to the model: one filled from a set differs per process
+    (new keys after a restart, never another model's answers).
 
-    A part whose state cannot be read (a lock, a file, a C object, too deep, too large) is fed
+    A part whose state cannot be read (a lock, a file, a C object that cannot be pickled, too
+    deep, too large) is fed
     as its type name alone and listed in :attr:`opaque`, so construction never fails on it and
     the caller can say which attribute to cover with an explicit ``version=``.
     """
@@ -218,14 +210,14 @@ class _StateDigest:
             self.feed(h, fn, fn.__qualname__, 0)
             return str(h.hexdigest())
         label = type(fn).__qualname__
-        if not _python_class(type(fn)):  # a builtin, a ufunc, a partial
-            self.feed(h, fn, label, 0)
-        else:  # a callable instance: its class's __call__ (inherited ones too), then its state
-            call = next(
-                (k.__dict__["__call__"] for k in type(fn).__mro__ if "__call__" in k.__dict__), None
-            )
+        # a callable instance: its class's __call__ (inherited ones too) if written in Python,
+        # then its state; a builtin, a ufunc, a partial, an lru_cache wrapper: what it holds
+        call = next(
+            (k.__dict__["__call__"] for k in type(fn).__mro__ if "__call__" in k.__dict__), None
+        )
+        if isinstance(call, types.FunctionType):
             self.feed(h, call, f"{label}.__call__", 0)
-            self.feed(h, fn, label, 0)
+        self.feed(h, fn, label, 0)
         return str(h.hexdigest())
 
     @staticmethod
@@ -404,35 +396,63 @@ class _StateDigest:
         else:
             self._instance(h, obj, path, depth)
 
-    def _instance(self, h: Any, obj: Any, path: str, depth: int) -> None:
-        cls = type(obj)
-        hidden = [k for k in cls.__mro__ if not _python_class(k) and k not in _PLAIN_C_TYPES]
-        if hidden:
-            why = "not in __dict__ or __slots__"
-            raise _Opaque(why if hidden[0] is cls else f"{why}: {_type_name(hidden[0])}'s")
-        state: list[tuple[str, Any]] = []
-        for k in cls.__mro__:
-            slots = k.__dict__.get("__slots__", ())
-            for name in (slots,) if isinstance(slots, str) else slots:
-                if name in ("__dict__", "__weakref__"):
-                    continue
-                if name.startswith("__") and not name.endswith("__"):
-                    name = f"_{k.__name__.lstrip('_')}{name}"
-                state.append((name, getattr(obj, name, _UNSET)))
-        attrs = getattr(obj, "__dict__", None)
-        if attrs:
-            items = list(attrs.items())
-            if all(isinstance(n, str) for n in attrs):  # the order they were set in may vary
-                items.sort(key=lambda item: item[0])
-            state.extend(items)
+    def _state(self, h: Any, state: Any, path: str, depth: int) -> None:
+        """An object's state: attributes by name, in name order (the order they were set in
+        may vary between processes); anything else (a ``__getstate__``'s bytes) as it is."""
+        if not (isinstance(state, dict) and all(isinstance(name, str) for name in state)):
+            self.feed(h, state, path, depth)
+            return
         self._spend(items=len(state))
-        self._put(h, b"O", f"{_type_name(obj)}:{len(state)}".encode())
-        for name, value in state:
-            self._put(h, b"k", str(name).encode())
-            if value is _UNSET:
-                self._put(h, b"x")
-            else:
-                self.feed(h, value, f"{path}.{name}", depth)
+        self._put(h, b"Q", str(len(state)).encode())
+        for name in sorted(state):
+            self._put(h, b"k", name.encode())
+            self.feed(h, state[name], f"{path}.{name}", depth)
+
+    def _instance(self, h: Any, obj: Any, path: str, depth: int) -> None:
+        """An object's state as pickle's protocol 4 reduces it, fed by value.
+
+        ``__reduce_ex__`` is what the object itself says its state is, and pickle's own test
+        for state it cannot see: an object whose type keeps fields in C (a lock, a PyO3 or
+        pybind11 object without pickling support) raises "cannot pickle". Deciding from type
+        flags instead took PyO3/pybind11 types for Python classes with nothing in their
+        ``__dict__``: two tokenizers with different vocabularies got one version. A type that
+        pickles itself (``tokenizers.Tokenizer``: its JSON) is followed by that state; a
+        ``pathlib.Path`` by its parts, not the str hash it caches in a slot.
+        """
+        try:
+            reduced = obj.__reduce_ex__(4)
+        except Exception as exc:
+            raise _Opaque(f"its state cannot be read ({type(exc).__name__}: {exc})") from None
+        put, feed = self._put, self.feed
+        if isinstance(reduced, str):  # pickled by reference: a module-level name
+            put(h, b"N", f"{_type_name(obj)}:{getattr(obj, '__module__', '')}.{reduced}".encode())
+            attrs = getattr(obj, "__dict__", None)
+            if attrs:  # a wrapper (lru_cache, functools.wraps) keeps __wrapped__ there
+                self._state(h, attrs, path, depth)
+            return
+        if not isinstance(reduced, tuple) or len(reduced) < 2:
+            raise _Opaque(f"__reduce_ex__ gave {type(reduced).__name__}")
+        ctor, args, *rest = reduced
+        put(h, b"O", f"{_type_name(obj)}:{_ref_name(ctor)}".encode())
+        feed(h, args, f"{path}.<args>", depth)
+        state = rest[0] if rest else None
+        if isinstance(state, tuple) and len(state) == 2:  # (__dict__, slots), the default
+            for part in state:
+                self._state(h, part, path, depth)
+        else:
+            self._state(h, state, path, depth)
+        for extra, what in zip(rest[1:3], ("items", "entries"), strict=False):
+            if extra is not None:  # a list or dict subclass's own items, in their order
+                taken = list(itertools.islice(extra, _STATE_MAX_ITEMS + 1))
+                self._spend(items=len(taken))
+                feed(h, taken, f"{path}.<{what}>", depth)
+
+
+def _ref_name(obj: Any) -> str:
+    """A reconstructor (a class, ``copyreg.__newobj__``) by its qualified name."""
+    return (
+        f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+    )
 
 
 _UNSET = object()
