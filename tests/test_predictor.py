@@ -493,3 +493,18 @@ async def test_sqlite_key_filter_spares_certain_misses_the_lookup(tmp_path: Path
         assert set(tiers) == {"sqlite"}
     await p3.cache.close()
     assert model.items == 21
+
+
+def test_the_non_finite_check_walks_a_shared_container_once() -> None:
+    """Depth alone bounded the walk: a list holding the same list twice, 60 levels down, is 2**60
+    paths (``a = [1.0]; a += [a, a]`` never finished, found in review)."""
+    from infercache.predictor import _nonfinite
+
+    shared: list[object] = [1.0]
+    for _ in range(60):
+        shared = [shared, shared]
+    assert _nonfinite([shared, shared]) is False
+    assert _nonfinite([shared, shared, [float("nan")]]) is True
+    looped: list[object] = [1.0]
+    looped += [looped, looped]
+    assert _nonfinite(looped) is False

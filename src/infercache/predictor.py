@@ -136,10 +136,11 @@ _NEVER_NONFINITE = frozenset({int, bool, str, bytes, type(None)})
 _SCALAR_FLOATS = frozenset({np.float16, np.float32, np.float64})
 
 
-def _walk_nonfinite(value: Any, depth: int = 0) -> bool:
+def _walk_nonfinite(value: Any, depth: int = 0, seen: set[int] | None = None) -> bool:
     """:func:`_nonfinite` for nested containers, numpy scalars and arrays inside containers.
     Past 100 levels it gives up (False): the codec refuses such a value anyway, and a
-    self-containing list must not raise RecursionError from the write path."""
+    self-containing list must not raise RecursionError from the write path. ``seen`` holds the
+    containers already walked: ``a = [1.0]; a += [a, a]`` took 2**100 steps without it."""
     if type(value) in _SCALAR_FLOATS or isinstance(value, float):
         return not isfinite(value)  # math's check: np.isfinite on a numpy scalar costs ~1.4 µs
     if depth > 100:
@@ -151,10 +152,19 @@ def _walk_nonfinite(value: Any, depth: int = 0) -> bool:
     if isinstance(value, complex):
         return not cmath.isfinite(value)
     if isinstance(value, Mapping):
-        value = value.values()
-    elif not isinstance(value, (list, tuple)):
+        container: Any = value.values()
+    elif isinstance(value, (list, tuple)):
+        container = value
+    else:
         return False  # an object the codec will judge; its contents are not ours to walk
-    return any(type(v) not in _NEVER_NONFINITE and _walk_nonfinite(v, depth + 1) for v in value)
+    if seen is None:
+        seen = set()
+    elif id(value) in seen:
+        return False  # walked already (its answer was False, or the walk would have ended)
+    seen.add(id(value))
+    return any(
+        type(v) not in _NEVER_NONFINITE and _walk_nonfinite(v, depth + 1, seen) for v in container
+    )
 
 
 def _has_remote(cache: Any) -> bool:

@@ -600,7 +600,9 @@ class Service:
         for task in self.stream_tasks:
             task.cancel()
         for task in self.stream_tasks:
-            await stop_task(task)
+            # not cancelled again while its StreamProcessor stops its reader (up to its
+            # stop_timeout, 5 s): a second cancellation would cut that short
+            await stop_task(task, recancel_every=6.0)
         for entry in self.models.values():
             # The Predictor drains its model batcher and flushes its pending cache writes; a
             # ready-made Predictor given a batcher of the caller's leaves that one to its owner.

@@ -71,6 +71,10 @@ from infercache.tiers.breaker import CircuitBreaker
 
 __all__ = ["RedisCache"]
 
+#: A subscriber cancelled at close closes its pubsub connection before it ends; it is cancelled
+#: again (a cancellation can be lost in redis-py's get_message on Python 3.11) only after this.
+_LISTENER_CLEANUP_S = 1.5
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -500,7 +504,7 @@ class RedisCache:
             return
         self._closed = True  # the listeners check it too (see subscribe())
         for task in self._subscribers:
-            await stop_task(task)  # a cancellation can be lost in get_message on 3.11
+            await stop_task(task, recancel_every=_LISTENER_CLEANUP_S)
         self._subscribers.clear()
         with contextlib.suppress(Exception):
             await self._client.aclose()
@@ -672,7 +676,7 @@ class RedisCache:
         async def stop() -> None:
             nonlocal stopped
             stopped = True
-            await stop_task(task)  # a cancellation can be lost in get_message on 3.11
+            await stop_task(task, recancel_every=_LISTENER_CLEANUP_S)
             if task in self._subscribers:
                 self._subscribers.remove(task)
 
