@@ -107,16 +107,8 @@ def _nonfinite(value: Any) -> bool:
     t = type(value)
     if t is float:
         return not isfinite(value)
-    if t is list or t is tuple:
-        for v in value:
-            if type(v) is float:
-                if not isfinite(v):
-                    return True
-            elif type(v) not in _NEVER_NONFINITE and _walk_nonfinite(v):
-                return True
-        return False
-    if t is dict:
-        for v in value.values():
+    if t is list or t is tuple or t is dict:
+        for v in value.values() if t is dict else value:
             if type(v) is float:
                 if not isfinite(v):
                     return True
