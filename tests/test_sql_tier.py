@@ -407,15 +407,17 @@ async def test_key_filter_loads_existing_keys_and_skips_unknown_ones(sql_url: st
 
     async with SQLCache(sql_url, namespace=ns) as writer:  # an earlier run of the server
         await writer.set_many({f"old{i:05d}": i for i in range(2500)})  # more than one page
+        await writer.set("", "the empty key")  # no page, read after "", holds it (in review)
     async with SQLCache(sql_url, namespace=ns, key_filter=True) as c:
         assert await c.get("old00007") == 7  # first use: set up, start loading
         assert c._filter is not None
         await asyncio.wait_for(c._filter._loader, 10)  # type: ignore[arg-type]
         stats = (await c.stats())["key_filter"]
         assert stats["ready"] and stats["loaded"] == 2500
-        assert await c.get_many(["old00000", "old02499", "never"]) == {
+        assert await c.get_many(["old00000", "old02499", "never", ""]) == {
             "old00000": 0,
             "old02499": 2499,
+            "": "the empty key",
         }
         before = c._filter.skipped
         assert await c.get_many([f"new{i}" for i in range(50)]) == {}

@@ -1141,6 +1141,9 @@ class _KeyFilter:
 
     async def _load(self, epoch: int) -> None:
         cache, after, n = self.cache, "", 0
+        # Pages are read after a key, from "": a stored empty key is never in one. Always
+        # "maybe", it costs a real lookup of that one key (it was skipped: a miss for ever).
+        self.keys.add("")
         try:
             while True:
                 page = await cache.backend.keys_after(cache.namespace, after, self.PAGE)
