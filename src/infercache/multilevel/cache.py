@@ -34,7 +34,13 @@ from infercache.multilevel.slots import (
     set_items,
 )
 from infercache.multilevel.writebehind import QueueFull, WriteBehind, write_now
-from infercache.tiers.base import MISSING, Coordinator, GenerationStore, validate_ttl
+from infercache.tiers.base import (
+    MISSING,
+    Coordinator,
+    GenerationStore,
+    key_type_error,
+    validate_ttl,
+)
 
 __all__ = ["MultiLevelCache", "QueueFull", "WritePolicy"]
 
@@ -846,7 +852,7 @@ def _str_keys(keys: Iterable[Any]) -> None:
     logged and skipped, and a lookup would answer a silent miss."""
     for k in keys:
         if not isinstance(k, str):
-            raise TypeError(f"cache keys must be str, got {type(k).__name__}: {k!r:.60}")
+            raise key_type_error("cache", k)
 
 
 def _not_one_key(keys: Iterable[str]) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "TierMetrics",
     "consume_outcome",
     "escape_glob",
+    "key_type_error",
     "validate_ttl",
 ]
 
@@ -125,6 +126,12 @@ class GenerationStore(Protocol):
     async def raise_generation(self, name: str, value: int) -> int:
         """Set the generation to ``max(current, value)`` and return it."""
         ...
+
+
+def key_type_error(owner: str, key: object) -> TypeError:
+    """The error for a key that is no str, ``owner`` naming who refuses it ("SQLCache", ...):
+    every remote tier refuses one by name, rather than let a lookup answer a silent miss."""
+    return TypeError(f"{owner} keys must be str, got {type(key).__name__}: {key!r:.60}")
 
 
 def validate_ttl(ttl: float | None, *, what: str = "ttl") -> float | None:

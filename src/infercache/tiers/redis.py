@@ -64,6 +64,7 @@ from infercache.tiers.base import (
     TierMetrics,
     encode_values,
     escape_glob,
+    key_type_error,
     ttl_ms,
     validate_ttl,
 )
@@ -242,9 +243,7 @@ class RedisCache:
         try:
             return self._prefix + key
         except TypeError:
-            raise TypeError(
-                f"RedisCache keys must be str, got {type(key).__name__}: {key!r:.60}"
-            ) from None
+            raise key_type_error("RedisCache", key) from None
 
     async def _once(self, key: str, *args: Any) -> Any:
         """Send a non-idempotent command at most once.

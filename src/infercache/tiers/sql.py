@@ -62,6 +62,7 @@ from infercache.tiers.base import (
     TierMetrics,
     consume_outcome,
     encode_values,
+    key_type_error,
     validate_ttl,
 )
 from infercache.tiers.bloom import BloomFilter
@@ -124,10 +125,6 @@ class _Backend(Protocol):
     async def close(self) -> None: ...
 
 
-def _key_error(key: object) -> TypeError:
-    return TypeError(f"SQLCache keys must be str, got {type(key).__name__}: {key!r:.60}")
-
-
 def _check_keys(keys: Collection[object]) -> None:
     """Refuse a key that is not a str before it reaches the database, as RedisCache does.
 
@@ -139,7 +136,7 @@ def _check_keys(keys: Collection[object]) -> None:
     """
     for key in keys:
         if not isinstance(key, str):
-            raise _key_error(key)
+            raise key_type_error("SQLCache", key)
 
 
 # --------------------------------------------------------------------------- SQLite
@@ -1484,7 +1481,7 @@ class SQLCache:
 
     async def exists(self, key: str) -> bool:
         if not isinstance(key, str):
-            raise _key_error(key)
+            raise key_type_error("SQLCache", key)
         now = self._timer()
         found, _ = await self._guarded(
             "exists", lambda: self.backend.lookup_expiry(self.namespace, key, now)
@@ -1494,7 +1491,7 @@ class SQLCache:
     async def ttl(self, key: str) -> float | None:
         """Remaining seconds; None when the key never expires; KeyError when it is absent."""
         if not isinstance(key, str):
-            raise _key_error(key)
+            raise key_type_error("SQLCache", key)
         now = self._timer()
         found, exp = await self._guarded(
             "ttl", lambda: self.backend.lookup_expiry(self.namespace, key, now)
@@ -1544,7 +1541,7 @@ class SQLCache:
 
     async def expire(self, key: str, ttl: float) -> bool:
         if not isinstance(key, str):
-            raise _key_error(key)
+            raise key_type_error("SQLCache", key)
         t = validate_ttl(ttl)
         assert t is not None
         now = self._timer()
