@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from infercache.aio import raise_if_cancel_requested, stop_task
+from infercache.aio import ensure_task, raise_if_cancel_requested, stop_task
 from infercache.tiers.sql import SQLCache
 
 
@@ -173,3 +173,25 @@ async def test_sqlcache_close_ends_when_its_heartbeat_loses_the_cancellation(
     await asyncio.wait_for(beating.wait(), 5)
     await asyncio.wait_for(cache.close(), 10)
     assert cache._heartbeat is None
+
+
+async def test_ensure_task_starts_one_task_and_replaces_one_that_ended() -> None:
+    starts: list[int] = []
+    release = asyncio.Event()
+
+    async def body() -> None:
+        starts.append(1)
+        await release.wait()
+
+    first = ensure_task(None, body, "t")
+    assert first is not None and ensure_task(first, body, "t") is first  # running: kept
+    await asyncio.sleep(0)
+    release.set()
+    await first
+    second = ensure_task(first, body, "t")  # ended: replaced
+    assert second is not first
+    await second
+    assert starts == [1, 1]
+    # no event loop in this thread (a worker thread): the task given is answered, none started
+    assert await asyncio.to_thread(ensure_task, first, body, "t") is first
+    assert starts == [1, 1]

@@ -9,13 +9,15 @@ SQLite writer heartbeat, cancelled at close while its bounded beat completed, ke
 the close hung until the test's 120 s timeout.
 
 :func:`stop_task` is the one way infercache stops a task it started: cancel, and cancel again
-until the task has ended. Loops that can tell they were asked to stop should also check
-:func:`cancel_requested` before their next round.
+until the task has ended. Loops that can tell they were asked to stop should also call
+:func:`raise_if_cancel_requested` before their next round. :func:`ensure_task` starts a
+background task unless one runs already.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 #: How long to give a task to end after each cancellation before cancelling it again: long
@@ -24,22 +26,36 @@ from typing import Any
 RECANCEL_EVERY_S = 0.5
 
 
-def cancel_requested() -> bool:
-    """True when the current task has been asked to cancel and is still running.
+def raise_if_cancel_requested() -> None:
+    """Raise CancelledError if the current task was asked to cancel and is still running: a loop
+    calls it before its next round.
 
     The task's ``cancelling()`` count records the request even when the CancelledError itself was
     lost below an ``await`` (only ``uncancel()``, which code that suppresses a cancellation on
     purpose must call, clears it).
     """
     task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-def raise_if_cancel_requested() -> None:
-    """Raise CancelledError if the current task was asked to cancel (see
-    :func:`cancel_requested`): a loop calls it before its next round."""
-    if cancel_requested():
+    if task is not None and task.cancelling() > 0:
         raise asyncio.CancelledError()
+
+
+def ensure_task(
+    task: asyncio.Task[Any] | None,
+    start: Callable[[], Coroutine[Any, Any, Any]],
+    name: str,
+) -> asyncio.Task[Any] | None:
+    """``task`` if it still runs on this thread's event loop, else a new task of ``start()``
+    there; ``task`` as it is where no loop runs (a worker thread: the next call from the loop
+    starts it). A task that ended, or that belongs to a loop that is gone (closed without
+    cancelling its tasks: it never runs again), is replaced.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return task
+    if task is not None and not task.done() and task.get_loop() is loop:
+        return task
+    return loop.create_task(start(), name=name)
 
 
 async def stop_task(

@@ -24,7 +24,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from infercache.aio import stop_task
+from infercache.aio import ensure_task, stop_task
 from infercache.tiers.base import Coordinator, GenerationStore
 
 __all__ = ["EventBus", "Generations"]
@@ -226,16 +226,10 @@ class Generations:
 
     def _start_repairer(self) -> None:
         """Start the background repairs, unless they run already (or we are closed)."""
-        if self._closed:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        task = self._repairer
-        if task is not None and not task.done() and task.get_loop() is loop:
-            return
-        self._repairer = loop.create_task(self._repair_loop(), name="infercache-generations")
+        if not self._closed:
+            self._repairer = ensure_task(
+                self._repairer, self._repair_loop, "infercache-generations"
+            )
 
     async def _repair_loop(self) -> None:
         delay = self.retry_delay

@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from infercache.aio import stop_task
+from infercache.aio import ensure_task, stop_task
 from infercache.errors import ConfigError, TierError, TierUnavailable
 
 __all__ = ["CircuitBreaker"]
@@ -164,16 +164,8 @@ class CircuitBreaker:
         """Start the background probe, if there is one to run and none runs yet."""
         if self._probe is None or self._closed:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop here (a worker thread): the next call from one starts it
-            return
-        prober = self._prober
-        if prober is not None and not prober.done() and prober.get_loop() is loop:
-            return
-        # none yet, or it ended, or it belongs to a loop that is gone (closed without
-        # cancelling its tasks): a task there never runs again, so the circuit never closed
-        self._prober = loop.create_task(self._probe_loop(), name=f"infercache-probe {self.name}")
+        # a prober of a loop that is gone is replaced: untouched, the circuit never closed
+        self._prober = ensure_task(self._prober, self._probe_loop, f"infercache-probe {self.name}")
 
     async def _probe_loop(self) -> None:
         """Check the server every ``recovery_time`` seconds until a check succeeds."""
