@@ -284,7 +284,7 @@ class _StateDigest:
         elif isinstance(obj, np.ufunc):
             put(h, b"u", obj.__name__.encode())
         elif isinstance(obj, _BUILTIN_CALLABLES):
-            put(h, b"B", f"{getattr(obj, '__module__', None)}.{obj.__qualname__}".encode())
+            put(h, b"B", _ref_name(obj).encode())
             owner = getattr(obj, "__self__", None)
             if owner is not None and not isinstance(owner, types.ModuleType):
                 self.feed(h, owner, f"{path}.__self__", depth + 1)
@@ -366,7 +366,7 @@ class _StateDigest:
                 subs.append(sub.digest())
             put(h, b"S", f"{_type_name(obj)}:".encode() + b"".join(sorted(subs)))
         elif isinstance(obj, types.FunctionType):
-            put(h, b"F", f"{obj.__module__}.{obj.__qualname__}".encode())
+            put(h, b"F", _ref_name(obj).encode())
             code = obj.__code__
             self._code(h, code, path, depth)
             for name, cell in zip(code.co_freevars, obj.__closure__ or (), strict=True):
@@ -449,13 +449,11 @@ class _StateDigest:
 
 
 def _ref_name(obj: Any) -> str:
-    """A reconstructor (a class, ``copyreg.__newobj__``) by its qualified name."""
+    """A function, builtin or reconstructor (a class, ``copyreg.__newobj__``) by its qualified
+    name."""
     return (
         f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
     )
-
-
-_UNSET = object()
 
 
 def _callable_digest(fn: Callable[..., Any]) -> tuple[str, list[str]]:
@@ -480,8 +478,7 @@ def _torch_class(module: Any) -> str:
         except Exception:  # a private API: no name, no inference
             return ""
         return _MANGLE.sub("", name).removeprefix("__torch__.")
-    cls = type(module)
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return _type_name(module)
 
 
 def _torch_input_spec(module: Any) -> InputSpec:
