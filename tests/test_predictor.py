@@ -139,6 +139,20 @@ async def test_a_non_finite_output_is_answered_but_not_cached() -> None:
 NAN, INF = float("nan"), float("inf")
 
 
+def _answering(output: object) -> tuple[Predictor, list[int]]:
+    """A Predictor over an L1 whose model answers ``output`` to every input, and the count of
+    inputs the model was called for (one item list)."""
+    calls = [0]
+
+    def model(batch: np.ndarray) -> list[object]:
+        calls[0] += len(batch)
+        return [output for _ in batch]
+
+    runner = ModelRunner(model, name="const", version="1", freeze_gc=False, warmup=False,
+                         input_spec=InputSpec(shape=(2,), dtype="float64"))  # fmt: skip
+    return Predictor(runner, MemoryCache()), calls
+
+
 @pytest.mark.parametrize(
     "output",
     [
@@ -159,20 +173,12 @@ NAN, INF = float("nan"), float("inf")
 async def test_non_finite_outputs_of_any_form_are_answered_but_not_cached(output: object) -> None:
     """Not only arrays: a model returning floats, numpy scalars or containers of them (nested,
     arrays inside included) can answer NaN too, and the answer must not outlive its cause."""
-    calls = 0
-
-    def model(batch: np.ndarray) -> list[object]:
-        nonlocal calls
-        calls += len(batch)
-        return [output for _ in batch]
-
-    runner = ModelRunner(model, name="n", version="1", freeze_gc=False, warmup=False,
-                         input_spec=InputSpec(shape=(2,), dtype="float64"))  # fmt: skip
-    async with Predictor(runner, MemoryCache()) as p:
+    p, calls = _answering(output)
+    async with p:
         first = await p.predict([1.0, 2.0])
         again = await p.predict([1.0, 2.0])
         assert first.output is output and not again.cached and again.tier is None
-        assert calls == 2 and p.stats()["not_cached_nonfinite"] == 2
+        assert calls == [2] and p.stats()["not_cached_nonfinite"] == 2
 
 
 @pytest.mark.parametrize(
@@ -189,19 +195,11 @@ async def test_non_finite_outputs_of_any_form_are_answered_but_not_cached(output
     ids=repr,
 )
 async def test_finite_outputs_of_any_form_are_cached(output: object) -> None:
-    calls = 0
-
-    def model(batch: np.ndarray) -> list[object]:
-        nonlocal calls
-        calls += len(batch)
-        return [output for _ in batch]
-
-    runner = ModelRunner(model, name="f", version="1", freeze_gc=False, warmup=False,
-                         input_spec=InputSpec(shape=(2,), dtype="float64"))  # fmt: skip
-    async with Predictor(runner, MemoryCache()) as p:
+    p, calls = _answering(output)
+    async with p:
         await p.predict([1.0, 2.0])
         again = await p.predict([1.0, 2.0])
-        assert again.cached and again.tier == "l1" and calls == 1
+        assert again.cached and again.tier == "l1" and calls == [1]
         assert p.stats()["not_cached_nonfinite"] == 0
 
 
